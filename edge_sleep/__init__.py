@@ -1,0 +1,44 @@
+"""edge-sleep: on-device continual learning with Synaptic Sleep Replay.
+
+Learn by day through low-rank adapters and an on-disk replay store; consolidate by night with
+noisy replay, Fisher significance, pruning and strengthening.
+"""
+
+from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
+from edge_sleep.errors import (
+    CallOrderError,
+    ConfigError,
+    CorruptRecordError,
+    EdgeSleepError,
+    FingerprintMismatchError,
+    FormatVersionError,
+    InputError,
+    StoreError,
+    StorePathError,
+)
+from edge_sleep.runtime import EdgeSleep
+from edge_sleep.sleep import SleepReport
+from edge_sleep.store import ReplayBatch, ReplayStore
+from edge_sleep.wake import WakeStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EdgeSleep",
+    "WakeConfig",
+    "SleepConfig",
+    "StoreConfig",
+    "ReplayStore",
+    "ReplayBatch",
+    "WakeStats",
+    "SleepReport",
+    "EdgeSleepError",
+    "ConfigError",
+    "InputError",
+    "StoreError",
+    "StorePathError",
+    "FingerprintMismatchError",
+    "FormatVersionError",
+    "CorruptRecordError",
+    "CallOrderError",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks: offline datasets, continual-learning strategies and metrics."""

@@ -1,0 +1,123 @@
+"""Command line: ``edge-sleep demo`` and ``edge-sleep bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "run_demo"]
+
+
+def _plot_matrices(mats: dict[str, np.ndarray], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(mats), figsize=(5 * len(mats), 4.4))
+    for ax, (title, acc) in zip(np.atleast_1d(axes), mats.items()):
+        shown = np.ma.masked_invalid(acc)
+        im = ax.imshow(shown, vmin=0.0, vmax=1.0, cmap="viridis")
+        t = acc.shape[0]
+        for i in range(t):
+            for j in range(i + 1):
+                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center",
+                        color="white" if acc[i, j] < 0.6 else "black", fontsize=9)
+        ax.set_xticks(range(t), [f"T{j + 1}" for j in range(t)])
+        ax.set_yticks(range(t), [f"after T{i + 1}" for i in range(t)])
+        ax.set_xlabel("evaluated task")
+        ax.set_title(f"{title}\nfinal average {np.nanmean(acc[-1]):.3f}")
+    fig.colorbar(im, ax=list(np.atleast_1d(axes)), shrink=0.8, label="test accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _format_matrix(acc: np.ndarray) -> str:
+    t = acc.shape[0]
+    head = "          " + " ".join(f"  T{j + 1} " for j in range(t))
+    rows = [head]
+    for i in range(t):
+        cells = " ".join(f"{acc[i, j]:6.3f}" if j <= i else "     -" for j in range(t))
+        rows.append(f"after T{i + 1:<2d} {cells}")
+    return "\n".join(rows)
+
+
+def run_demo(tasks: int = 5, train_per_task: int = 10000, test_per_task: int = 2000,
+             seed: int = 0, out: Path = Path("edge-sleep-demo.png")) -> dict[str, np.ndarray]:
+    """Permuted MNIST, short: the same model and wake settings with and without nightly sleep."""
+    import torch
+    from tqdm import tqdm
+
+    from edge_sleep.bench.datasets import permuted_mnist
+    from edge_sleep.bench.metrics import average_accuracy, forgetting
+    from edge_sleep.bench.pmnist import evaluate, mlp
+    from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
+    from edge_sleep.runtime import EdgeSleep
+
+    torch.set_num_threads(2)
+    stream = permuted_mnist(tasks, seed, train_per_task=train_per_task, test_per_task=test_per_task)
+    wake = WakeConfig(train="all", lr=0.1, replay_batch=0)
+    runs = {"wake only (no sleep)": None, "wake + nightly sleep": SleepConfig(steps_per_wake_step=2.0)}
+    steps_per_task = -(-train_per_task // 128)
+    total = sum(steps_per_task * (1 + (0 if s is None else s.steps_per_wake_step)) for s in runs.values()) * tasks
+    mats: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    with tqdm(total=int(total), desc="demo", unit="step") as bar, tempfile.TemporaryDirectory() as d:
+        for k, (title, sleep_cfg) in enumerate(runs.items()):
+            es = EdgeSleep(mlp(seed), store=Path(d) / f"replay{k}.db",
+                           store_config=StoreConfig(capacity_records=500), wake=wake,
+                           sleep=sleep_cfg or SleepConfig(), seed=seed)
+            acc = np.full((tasks, tasks), np.nan)
+            for i, task in enumerate(stream):
+                bar.set_postfix_str(f"{title}, day {i + 1}")
+                for x, y in task.batches(128):
+                    es.learn(x, y, stream=task.name)
+                    bar.update(1)
+                if sleep_cfg is not None:
+                    bar.set_postfix_str(f"{title}, night {i + 1}")
+                    es.sleep(progress=bar.update)
+                for j in range(i + 1):
+                    acc[i, j] = evaluate(es, stream[j])
+            es.store.close()
+            mats[title] = acc
+    for title, acc in mats.items():
+        print(f"\n{title}: average accuracy {average_accuracy(acc):.3f}, forgetting {forgetting(acc):.3f}")
+        print(_format_matrix(acc))
+    _plot_matrices(mats, out)
+    print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
+    return mats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-sleep", description="On-device continual learning with sleep.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="short Permuted-MNIST run with and without sleep (about 2 min)")
+    demo.add_argument("--tasks", type=int, default=5)
+    demo.add_argument("--train-per-task", type=int, default=10000)
+    demo.add_argument("--test-per-task", type=int, default=2000)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=Path, default=Path("edge-sleep-demo.png"))
+    sub.add_parser("bench", help="the Permuted-MNIST benchmark (benchmarks/pmnist.py); pass its flags after --",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        for name in ("tasks", "train_per_task", "test_per_task"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
+        run_demo(args.tasks, args.train_per_task, args.test_per_task, args.seed, args.out)
+        return 0
+    from edge_sleep.bench.pmnist import main as bench_main
+
+    bench_main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

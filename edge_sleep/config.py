@@ -1,0 +1,203 @@
+"""Frozen configuration dataclasses, validated once with every problem reported together."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from edge_sleep.errors import ConfigError
+
+__all__ = ["WakeConfig", "SleepConfig", "StoreConfig", "config_from_dict"]
+
+
+def _check(owner: str, problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(owner, problems)
+
+
+def _frac(problems: list[str], name: str, value: float, *, low_open: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and ok):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        problems.append(f"{name}={value!r}; expected a fraction in {interval}")
+
+
+def _nonneg(problems: list[str], name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+        problems.append(f"{name}={value!r}; expected a finite number >= 0")
+
+
+def _pos(problems: list[str], name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        problems.append(f"{name}={value!r}; expected a finite number > 0")
+
+
+def _posint(problems: list[str], name: str, value: int, *, zero_ok: bool = False) -> None:
+    low = 0 if zero_ok else 1
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        problems.append(f"{name}={value!r}; expected an integer >= {low}")
+
+
+@dataclass(frozen=True)
+class WakeConfig:
+    """How the model learns during the day.
+
+    Args:
+        lr: SGD learning rate of the wake step.
+        train: ``"adapters"`` trains LoRA adapters on a frozen base (the on-device default);
+            ``"all"`` trains every parameter (small models, the P-MNIST protocol).
+        lora_rank: rank ``r`` of each adapter.
+        lora_alpha: adapter scale numerator; the update is ``(alpha / r) * B @ A``.
+        replay_batch: records drawn from the store per wake step (0 turns wake replay off).
+        replay_alpha: weight of the logit-distillation term on replayed records (DER++'s alpha).
+        replay_beta: weight of the label term on replayed records (DER++'s beta).
+        anchor_lambda: strength of the Fisher anchor (online EWC) that protects consolidated
+            weights; ``lambda * F`` is capped at ``1 / (2 * lr)`` so a step never overshoots.
+        store_every: write every ``store_every``-th batch to the replay store (1 = all).
+    """
+
+    lr: float = 0.1
+    train: Literal["adapters", "all"] = "adapters"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    replay_batch: int = 128
+    replay_alpha: float = 0.3
+    replay_beta: float = 0.5
+    anchor_lambda: float = 10.0
+    store_every: int = 1
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _pos(p, "lr", self.lr)
+        if self.train not in ("adapters", "all"):
+            p.append(f"train={self.train!r}; expected 'adapters' or 'all'")
+        _posint(p, "lora_rank", self.lora_rank)
+        _pos(p, "lora_alpha", self.lora_alpha)
+        _posint(p, "replay_batch", self.replay_batch, zero_ok=True)
+        _nonneg(p, "replay_alpha", self.replay_alpha)
+        _nonneg(p, "replay_beta", self.replay_beta)
+        _nonneg(p, "anchor_lambda", self.anchor_lambda)
+        _posint(p, "store_every", self.store_every)
+        _check("WakeConfig", p)
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    """How a night of Synaptic Sleep Replay runs (design.md section 3).
+
+    Args:
+        steps_per_wake_step: sleep length as replay steps per wake step since the last sleep
+            (1.0 is the 1:1 ratio measured best on P-MNIST; the seed paper used 10.0).
+        min_steps: lower bound on a night's replay steps when anything was learned.
+        lr: SGD learning rate during sleep (lower than wake: a high one wrecks old tasks).
+        batch_size: records per replay step.
+        noise_std: consolidation noise, std relative to each hooked activation's RMS.
+        noise_layers: names of modules whose outputs get noise; ``None`` picks every
+            activation module (ReLU, GELU, SiLU, ...) automatically; ``()`` turns noise off.
+        label_weight: weight of cross-entropy on the stored labels.
+        distill_weight: weight of the MSE to the stored logits (dark knowledge).
+        fisher_steps: the Fisher is accumulated over the last ``fisher_steps`` replay steps.
+        fisher_batch: samples per step that contribute per-sample gradients to the Fisher.
+        fisher_chunk: micro-batch size of the per-sample gradient computation.
+        fisher_param_groups: number of parameter groups the Fisher is computed over, one group
+            at a time (bounds the extra memory to one group).
+        prune_frac: fraction ``p`` of each weight matrix's still-alive weights pruned per night.
+        sparsity_cap: pruning stops once this fraction of a matrix is zero.
+        strengthen_frac: fraction ``q`` of weights (the most significant) scaled up.
+        strengthen_eta: those weights are multiplied by ``1 + eta``.
+        anchor_decay: ``gamma`` of the online anchor ``F_anchor <- gamma F_anchor + F``.
+        check_every: ask ``should_stop`` every this many steps (the preemption granularity).
+    """
+
+    steps_per_wake_step: float = 1.0
+    min_steps: int = 50
+    lr: float = 0.03
+    batch_size: int = 128
+    noise_std: float = 0.1
+    noise_layers: tuple[str, ...] | None = None
+    label_weight: float = 1.0
+    distill_weight: float = 0.3
+    fisher_steps: int = 200
+    fisher_batch: int = 32
+    fisher_chunk: int = 32
+    fisher_param_groups: int = 1
+    prune_frac: float = 0.01
+    sparsity_cap: float = 0.2
+    strengthen_frac: float = 0.01
+    strengthen_eta: float = 0.01
+    anchor_decay: float = 0.9
+    check_every: int = 25
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _nonneg(p, "steps_per_wake_step", self.steps_per_wake_step)
+        _posint(p, "min_steps", self.min_steps, zero_ok=True)
+        _pos(p, "lr", self.lr)
+        _posint(p, "batch_size", self.batch_size)
+        _nonneg(p, "noise_std", self.noise_std)
+        if self.noise_layers is not None:
+            if not isinstance(self.noise_layers, tuple) or not all(
+                isinstance(n, str) for n in self.noise_layers
+            ):
+                p.append(f"noise_layers={self.noise_layers!r}; expected None or a tuple of names")
+        _nonneg(p, "label_weight", self.label_weight)
+        _nonneg(p, "distill_weight", self.distill_weight)
+        _posint(p, "fisher_steps", self.fisher_steps, zero_ok=True)
+        _posint(p, "fisher_batch", self.fisher_batch)
+        _posint(p, "fisher_chunk", self.fisher_chunk)
+        _posint(p, "fisher_param_groups", self.fisher_param_groups)
+        _frac(p, "prune_frac", self.prune_frac)
+        _frac(p, "sparsity_cap", self.sparsity_cap)
+        if self.sparsity_cap >= 1.0:
+            p.append(f"sparsity_cap={self.sparsity_cap!r}; expected < 1 (a matrix of zeros)")
+        _frac(p, "strengthen_frac", self.strengthen_frac)
+        _nonneg(p, "strengthen_eta", self.strengthen_eta)
+        _frac(p, "anchor_decay", self.anchor_decay)
+        _posint(p, "check_every", self.check_every)
+        _check("SleepConfig", p)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where and how the replay store keeps records.
+
+    Args:
+        capacity_mb: byte budget of the stored records (codes, logits and fixed overhead).
+        capacity_records: optional cap on the record count as well (the P-MNIST protocol's 500).
+        eviction: ``"reservoir"`` (uniform over the stream) or ``"class_balanced"``.
+        store_logits: also keep the logits the model gave when the record was written (fp16).
+        latent_layer: ``None`` stores the input; the name of a child of an ``nn.Sequential``
+            model stores that child's output instead (latent replay).
+    """
+
+    capacity_mb: float = 16.0
+    capacity_records: int | None = None
+    eviction: Literal["reservoir", "class_balanced"] = "reservoir"
+    store_logits: bool = True
+    latent_layer: str | None = None
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _pos(p, "capacity_mb", self.capacity_mb)
+        if self.capacity_records is not None:
+            _posint(p, "capacity_records", self.capacity_records)
+        if self.eviction not in ("reservoir", "class_balanced"):
+            p.append(f"eviction={self.eviction!r}; expected 'reservoir' or 'class_balanced'")
+        _check("StoreConfig", p)
+
+
+def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from ``dataclasses.asdict`` output (lists become tuples).
+
+    Raises:
+        ConfigError: if ``data`` has keys the config does not know.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(cls.__name__, [f"unknown key {k!r}; known: {sorted(names)}" for k in unknown])
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**fixed)
+

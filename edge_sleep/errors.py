@@ -1,0 +1,61 @@
+"""Errors raised by edge-sleep.
+
+Every error is an :class:`EdgeSleepError`; subclasses also subclass the fitting builtin so
+``except ValueError`` keeps working. Messages name what failed, the value, what was expected and
+the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgeSleepError",
+    "ConfigError",
+    "InputError",
+    "StoreError",
+    "StorePathError",
+    "FingerprintMismatchError",
+    "FormatVersionError",
+    "CorruptRecordError",
+    "CallOrderError",
+]
+
+
+class EdgeSleepError(Exception):
+    """Base class of every error edge-sleep raises on purpose."""
+
+
+class ConfigError(EdgeSleepError, ValueError):
+    """A configuration value is out of range; every problem is listed in one message."""
+
+    def __init__(self, owner: str, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{owner} has {len(self.problems)} invalid value(s):\n{lines}")
+
+
+class InputError(EdgeSleepError, ValueError):
+    """A batch passed to ``learn``/``predict`` has the wrong shape, dtype or values."""
+
+
+class StoreError(EdgeSleepError, RuntimeError):
+    """The replay store cannot be opened, read or written."""
+
+
+class StorePathError(StoreError, OSError):
+    """The store's path cannot be created or written."""
+
+
+class FingerprintMismatchError(StoreError):
+    """The store was written by a model with another architecture."""
+
+
+class FormatVersionError(EdgeSleepError, RuntimeError):
+    """A file or state dict was written by a newer (or unknown) format version."""
+
+
+class CorruptRecordError(StoreError):
+    """A record's checksum does not match its contents."""
+
+
+class CallOrderError(EdgeSleepError, RuntimeError):
+    """A method was called before the one it depends on."""

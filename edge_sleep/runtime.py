@@ -1,0 +1,383 @@
+"""``EdgeSleep``: the facade an app talks to (learn by day, sleep by night, save, load)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, merge_lora_
+from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig, config_from_dict
+from edge_sleep.errors import CallOrderError, ConfigError, FormatVersionError, InputError
+from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
+from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
+from edge_sleep.store import ReplayStore
+from edge_sleep.wake import Anchor, WakeStats, effective_weights, wake_step
+
+__all__ = ["EdgeSleep", "RUNTIME_FORMAT_VERSION"]
+
+RUNTIME_FORMAT_VERSION = 1
+_PRUNABLE = (nn.Linear, LoRALinear, nn.Conv1d, nn.Conv2d)
+
+
+class EdgeSleep:
+    """A model that learns during the day and consolidates during the night.
+
+    Args:
+        model: any ``nn.Module`` whose forward maps a batch to logits ``(B, C)`` (or a Hugging
+            Face output with ``.logits``).
+        store: a :class:`ReplayStore`, a path for a new/existing one, or ``None`` for an
+            in-memory store (lost on exit).
+        store_config: settings of a store created from a path.
+        wake: day-time settings.
+        sleep: night-time settings.
+        seed: seeds the store's and the noise's generators (same seed, same result).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from edge_sleep import EdgeSleep, WakeConfig, SleepConfig
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> es = EdgeSleep(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)),
+        ...                wake=WakeConfig(train="all"), sleep=SleepConfig(min_steps=5))
+        >>> stats = es.learn(torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        >>> report = es.sleep()
+        >>> report.completed, es.predict(torch.randn(3, 4)).shape
+        (True, torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        store: ReplayStore | str | Path | None = None,
+        store_config: StoreConfig | None = None,
+        wake: WakeConfig | None = None,
+        sleep: SleepConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ConfigError("EdgeSleep", [f"model is a {type(model).__name__}; expected an nn.Module"])
+        self.model = model
+        self.wake_config = wake or WakeConfig()
+        self.sleep_config = sleep or SleepConfig()
+        self.seed = seed
+        store_config = store_config or (store.config if isinstance(store, ReplayStore) else StoreConfig())
+        self.store_config = store_config
+        if store_config.latent_layer is not None:
+            self._encoder, self._head = split_sequential(model, store_config.latent_layer)
+        else:
+            self._encoder, self._head = nn.Identity(), model
+        fingerprint = model_fingerprint(model, store_config.latent_layer)
+        if isinstance(store, ReplayStore):
+            self.store = store
+        else:
+            path = ":memory:" if store is None else store
+            self.store = ReplayStore(path, store_config, fingerprint=fingerprint, seed=seed)
+        self.fingerprint = fingerprint
+
+        if self.wake_config.train == "adapters":
+            attach_lora(model, rank=self.wake_config.lora_rank, alpha=self.wake_config.lora_alpha)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        self._wake_params = [p for p in model.parameters() if p.requires_grad]
+        self._sleep_params = {n: p for n, p in model.named_parameters() if ".lora_" not in n
+                              and not n.startswith("lora_")}
+        self.prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
+                         if isinstance(m, _PRUNABLE) or is_conv1d(m)]
+        # anchor the weight matrices and biases the model computes with
+        self._anchored = [n for n in self._sleep_params if n.endswith(("weight", "bias"))]
+        names = self.sleep_config.noise_layers
+        self.noise_layers = activation_module_names(model) if names is None else list(names)
+        unknown = sorted(set(self.noise_layers) - {n for n, _ in model.named_modules()})
+        if unknown:
+            raise ConfigError("SleepConfig", [f"noise_layers names {unknown} that the model does not "
+                                              "have; expected names from model.named_modules()"])
+        self.anchor = Anchor(self.sleep_config.anchor_decay)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.wake_steps_since_sleep = 0
+        self.num_classes: int | None = None
+        self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
+        self.sleep_state: SleepState | None = None
+        self._optimizer = torch.optim.SGD(self._wake_params, lr=self.wake_config.lr)
+
+    # ----------------------------------------------------------------- input
+    def _check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name} is a {type(x).__name__}; expected a torch.Tensor batch. "
+                             "Fix: torch.as_tensor(x).")
+        if x.ndim < 1 or x.shape[0] == 0:
+            raise InputError(f"{name} has shape {tuple(x.shape)}; expected a non-empty batch (B, ...).")
+        if x.is_complex() or x.dtype == torch.bool:
+            raise InputError(f"{name} has dtype {x.dtype}; expected a float or integer tensor.")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).any(dim=tuple(range(1, x.ndim))).sum()) if x.ndim > 1 else 1
+            raise InputError(f"{name} holds NaN or inf in {bad} of {x.shape[0]} rows; expected finite "
+                             "values. Fix: drop or clean those rows (nothing was learned or stored).")
+        spec = (tuple(x.shape[1:]), x.is_floating_point())
+        if self.input_spec is not None and spec != self.input_spec:
+            want, was_float = self.input_spec
+            raise InputError(
+                f"{name} has per-example shape {spec[0]} and {'float' if spec[1] else 'integer'} dtype "
+                f"{x.dtype}; this model was fed shape {want} of {'float' if was_float else 'integer'} "
+                "dtype. Fix: reshape/cast the batch to match."
+            )
+        return x
+
+    def _check_labels(self, y: Any, n: int) -> torch.Tensor:
+        if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            kind = type(y).__name__ if not isinstance(y, torch.Tensor) else str(y.dtype)
+            raise InputError(f"y is {kind}; expected an integer tensor of class indices. Fix: y.long().")
+        if y.shape != (n,):
+            raise InputError(f"y has shape {tuple(y.shape)}; expected ({n},), one label per example.")
+        assert self.num_classes is not None
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"label {bad} is out of range; the model has {self.num_classes} outputs, "
+                             f"so labels must be in [0, {self.num_classes - 1}].")
+        return y.long()
+
+    def _probe(self, x: torch.Tensor) -> None:
+        """Learn the input spec and the number of classes from the first batch (no state changes)."""
+        if self.num_classes is not None:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                out = logits_of(self.model(x[:1]))
+        finally:
+            self.model.train(was_training)
+        if out.ndim != 2:
+            raise InputError(f"the model returned logits of shape {tuple(out.shape)} for one example; "
+                             "expected (1, num_classes). Fix: make forward return (B, C) logits.")
+        self.num_classes = int(out.shape[1])
+        self.input_spec = (tuple(x.shape[1:]), x.is_floating_point())
+
+    # ------------------------------------------------------------------- day
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        latent = self._encoder(x)
+        return latent, logits_of(self._head(latent))
+
+    def _replay_forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return logits_of(self._head(latent))
+
+    def learn(self, x: torch.Tensor, y: torch.Tensor, *, stream: str = "") -> WakeStats:
+        """One wake step on a labelled batch; the batch is offered to the replay store.
+
+        Args:
+            x: inputs ``(B, ...)``, float (finite) or integer (token ids).
+            y: integer labels ``(B,)`` in ``[0, num_classes)``.
+            stream: a tag kept with the stored records (task, user, source...).
+
+        Returns:
+            :class:`WakeStats`.
+
+        Raises:
+            InputError: bad shape, dtype, NaN/inf or label range; nothing is learned or stored.
+        """
+        x = self._check_input(x)
+        if self.num_classes is None:
+            self._probe(x)
+        y = self._check_labels(y, x.shape[0])
+        cfg = self.wake_config
+        self.model.train()
+        r1 = r2 = None
+        if cfg.replay_batch > 0 and len(self.store) > 0:
+            if cfg.replay_alpha > 0:
+                r1 = self.store.sample(cfg.replay_batch)
+            if cfg.replay_beta > 0:
+                r2 = self.store.sample(cfg.replay_batch)
+        penalty_fn = None
+        if self.anchor and cfg.anchor_lambda > 0:
+            def penalty_fn() -> torch.Tensor:
+                weights = effective_weights(self.model, list(self.anchor.fisher))
+                return self.anchor.penalty(weights, cfg.anchor_lambda, cfg.lr)
+        losses, latent, logits = wake_step(
+            self._forward, self._replay_forward, self._optimizer, x, y,
+            replay_logits=r1, replay_labels=r2, alpha=cfg.replay_alpha, beta=cfg.replay_beta,
+            penalty_fn=penalty_fn,
+        )
+        if self.masks and cfg.train == "all":
+            apply_masks_(dict(self.model.named_parameters()), self.masks)
+        stored = 0
+        if self.wake_steps_since_sleep % cfg.store_every == 0:
+            stored = self.store.append(latent, y, logits, stream=stream)
+        self.wake_steps_since_sleep += 1
+        return WakeStats(losses["loss"], losses["new_loss"], losses["replay_loss"], losses["penalty"],
+                         int(x.shape[0]), stored)
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+        """Logits ``(B, C)`` in eval mode, computed in batches of ``batch_size``."""
+        x = self._check_input(x)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return torch.cat([self._forward(x[i:i + batch_size])[1] for i in range(0, x.shape[0], batch_size)])
+        finally:
+            self.model.train(was_training)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted class indices ``(B,)``."""
+        return self.logits(x).argmax(dim=1)
+
+    # ----------------------------------------------------------------- night
+    def planned_sleep_steps(self) -> int:
+        """Replay steps tonight's sleep would run: ``steps_per_wake_step`` x wake steps, >= min_steps."""
+        if self.wake_steps_since_sleep == 0:
+            return 0
+        cfg = self.sleep_config
+        return max(cfg.min_steps, round(cfg.steps_per_wake_step * self.wake_steps_since_sleep))
+
+    def sleep(
+        self,
+        steps: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> SleepReport:
+        """Run (or resume) a night of Synaptic Sleep Replay.
+
+        Args:
+            steps: replay steps; ``None`` uses :meth:`planned_sleep_steps`. Ignored when resuming.
+            should_stop: asked between chunks of steps; return ``True`` to wake up (the night's
+                progress is kept and the next ``sleep`` call resumes it).
+            progress: called with the number of steps just run (e.g. ``tqdm.update``).
+
+        Raises:
+            CallOrderError: the store is empty (call ``learn`` first).
+        """
+        if self.sleep_state is None:
+            total = self.planned_sleep_steps() if steps is None else int(steps)
+            if total < 0:
+                raise ConfigError("sleep", [f"steps={steps}; expected >= 0"])
+            if total > 0 and len(self.store) == 0:
+                raise CallOrderError("sleep() found an empty replay store; call learn() with some "
+                                     "examples before sleep().")
+            if self.wake_config.train == "adapters":
+                merge_lora_(self.model)  # consolidate the day's adapters into the base
+                apply_masks_(dict(self.model.named_parameters()), self.masks)
+            self.sleep_state = SleepState(total_steps=total)
+        self.model.train()
+        report = run_sleep(
+            self.model, self.store, self.sleep_config, self.sleep_state,
+            params=self._sleep_params, prunable=self.prunable, masks=self.masks,
+            anchor=self.anchor if self.wake_config.anchor_lambda > 0 else None,
+            noise_layers=self.noise_layers, replay_forward=self._replay_forward,
+            generator=self.generator, should_stop=should_stop, progress=progress,
+        )
+        if report.completed:
+            self.sleep_state = None
+            self.wake_steps_since_sleep = 0
+        return report
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: weights, anchor, masks, sleep progress, generators."""
+        return {
+            "format_version": RUNTIME_FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "model": self.model.state_dict(),
+            "anchor": self.anchor.state_dict(),
+            "masks": dict(self.masks),
+            "wake_steps_since_sleep": self.wake_steps_since_sleep,
+            "num_classes": self.num_classes,
+            "input_spec": self.input_spec,
+            "sleep_state": None if self.sleep_state is None else self.sleep_state.state_dict(),
+            "generator": self.generator.get_state(),
+            "store": self.store.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            FormatVersionError: newer format version.
+            ConfigError: the state belongs to a model of another architecture.
+        """
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > RUNTIME_FORMAT_VERSION:
+            raise FormatVersionError(f"EdgeSleep state has format_version={version!r}; this edge-sleep "
+                                     f"reads <= {RUNTIME_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        if state["fingerprint"] != self.fingerprint:
+            raise ConfigError("EdgeSleep", [f"state fingerprint {state['fingerprint']!r} differs from "
+                                            f"this model's {self.fingerprint!r}; load it into the model "
+                                            "architecture it was saved from"])
+        self.model.load_state_dict(state["model"])
+        self.anchor.load_state_dict(state["anchor"])
+        self.masks = dict(state["masks"])
+        self.wake_steps_since_sleep = int(state["wake_steps_since_sleep"])
+        self.num_classes = state["num_classes"]
+        spec = state["input_spec"]
+        self.input_spec = None if spec is None else (tuple(spec[0]), bool(spec[1]))
+        ss = state["sleep_state"]
+        self.sleep_state = None if ss is None else SleepState.from_state_dict(ss)
+        self.generator.set_state(state["generator"])
+        self.store.load_state_dict(state["store"])
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``state.pt`` and ``config.json`` to ``directory`` atomically (all or nothing).
+
+        The replay store stays where it is; ``config.json`` records its path.
+        """
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            torch.save(self.state_dict(), tmp / "state.pt")
+            meta = {
+                "format_version": RUNTIME_FORMAT_VERSION,
+                "wake": dataclasses.asdict(self.wake_config),
+                "sleep": dataclasses.asdict(self.sleep_config),
+                "store_config": dataclasses.asdict(self.store_config),
+                "store_path": str(self.store.path.resolve()) if str(self.store.path) != ":memory:" else None,
+                "seed": self.seed,
+            }
+            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+            old = directory.with_name(f".{directory.name}.old")
+            if directory.exists():
+                os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module, *, store: ReplayStore | str | Path | None = None) -> EdgeSleep:
+        """Rebuild a runtime saved by :meth:`save` around a fresh ``model`` of the same architecture.
+
+        Args:
+            directory: what :meth:`save` wrote.
+            model: a new instance of the saved model's class (weights are overwritten).
+            store: the replay store; default: the path recorded at save time.
+        """
+        directory = Path(directory)
+        meta = json.loads((directory / "config.json").read_text())
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > RUNTIME_FORMAT_VERSION:
+            raise FormatVersionError(f"{directory} has format_version={version!r}; this edge-sleep "
+                                     f"reads <= {RUNTIME_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        es = cls(
+            model,
+            store=store if store is not None else meta["store_path"],
+            store_config=config_from_dict(StoreConfig, meta["store_config"]),
+            wake=config_from_dict(WakeConfig, meta["wake"]),
+            sleep=config_from_dict(SleepConfig, meta["sleep"]),
+            seed=meta["seed"],
+        )
+        es.load_state_dict(torch.load(directory / "state.pt", weights_only=True))
+        return es

@@ -1,0 +1,298 @@
+"""The night: Synaptic Sleep Replay (design.md section 3), read top to bottom.
+
+``run_sleep`` does, in order:
+
+1. **Phase 1, replay with consolidation noise.** Draw records from the store, add zero-mean
+   Gaussian noise (std relative to the activation's RMS) to the chosen hidden states with
+   forward hooks, and step on ``label_weight * CE(label) + distill_weight * MSE(stored logits)``.
+   During the last ``fisher_steps`` steps, accumulate per-sample squared gradients of the clean
+   replay loss (chunked over samples and parameter groups): the empirical diagonal Fisher ``F``.
+   Between chunks of ``check_every`` steps ask ``should_stop``; on "wake up" return with the
+   progress (optimizer state, Fisher partial sums, position) kept in a :class:`SleepState`.
+2. **Phase 2, significance.** ``s = F * w^2`` per weight matrix; prune the ``prune_frac`` least
+   significant alive weights (the mask persists, up to ``sparsity_cap``); scale the
+   ``strengthen_frac`` most significant by ``1 + eta``.
+3. **Protect.** Fold ``F`` into the online anchor used by the next wake.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_sleep.config import SleepConfig
+from edge_sleep.errors import FormatVersionError
+from edge_sleep.fisher import fisher_sums, fisher_sums_loop
+from edge_sleep.kernels import consolidate, kth_smallest, prune_count, significance, smallest_mask
+from edge_sleep.store import ReplayStore
+from edge_sleep.wake import Anchor
+
+__all__ = ["SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
+           "consolidate_weights_", "SLEEP_FORMAT_VERSION"]
+
+SLEEP_FORMAT_VERSION = 1
+
+
+def replay_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
+                label_weight: float, distill_weight: float) -> torch.Tensor:
+    """``label_weight * CE(logits, y) + distill_weight * MSE(logits, target)`` (mean over the batch)."""
+    loss = label_weight * F.cross_entropy(logits, y)
+    if target is not None and distill_weight > 0:
+        loss = loss + distill_weight * F.mse_loss(logits, target)
+    return loss
+
+
+class ConsolidationNoise:
+    """Forward hooks adding ``std * rms(h) * N(0, 1)`` to the outputs of the named modules.
+
+    Args:
+        model: the model to hook.
+        names: module names whose outputs get noise.
+        std: noise std relative to each sample's activation RMS.
+        generator: the source of the noise (passed in so results repeat).
+    """
+
+    def __init__(self, model: nn.Module, names: list[str], std: float, generator: torch.Generator) -> None:
+        self.std = std
+        self.enabled = True
+        self.generator = generator
+        modules = dict(model.named_modules())
+        self._handles = [modules[n].register_forward_hook(self._hook) for n in names] if std > 0 else []
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not self.enabled or not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            return None
+        dims = tuple(range(1, output.ndim))
+        rms = output.detach().pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else output.detach().abs()
+        noise = torch.randn(output.shape, generator=self.generator, dtype=output.dtype)
+        return output + self.std * rms * noise
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@dataclass
+class SleepState:
+    """Progress of a night, kept when sleep is preempted so the next window resumes it."""
+
+    total_steps: int
+    step: int = 0
+    optimizer: dict[str, Any] | None = None
+    fisher_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    fisher_count: int = 0
+    loss_first: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"format_version": SLEEP_FORMAT_VERSION, "total_steps": self.total_steps,
+                "step": self.step, "optimizer": self.optimizer, "fisher_sums": self.fisher_sums,
+                "fisher_count": self.fisher_count, "loss_first": self.loss_first}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> SleepState:
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > SLEEP_FORMAT_VERSION:
+            raise FormatVersionError(f"SleepState has format_version={version!r}; expected <= "
+                                     f"{SLEEP_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        return cls(total_steps=state["total_steps"], step=state["step"], optimizer=state["optimizer"],
+                   fisher_sums=dict(state["fisher_sums"]), fisher_count=state["fisher_count"],
+                   loss_first=state["loss_first"])
+
+
+@dataclass(frozen=True)
+class SleepReport:
+    """What a night did.
+
+    Attributes:
+        steps: replay steps run in this call.
+        total_steps: the night's planned length.
+        completed: ``False`` when ``should_stop`` woke the model early (call ``sleep`` again).
+        loss_first: replay loss of the night's first step; loss_last: of its last step.
+        fisher_samples: per-sample gradients in tonight's Fisher.
+        pruned: weights pruned tonight; sparsity: fraction of prunable weights now zero.
+        strengthened: weights scaled up tonight.
+        seconds: wall time of this call.
+    """
+
+    steps: int
+    total_steps: int
+    completed: bool
+    loss_first: float | None
+    loss_last: float | None
+    fisher_samples: int
+    pruned: int
+    sparsity: float
+    strengthened: int
+    seconds: float
+
+
+def _sparsity(masks: dict[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 0.0 if total == 0 else 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+
+
+@torch.no_grad()
+def apply_masks_(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Zero every pruned weight in place (pruned weights stay zero)."""
+    for n, m in masks.items():
+        weights[n].mul_(m)
+
+
+@torch.no_grad()
+def consolidate_weights_(
+    weights: dict[str, torch.Tensor],
+    fisher: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    config: SleepConfig,
+) -> tuple[int, int]:
+    """Phase 2 on each weight matrix: significance, O(n) thresholds, prune and strengthen.
+
+    Updates ``weights`` and ``masks`` in place. Returns ``(pruned, strengthened)`` counts.
+    """
+    pruned = strengthened = 0
+    for n, w in weights.items():
+        mask = masks.setdefault(n, torch.ones_like(w, dtype=torch.bool))
+        s = significance(fisher[n], w)
+        already = int((~mask).sum())
+        k = prune_count(w.numel(), already, config.prune_frac, config.sparsity_cap)
+        new_mask = mask & ~smallest_mask(s, w, mask, k)
+        q = int(config.strengthen_frac * w.numel())
+        strong = (kth_smallest(s, w.numel() - q) if q > 0 and config.strengthen_eta > 0
+                  else torch.tensor(float("inf")))
+        new_w = consolidate(w, s, new_mask, strengthen_thr=strong, eta=config.strengthen_eta)
+        pruned += int(mask.sum()) - int(new_mask.sum())
+        strengthened += int((new_mask & (s > strong)).sum())
+        w.copy_(new_w)
+        masks[n] = new_mask
+    return pruned, strengthened
+
+
+def run_sleep(
+    model: nn.Module,
+    store: ReplayStore,
+    config: SleepConfig,
+    state: SleepState,
+    *,
+    params: dict[str, torch.nn.Parameter],
+    prunable: list[str],
+    masks: dict[str, torch.Tensor],
+    anchor: Anchor | None,
+    noise_layers: list[str],
+    replay_forward: Callable[[torch.Tensor], torch.Tensor],
+    generator: torch.Generator,
+    should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> SleepReport:
+    """Run (or resume) one night; see the module docstring.
+
+    Args:
+        model: the model; its ``params`` are trained, the rest stay fixed.
+        store: the replay store to draw records from.
+        config: the night's settings.
+        state: progress; a fresh ``SleepState(total_steps)`` or one a preempted night left.
+        params: ``{name: parameter}`` trained during sleep (the base weights).
+        prunable: names of the weight matrices Phase 2 prunes and strengthens.
+        masks: persistent keep-masks, updated in place.
+        anchor: the wake-time anchor to fold the Fisher into (``None`` to leave it).
+        noise_layers: modules whose outputs get consolidation noise.
+        replay_forward: ``latent -> logits`` for stored latents.
+        generator: randomness of the noise.
+        should_stop: asked every ``check_every`` steps; ``True`` preempts the night.
+        progress: called with the number of steps just run.
+
+    Returns:
+        A :class:`SleepReport`; when ``completed`` is ``False`` the caller keeps ``state``.
+    """
+    start = time.perf_counter()
+    # setup: train the base weights, with noise on the hidden states
+    grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(list(params.values()), lr=config.lr)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    noise = ConsolidationNoise(model, noise_layers, config.noise_std, generator)
+    fisher_from = state.total_steps - config.fisher_steps
+    loss_last = None
+    steps_run = 0
+
+    def fisher_loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return replay_loss(logits, y, t, config.label_weight, config.distill_weight)
+
+    head = _Head(replay_forward, model)
+    head_names = [f"model.{n}" for n in params]  # the same tensors, named through the wrapper
+    try:
+        # Phase 1: replay with consolidation noise, accumulating the Fisher at the end
+        while state.step < state.total_steps:
+            batch = store.sample(config.batch_size)
+            logits = replay_forward(batch.x)
+            loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            apply_masks_(params, masks)
+            loss_last = loss.item()
+            if state.loss_first is None:
+                state.loss_first = loss_last
+            if state.step >= fisher_from:
+                noise.enabled = False
+                k = min(config.fisher_batch, batch.y.shape[0])
+                fb = (batch.x[:k], batch.y[:k], None if batch.logits is None else batch.logits[:k])
+                try:
+                    sums = fisher_sums(head, head_names, *fb, fisher_loss,
+                                       chunk=config.fisher_chunk, groups=config.fisher_param_groups)
+                except Exception:  # models torch.func cannot trace: the plain loop is exact
+                    sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
+                for hn, s in sums.items():
+                    n = hn[len("model."):]
+                    state.fisher_sums[n] = state.fisher_sums.get(n, 0) + s
+                state.fisher_count += k
+                noise.enabled = True
+            state.step += 1
+            steps_run += 1
+            if progress is not None:
+                progress(1)
+            if should_stop is not None and state.step % config.check_every == 0 \
+                    and state.step < state.total_steps and should_stop():
+                state.optimizer = optimizer.state_dict()
+                return SleepReport(steps_run, state.total_steps, False, state.loss_first, loss_last,
+                                   state.fisher_count, 0, _sparsity(masks), 0,
+                                   time.perf_counter() - start)
+    finally:
+        noise.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(grad_before[n])
+
+    # Phase 2: significance, prune and strengthen
+    pruned = strengthened = 0
+    if state.fisher_count > 0:
+        fisher = {n: s / state.fisher_count for n, s in state.fisher_sums.items()}
+        weights = {n: params[n].data for n in prunable}
+        pruned, strengthened = consolidate_weights_(weights, fisher, masks, config)
+        # Protect: the next wake is anchored to tonight's weights, weighted by F
+        if anchor is not None:
+            anchor.update_(fisher, {n: p.data for n, p in params.items()})
+    return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
+                       state.fisher_count, pruned, _sparsity(masks), strengthened,
+                       time.perf_counter() - start)
+
+
+class _Head(nn.Module):
+    """Wraps ``replay_forward`` as a module whose parameters are ``model``'s (for torch.func)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)

@@ -1,0 +1,430 @@
+"""The on-disk replay store: one SQLite database in WAL mode (design.md section 4).
+
+Each record keeps a latent as int8 codes with a per-row scale and zero point (integer inputs
+such as token ids are kept exactly), its label, optionally the fp16 logits the model gave when the
+record was written, a stream/task tag and a CRC32 checksum. Capacity is a byte budget; once full,
+new records replace old ones by reservoir sampling (uniform over everything ever offered) or
+class-balanced eviction (the largest class gives up a record). Every append is one transaction,
+so a crash leaves either the whole batch or none of it.
+
+Example:
+    >>> import tempfile, torch
+    >>> from edge_sleep.config import StoreConfig
+    >>> d = tempfile.mkdtemp()
+    >>> store = ReplayStore(f"{d}/replay.db", StoreConfig(capacity_records=4), seed=0)
+    >>> written = store.append(torch.rand(10, 3), torch.arange(10) % 2)
+    >>> len(store), store.seen, store.sample(2).x.shape
+    (4, 10, torch.Size([2, 3]))
+    >>> store.close()
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_sleep.config import StoreConfig
+from edge_sleep.errors import (
+    CorruptRecordError,
+    FingerprintMismatchError,
+    FormatVersionError,
+    InputError,
+    StoreError,
+    StorePathError,
+)
+from edge_sleep.quant import dequantize_rows, quantize_rows
+
+__all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
+
+STORE_FORMAT_VERSION = 1
+_RECORD_OVERHEAD_BYTES = 32  # id, slot, label, scale, zero point, checksum, time
+
+
+@dataclass
+class ReplayBatch:
+    """Records drawn from the store, decoded.
+
+    Attributes:
+        x: latents ``(n, *latent_shape)`` (float32, or int64 for integer inputs).
+        y: labels ``(n,)`` int64.
+        logits: stored logits ``(n, C)`` float32, or ``None`` if the store keeps none.
+        slots: the records' slots ``(n,)``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor | None
+    slots: np.ndarray
+
+
+def _checksum(codes: bytes, logits: bytes | None, label: int) -> int:
+    c = zlib.crc32(codes)
+    if logits is not None:
+        c = zlib.crc32(logits, c)
+    return zlib.crc32(label.to_bytes(8, "little", signed=True), c)
+
+
+class ReplayStore:
+    """Replay records in SQLite, with a byte capacity and reservoir/class-balanced eviction.
+
+    Args:
+        path: the database file; its folder is created if missing.
+        config: capacity, eviction, logits and latent layer.
+        fingerprint: the model's fingerprint (:func:`edge_sleep.modelio.model_fingerprint`);
+            a store written by another architecture is refused.
+        seed: seed of the store's random generator (eviction and sampling).
+
+    Raises:
+        StorePathError: the path cannot be created or opened for writing.
+        FormatVersionError: the file was written by a newer format version.
+        FingerprintMismatchError: the file belongs to another model.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: StoreConfig | None = None,
+        *,
+        fingerprint: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.config = config or StoreConfig()
+        self.rng = np.random.default_rng(seed)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._create_tables()
+        except (OSError, sqlite3.OperationalError) as e:
+            raise StorePathError(
+                f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
+                "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
+                "files directory."
+            ) from e
+        self._check_meta(fingerprint)
+        rows = self._db.execute("SELECT slot, label FROM records ORDER BY slot").fetchall()
+        self._labels = {int(s): int(lab) for s, lab in rows}  # slot -> label mirror
+
+    # ------------------------------------------------------------------ setup
+    def _create_tables(self) -> None:
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE IF NOT EXISTS records (
+                slot INTEGER PRIMARY KEY,
+                created_s REAL NOT NULL,
+                stream TEXT NOT NULL,
+                label INTEGER NOT NULL,
+                codes BLOB NOT NULL,
+                scale REAL NOT NULL,
+                zero_point INTEGER NOT NULL,
+                logits BLOB,
+                checksum INTEGER NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS records_label ON records(label);
+            """
+        )
+
+    def _meta(self, key: str) -> Any:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def _set_meta(self, key: str, value: Any) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, json.dumps(value)),
+        )
+
+    def _check_meta(self, fingerprint: str | None) -> None:
+        version = self._meta("format_version")
+        if version is None:
+            self._db.execute("BEGIN")
+            self._set_meta("format_version", STORE_FORMAT_VERSION)
+            self._set_meta("config", asdict(self.config))
+            self._set_meta("seen", 0)
+            if fingerprint is not None:
+                self._set_meta("fingerprint", fingerprint)
+            self._db.execute("COMMIT")
+            return
+        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
+            self._db.close()
+            raise FormatVersionError(
+                f"replay store {str(self.path)!r} has format_version={version!r}; this edge-sleep "
+                f"reads versions <= {STORE_FORMAT_VERSION}. Fix: upgrade edge-sleep, or open a new store."
+            )
+        stored = self._meta("fingerprint")
+        if fingerprint is not None and stored is not None and stored != fingerprint:
+            self._db.close()
+            raise FingerprintMismatchError(
+                f"replay store {str(self.path)!r} was written by a model with fingerprint "
+                f"{stored!r}; this model's is {fingerprint!r}. Fix: use a new store path for this "
+                "model, or load the model the store belongs to."
+            )
+        if fingerprint is not None and stored is None:
+            self._set_meta("fingerprint", fingerprint)
+
+    # ------------------------------------------------------------ properties
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    @property
+    def seen(self) -> int:
+        """How many records were ever offered to the store (the reservoir's stream length)."""
+        return int(self._meta("seen") or 0)
+
+    @property
+    def capacity_records(self) -> int | None:
+        """Records that fit the byte budget (known after the first append)."""
+        return self._meta("capacity_records")
+
+    def bytes_used(self) -> int:
+        """Bytes of record payload held (codes, logits and fixed overhead per record)."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(codes) + COALESCE(LENGTH(logits), 0)), 0), COUNT(*) FROM records"
+        ).fetchone()
+        return int(row[0]) + _RECORD_OVERHEAD_BYTES * int(row[1])
+
+    def class_counts(self) -> dict[int, int]:
+        """``{label: records}`` currently held."""
+        counts: dict[int, int] = {}
+        for lab in self._labels.values():
+            counts[lab] = counts.get(lab, 0) + 1
+        return counts
+
+    # ---------------------------------------------------------------- writes
+    def _layout(self, latents: torch.Tensor, logits: torch.Tensor | None) -> dict[str, Any]:
+        layout = {
+            "latent_shape": list(latents.shape[1:]),
+            "latent_kind": "int64" if not latents.is_floating_point() else "int8q",
+            "num_logits": None if logits is None else int(logits.shape[1]),
+        }
+        known = self._meta("layout")
+        if known is None:
+            return layout
+        if known != layout:
+            raise InputError(
+                f"records of layout {layout} do not match the store's layout {known} "
+                f"({str(self.path)!r}). Fix: pass latents of shape {tuple(known['latent_shape'])} "
+                "or use a new store path."
+            )
+        return known
+
+    def append(
+        self,
+        latents: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        *,
+        stream: str = "",
+    ) -> int:
+        """Offer a batch to the store; each record is kept or dropped by the eviction policy.
+
+        Args:
+            latents: ``(N, ...)`` float (quantized to int8) or integer (kept exactly).
+            labels: ``(N,)`` integer labels.
+            logits: ``(N, C)`` logits to keep (fp16), or ``None``.
+            stream: a tag (task or stream name) kept with each record.
+
+        Returns:
+            How many of the ``N`` records were written (a record may be written and then
+            replaced by a later one of the same batch).
+
+        Raises:
+            InputError: shapes disagree, values are not finite, or the layout differs from the
+                store's. Nothing is written then.
+        """
+        n = latents.shape[0]
+        if labels.shape != (n,) or (logits is not None and (logits.ndim != 2 or logits.shape[0] != n)):
+            raise InputError(
+                f"append got latents {tuple(latents.shape)}, labels {tuple(labels.shape)}, logits "
+                f"{None if logits is None else tuple(logits.shape)}; expected (N, ...), (N,), (N, C). "
+                "Fix: pass one label (and one logits row) per latent."
+            )
+        if latents.is_floating_point() and not torch.isfinite(latents).all():
+            raise InputError("append got non-finite latents (NaN or inf); expected finite values. "
+                             "Fix: drop or clean those rows before storing them.")
+        if self.config.store_logits is False:
+            logits = None
+        layout = self._layout(latents, logits)
+        if n == 0:
+            return 0
+        labels_l = [int(v) for v in labels.tolist()]
+        flat = latents.detach().reshape(n, -1).cpu()
+        cap = self.capacity_records or self._capacity_for(flat, logits)
+        seen = self.seen
+        before = dict(self._labels)
+        chosen: list[tuple[int, int]] = []  # (row, slot)
+        for i in range(n):
+            seen += 1
+            slot = self._choose_slot(labels_l[i], seen, cap)
+            if slot is not None:
+                chosen.append((i, slot))
+                self._labels[slot] = labels_l[i]
+        rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
+        if layout["latent_kind"] == "int8q":
+            codes_t, scale_t, zp_t = quantize_rows(flat[rows])
+            codes = [r.numpy().tobytes() for r in codes_t]
+            scales, zps = scale_t.tolist(), zp_t.tolist()
+        else:
+            codes = [r.numpy().astype(np.int64).tobytes() for r in flat[rows]]
+            scales, zps = [1.0] * len(chosen), [0] * len(chosen)
+        logit_bytes: list[bytes | None] = (
+            [None] * len(chosen) if logits is None
+            else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().to(torch.float16)]
+        )
+        now = time.time()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set_meta("layout", layout)
+            self._set_meta("capacity_records", cap)
+            self._db.executemany(
+                "INSERT OR REPLACE INTO records(slot, created_s, stream, label, codes, scale, "
+                "zero_point, logits, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (slot, now, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j],
+                     _checksum(codes[j], logit_bytes[j], labels_l[i]))
+                    for j, (i, slot) in enumerate(chosen)
+                ],
+            )
+            self._set_meta("seen", seen)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._labels = before
+            raise
+        return len(chosen)
+
+    def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
+        """Records that fit the byte budget, from the size of one record of this layout."""
+        code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
+        per_record = code_bytes + (0 if logits is None else 2 * logits.shape[1]) + _RECORD_OVERHEAD_BYTES
+        cap = int(self.config.capacity_mb * 1e6) // per_record
+        if self.config.capacity_records is not None:
+            cap = min(cap, self.config.capacity_records)
+        if cap < 1:
+            raise InputError(
+                f"one record takes {per_record} bytes but capacity_mb={self.config.capacity_mb}; "
+                "expected room for at least one record. Fix: raise capacity_mb."
+            )
+        return cap
+
+    def _choose_slot(self, label: int, seen: int, cap: int) -> int | None:
+        """The slot a new record goes to, or ``None`` to drop it."""
+        if len(self._labels) < cap:
+            return len(self._labels)
+        if self.config.eviction == "reservoir":
+            j = int(self.rng.integers(0, seen))
+            return j if j < cap else None
+        # class-balanced: a record of a largest class makes room, unless the new one is of it
+        counts = self.class_counts()
+        largest = max(counts.values())
+        if counts.get(label, 0) == largest:
+            # reservoir within its own class
+            own = [s for s, lab in self._labels.items() if lab == label]
+            j = int(self.rng.integers(0, seen))
+            return own[j % len(own)] if j < cap else None
+        big = [c for c, k in counts.items() if k == largest]
+        victim_class = big[int(self.rng.integers(0, len(big)))]
+        victims = [s for s, lab in self._labels.items() if lab == victim_class]
+        return victims[int(self.rng.integers(0, len(victims)))]
+
+    # ----------------------------------------------------------------- reads
+    def sample(self, n: int, *, balanced: bool = False) -> ReplayBatch:
+        """Draw ``min(n, len(self))`` records without replacement.
+
+        Args:
+            n: records wanted.
+            balanced: draw classes uniformly first, then records within each class.
+
+        Raises:
+            StoreError: the store is empty.
+            CorruptRecordError: a record's checksum does not match.
+        """
+        if not self._labels:
+            raise StoreError(f"replay store {str(self.path)!r} is empty; call learn() (or append) "
+                             "before sampling from it.")
+        slots_all = np.fromiter(self._labels.keys(), dtype=np.int64)
+        k = min(n, slots_all.size)
+        if balanced:
+            labels_all = np.fromiter(self._labels.values(), dtype=np.int64)
+            classes, inv, counts = np.unique(labels_all, return_inverse=True, return_counts=True)
+            p = 1.0 / (len(classes) * counts[inv])
+            slots = self.rng.choice(slots_all, size=k, replace=False, p=p / p.sum())
+        else:
+            slots = self.rng.choice(slots_all, size=k, replace=False)
+        return self.read(slots)
+
+    def read(self, slots: np.ndarray) -> ReplayBatch:
+        """Decode the records at ``slots``, in that order."""
+        layout = self._meta("layout")
+        marks = ",".join("?" * len(slots))
+        rows = self._db.execute(
+            f"SELECT slot, label, codes, scale, zero_point, logits, checksum FROM records WHERE slot IN ({marks})",
+            [int(s) for s in slots],
+        ).fetchall()
+        by_slot = {r[0]: r for r in rows}
+        ordered = [by_slot[int(s)] for s in slots]
+        for slot, label, codes, _, _, logits, checksum in ordered:
+            if _checksum(codes, logits, label) != checksum:
+                raise CorruptRecordError(
+                    f"record in slot {slot} of {str(self.path)!r} fails its checksum; the file was "
+                    "changed outside edge-sleep. Fix: delete that record or the store."
+                )
+        k = len(ordered)
+        shape = (k, *layout["latent_shape"])
+        joined = b"".join(r[2] for r in ordered)
+        if layout["latent_kind"] == "int8q":
+            codes_t = torch.from_numpy(np.frombuffer(joined, dtype=np.int8).reshape(k, -1).copy())
+            scale = torch.tensor([r[3] for r in ordered], dtype=torch.float32)
+            zp = torch.tensor([r[4] for r in ordered], dtype=torch.int32)
+            x = dequantize_rows(codes_t, scale, zp).reshape(shape)
+        else:
+            x = torch.from_numpy(np.frombuffer(joined, dtype=np.int64).reshape(shape).copy())
+        y = torch.tensor([r[1] for r in ordered], dtype=torch.int64)
+        logits = None
+        if layout["num_logits"] is not None and ordered[0][5] is not None:
+            lj = b"".join(r[5] for r in ordered)
+            logits = torch.from_numpy(
+                np.frombuffer(lj, dtype=np.float16).reshape(k, -1).astype(np.float32)
+            )
+        return ReplayBatch(x=x, y=y, logits=logits, slots=np.asarray(slots))
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The store's in-process state (its generator); the records live in the file."""
+        return {"format_version": STORE_FORMAT_VERSION, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            FormatVersionError: the state was written by a newer format version.
+        """
+        version = state.get("format_version")
+        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"ReplayStore state has format_version={version!r}; expected <= {STORE_FORMAT_VERSION}. "
+                "Fix: upgrade edge-sleep."
+            )
+        self.rng.bit_generator.state = state["rng"]
+
+    def close(self) -> None:
+        """Close the database (records are already committed)."""
+        self._db.close()
+
+    def __enter__(self) -> ReplayStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
