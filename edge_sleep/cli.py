@@ -19,7 +19,7 @@ def _plot_matrices(mats: dict[str, np.ndarray], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(mats), figsize=(5 * len(mats), 4.4))
+    fig, axes = plt.subplots(1, len(mats), figsize=(5.5 * len(mats), 4.6), layout="constrained")
     for ax, (title, acc) in zip(np.atleast_1d(axes), mats.items()):
         shown = np.ma.masked_invalid(acc)
         im = ax.imshow(shown, vmin=0.0, vmax=1.0, cmap="viridis")
