@@ -17,6 +17,7 @@ __all__ = [
     "FormatVersionError",
     "CorruptRecordError",
     "CallOrderError",
+    "check_format_version",
 ]
 
 
@@ -59,3 +60,16 @@ class CorruptRecordError(StoreError):
 
 class CallOrderError(EdgeSleepError, RuntimeError):
     """A method was called before the one it depends on."""
+
+
+def check_format_version(owner: str, version: object, supported: int) -> None:
+    """Refuse state written by a newer (or an unknown) format version.
+
+    Raises:
+        FormatVersionError: ``version`` is not an int or is greater than ``supported``.
+    """
+    if not isinstance(version, int) or version > supported:
+        raise FormatVersionError(
+            f"{owner} has format_version={version!r}; this edge-sleep reads versions <= {supported}. "
+            "Fix: upgrade edge-sleep, or start from fresh state."
+        )

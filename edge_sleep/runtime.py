@@ -16,7 +16,7 @@ from torch import nn
 
 from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, merge_lora_
 from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig, config_from_dict
-from edge_sleep.errors import CallOrderError, ConfigError, FormatVersionError, InputError
+from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
 from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import ReplayStore
@@ -307,10 +307,7 @@ class EdgeSleep:
             FormatVersionError: newer format version.
             ConfigError: the state belongs to a model of another architecture.
         """
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > RUNTIME_FORMAT_VERSION:
-            raise FormatVersionError(f"EdgeSleep state has format_version={version!r}; this edge-sleep "
-                                     f"reads <= {RUNTIME_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        check_format_version("EdgeSleep state", state.get("format_version"), RUNTIME_FORMAT_VERSION)
         if state["fingerprint"] != self.fingerprint:
             raise ConfigError("EdgeSleep", [f"state fingerprint {state['fingerprint']!r} differs from "
                                             f"this model's {self.fingerprint!r}; load it into the model "
@@ -366,11 +363,14 @@ class EdgeSleep:
             store: the replay store; default: the path recorded at save time.
         """
         directory = Path(directory)
+        old = directory.with_name(f".{directory.name}.old")
+        if not directory.exists() and old.exists():  # a crash between save()'s two renames
+            directory = old
+        if not (directory / "config.json").exists():
+            raise CallOrderError(f"no checkpoint at {str(directory)!r} (config.json is missing); "
+                                 "expected a folder written by EdgeSleep.save(). Fix: check the path.")
         meta = json.loads((directory / "config.json").read_text())
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > RUNTIME_FORMAT_VERSION:
-            raise FormatVersionError(f"{directory} has format_version={version!r}; this edge-sleep "
-                                     f"reads <= {RUNTIME_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        check_format_version(f"checkpoint {str(directory)!r}", meta.get("format_version"), RUNTIME_FORMAT_VERSION)
         es = cls(
             model,
             store=store if store is not None else meta["store_path"],

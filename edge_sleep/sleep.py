@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.config import SleepConfig
-from edge_sleep.errors import FormatVersionError
+from edge_sleep.errors import check_format_version
 from edge_sleep.fisher import fisher_sums, fisher_sums_loop
 from edge_sleep.kernels import consolidate, kth_smallest, prune_count, significance, smallest_mask
 from edge_sleep.store import ReplayStore
@@ -97,10 +97,7 @@ class SleepState:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SleepState:
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > SLEEP_FORMAT_VERSION:
-            raise FormatVersionError(f"SleepState has format_version={version!r}; expected <= "
-                                     f"{SLEEP_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        check_format_version("SleepState", state.get("format_version"), SLEEP_FORMAT_VERSION)
         return cls(total_steps=state["total_steps"], step=state["step"], optimizer=state["optimizer"],
                    fisher_sums=dict(state["fisher_sums"]), fisher_count=state["fisher_count"],
                    loss_first=state["loss_first"])

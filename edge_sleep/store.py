@@ -39,6 +39,7 @@ from edge_sleep.errors import (
     InputError,
     StoreError,
     StorePathError,
+    check_format_version,
 )
 from edge_sleep.quant import dequantize_rows, quantize_rows
 
@@ -411,12 +412,7 @@ class ReplayStore:
         Raises:
             FormatVersionError: the state was written by a newer format version.
         """
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
-            raise FormatVersionError(
-                f"ReplayStore state has format_version={version!r}; expected <= {STORE_FORMAT_VERSION}. "
-                "Fix: upgrade edge-sleep."
-            )
+        check_format_version("ReplayStore state", state.get("format_version"), STORE_FORMAT_VERSION)
         self.rng.bit_generator.state = state["rng"]
 
     def close(self) -> None:

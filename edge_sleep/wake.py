@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.adapters import LoRALinear
-from edge_sleep.errors import FormatVersionError
+from edge_sleep.errors import check_format_version
 from edge_sleep.store import ReplayBatch
 
 __all__ = ["Anchor", "WakeStats", "wake_step", "effective_weights", "ANCHOR_FORMAT_VERSION"]
@@ -80,10 +80,7 @@ class Anchor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; refuses a newer format version."""
-        version = state.get("format_version")
-        if not isinstance(version, int) or version > ANCHOR_FORMAT_VERSION:
-            raise FormatVersionError(f"Anchor state has format_version={version!r}; expected <= "
-                                     f"{ANCHOR_FORMAT_VERSION}. Fix: upgrade edge-sleep.")
+        check_format_version("Anchor state", state.get("format_version"), ANCHOR_FORMAT_VERSION)
         self.decay = float(state["decay"])
         self.fisher = dict(state["fisher"])
         self.reference = dict(state["reference"])

@@ -127,3 +127,19 @@ def test_latent_layer_needs_sequential() -> None:
 
     with pytest.raises(ConfigError, match="nn.Sequential"):
         EdgeSleep(Net(), store_config=StoreConfig(latent_layer="fc"))
+
+
+def test_load_of_a_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(CallOrderError, match="nowhere"):
+        EdgeSleep.load(tmp_path / "nowhere", small_mlp())
+
+
+def test_load_recovers_from_a_crash_between_renames(tmp_path: Path) -> None:
+    es = runtime(tmp_path)
+    es.learn(torch.randn(4, 8), torch.randint(0, 3, (4,)))
+    es.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # the state save() leaves if killed mid-way
+    es.store.close()
+    loaded = EdgeSleep.load(tmp_path / "ckpt", small_mlp())
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded.logits(x), es.logits(x))

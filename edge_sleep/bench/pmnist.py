@@ -33,10 +33,10 @@ __all__ = ["TUNED", "mlp", "run_method", "evaluate", "summarize", "main"]
 # which is not one of the evaluation seeds.
 TUNED: dict[str, dict[str, float]] = {
     "naive": {"lr": 0.1},
-    "ewc": {"lr": 0.1, "lam": 10.0, "decay": 0.9},
+    "ewc": {"lr": 0.2, "lam": 10.0, "decay": 0.9},
     "er": {"lr": 0.1},
-    "derpp": {"lr": 0.2, "alpha": 1.0, "beta": 0.5},
-    "ssr": {"lr": 0.2, "alpha": 1.0, "beta": 0.5, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 0.3},
+    "derpp": {"lr": 0.2, "alpha": 1.0, "beta": 1.0},
+    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 0.3},
 }
 
 
