@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         methods = [m for m in methods if m.name in args.methods]
     jobs = [(m, s) for m in methods for s in args.seeds[: m.seeds]]
     # longest first so the two workers finish together
-    jobs.sort(key=lambda j: -(1 + (j[0].sleep is not None) * j[0].sleep.steps_per_wake_step))
+    jobs.sort(key=lambda j: -(1 + (j[0].sleep.steps_per_wake_step if j[0].sleep else 0)))
     kw = {"n_tasks": args.tasks, "buffer": args.buffer, "train_per_task": args.train_per_task}
     t0 = time.perf_counter()
     results = run_all(jobs, args.workers, kw)
