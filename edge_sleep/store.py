@@ -113,8 +113,54 @@ class ReplayStore:
                 "files directory."
             ) from e
         self._check_meta(fingerprint)
-        rows = self._db.execute("SELECT slot, label FROM records ORDER BY slot").fetchall()
-        self._labels = {int(s): int(lab) for s, lab in rows}  # slot -> label mirror
+        self._seen = int(self._meta("seen") or 0)
+        self._layout_cache: dict[str, Any] | None = None
+        self._labels: dict[int, int] = {}  # slot -> label
+        self._mirror: dict[str, np.ndarray] = {}
+        self._load_mirror()
+
+    def _load_mirror(self) -> None:
+        """Read every record into memory once, verifying its checksum.
+
+        The database is the durable truth; the in-memory mirror (int8 codes, not floats) makes
+        sampling a replay batch an array lookup instead of a query. One process owns a store.
+
+        Raises:
+            CorruptRecordError: a record's checksum does not match its contents.
+        """
+        layout, cap = self._meta("layout"), self._meta("capacity_records")
+        self._labels, self._mirror = {}, {}
+        if layout is None or cap is None:
+            return
+        self._alloc_mirror(layout, cap)
+        rows = self._db.execute(
+            "SELECT slot, label, codes, scale, zero_point, logits, checksum FROM records"
+        ).fetchall()
+        for slot, label, codes, scale, zp, logits, checksum in rows:
+            if _checksum(codes, logits, label) != checksum:
+                self._db.close()
+                raise CorruptRecordError(
+                    f"record in slot {slot} of {str(self.path)!r} fails its checksum; the file was "
+                    "changed outside edge-sleep. Fix: delete that record "
+                    f"(DELETE FROM records WHERE slot={slot}) or the store."
+                )
+            self._put(slot, label, codes, scale, zp, logits)
+
+    def _alloc_mirror(self, layout: dict[str, Any], cap: int) -> None:
+        width = int(np.prod(layout["latent_shape"]))
+        kind = np.int8 if layout["latent_kind"] == "int8q" else np.int64
+        self._mirror = {"codes": np.zeros((cap, width), dtype=kind), "scale": np.ones(cap, np.float32),
+                        "zero_point": np.zeros(cap, np.int32), "label": np.zeros(cap, np.int64)}
+        if layout["num_logits"] is not None:
+            self._mirror["logits"] = np.zeros((cap, layout["num_logits"]), np.float16)
+
+    def _put(self, slot: int, label: int, codes: bytes, scale: float, zp: int, logits: bytes | None) -> None:
+        m = self._mirror
+        m["codes"][slot] = np.frombuffer(codes, dtype=m["codes"].dtype)
+        m["scale"][slot], m["zero_point"][slot], m["label"][slot] = scale, zp, label
+        if logits is not None and "logits" in m:
+            m["logits"][slot] = np.frombuffer(logits, dtype=np.float16)
+        self._labels[slot] = label
 
     # ------------------------------------------------------------------ setup
     def _create_tables(self) -> None:
@@ -181,11 +227,13 @@ class ReplayStore:
     @property
     def seen(self) -> int:
         """How many records were ever offered to the store (the reservoir's stream length)."""
-        return int(self._meta("seen") or 0)
+        return self._seen
 
     @property
     def capacity_records(self) -> int | None:
         """Records that fit the byte budget (known after the first append)."""
+        if self._mirror:
+            return int(self._mirror["label"].shape[0])
         return self._meta("capacity_records")
 
     def bytes_used(self) -> int:
@@ -209,7 +257,7 @@ class ReplayStore:
             "latent_kind": "int64" if not latents.is_floating_point() else "int8q",
             "num_logits": None if logits is None else int(logits.shape[1]),
         }
-        known = self._meta("layout")
+        known = self._meta_layout()
         if known is None:
             return layout
         if known != layout:
@@ -262,7 +310,7 @@ class ReplayStore:
         labels_l = [int(v) for v in labels.tolist()]
         flat = latents.detach().reshape(n, -1).cpu()
         cap = self.capacity_records or self._capacity_for(flat, logits)
-        seen = self.seen
+        seen = self._seen
         before = dict(self._labels)
         chosen: list[tuple[int, int]] = []  # (row, slot)
         for i in range(n):
@@ -283,6 +331,9 @@ class ReplayStore:
             [None] * len(chosen) if logits is None
             else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().to(torch.float16)]
         )
+        if not chosen:  # nothing kept: no write at all (seen is saved with the next write)
+            self._seen = seen
+            return 0
         now = time.time()
         try:
             self._db.execute("BEGIN IMMEDIATE")
@@ -304,6 +355,12 @@ class ReplayStore:
                 self._db.execute("ROLLBACK")
             self._labels = before
             raise
+        self._seen = seen
+        self._layout_cache = layout
+        if not self._mirror:
+            self._alloc_mirror(layout, cap)
+        for j, (i, slot) in enumerate(chosen):
+            self._put(slot, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j])
         return len(chosen)
 
     def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
@@ -368,38 +425,22 @@ class ReplayStore:
 
     def read(self, slots: np.ndarray) -> ReplayBatch:
         """Decode the records at ``slots``, in that order."""
-        layout = self._meta("layout")
-        marks = ",".join("?" * len(slots))
-        rows = self._db.execute(
-            f"SELECT slot, label, codes, scale, zero_point, logits, checksum FROM records WHERE slot IN ({marks})",
-            [int(s) for s in slots],
-        ).fetchall()
-        by_slot = {r[0]: r for r in rows}
-        ordered = [by_slot[int(s)] for s in slots]
-        for slot, label, codes, _, _, logits, checksum in ordered:
-            if _checksum(codes, logits, label) != checksum:
-                raise CorruptRecordError(
-                    f"record in slot {slot} of {str(self.path)!r} fails its checksum; the file was "
-                    "changed outside edge-sleep. Fix: delete that record or the store."
-                )
-        k = len(ordered)
-        shape = (k, *layout["latent_shape"])
-        joined = b"".join(r[2] for r in ordered)
+        layout, m = self._meta_layout(), self._mirror
+        slots = np.asarray(slots, dtype=np.int64)
+        shape = (len(slots), *layout["latent_shape"])
+        codes = torch.from_numpy(m["codes"][slots])
         if layout["latent_kind"] == "int8q":
-            codes_t = torch.from_numpy(np.frombuffer(joined, dtype=np.int8).reshape(k, -1).copy())
-            scale = torch.tensor([r[3] for r in ordered], dtype=torch.float32)
-            zp = torch.tensor([r[4] for r in ordered], dtype=torch.int32)
-            x = dequantize_rows(codes_t, scale, zp).reshape(shape)
+            x = dequantize_rows(codes, torch.from_numpy(m["scale"][slots]),
+                                torch.from_numpy(m["zero_point"][slots])).reshape(shape)
         else:
-            x = torch.from_numpy(np.frombuffer(joined, dtype=np.int64).reshape(shape).copy())
-        y = torch.tensor([r[1] for r in ordered], dtype=torch.int64)
-        logits = None
-        if layout["num_logits"] is not None and ordered[0][5] is not None:
-            lj = b"".join(r[5] for r in ordered)
-            logits = torch.from_numpy(
-                np.frombuffer(lj, dtype=np.float16).reshape(k, -1).astype(np.float32)
-            )
-        return ReplayBatch(x=x, y=y, logits=logits, slots=np.asarray(slots))
+            x = codes.reshape(shape)
+        logits = torch.from_numpy(m["logits"][slots].astype(np.float32)) if "logits" in m else None
+        return ReplayBatch(x=x, y=torch.from_numpy(m["label"][slots]), logits=logits, slots=slots)
+
+    def _meta_layout(self) -> Any:
+        if self._layout_cache is None:
+            self._layout_cache = self._meta("layout")
+        return self._layout_cache
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -416,7 +457,13 @@ class ReplayStore:
         self.rng.bit_generator.state = state["rng"]
 
     def close(self) -> None:
-        """Close the database (records are already committed)."""
+        """Save the stream length and close the database (records are already committed)."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._set_meta("seen", self._seen)
+            self._db.execute("COMMIT")
+        except sqlite3.ProgrammingError:  # already closed
+            return
         self._db.close()
 
     def __enter__(self) -> ReplayStore:

@@ -110,9 +110,13 @@ def test_bad_input_leaves_store_untouched(tmp_path: Path) -> None:
 def test_corrupt_record_is_detected(tmp_path: Path) -> None:
     store = make(tmp_path)
     store.append(torch.rand(3, 3), torch.zeros(3, dtype=torch.long))
-    store._db.execute("UPDATE records SET label=7 WHERE slot=1")
+    store.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    db.execute("UPDATE records SET label=7 WHERE slot=1")
+    db.commit()
+    db.close()
     with pytest.raises(CorruptRecordError, match="slot 1"):
-        store.read(np.array([1]))
+        make(tmp_path)
 
 
 def test_empty_store_cannot_be_sampled(tmp_path: Path) -> None:

@@ -36,7 +36,8 @@ TUNED: dict[str, dict[str, float]] = {
     "ewc": {"lr": 0.2, "lam": 10.0, "decay": 0.9},
     "er": {"lr": 0.1},
     "derpp": {"lr": 0.2, "alpha": 1.0, "beta": 1.0},
-    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 0.3},
+    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 0.3,
+            "prune_frac": 0.01, "strengthen_eta": 0.01},
 }
 
 

@@ -83,7 +83,8 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     er_w = wake("er", replay_alpha=0.0, replay_beta=1.0, anchor_lambda=0.0)
     derpp_w = wake("derpp", replay_alpha=d["alpha"], replay_beta=d["beta"], anchor_lambda=0.0)
     ssr_w = wake("ssr", replay_alpha=s["alpha"], replay_beta=s["beta"], anchor_lambda=s["lam"])
-    ssr_s = SleepConfig(steps_per_wake_step=1.0, lr=s["sleep_lr"], distill_weight=s["sleep_distill"])
+    ssr_s = SleepConfig(steps_per_wake_step=1.0, lr=s["sleep_lr"], distill_weight=s["sleep_distill"],
+                        prune_frac=s["prune_frac"], strengthen_eta=s["strengthen_eta"])
     methods = [
         Method("naive", wake("naive", replay_batch=0, anchor_lambda=0.0)),
         Method("ewc", wake("ewc", replay_batch=0, anchor_lambda=hp["ewc"]["lam"]), ewc_samples=1000,
