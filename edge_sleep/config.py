@@ -64,7 +64,7 @@ class WakeConfig:
     lora_alpha: float = 16.0
     replay_batch: int = 128
     replay_alpha: float = 0.3
-    replay_beta: float = 0.5
+    replay_beta: float = 1.0
     anchor_lambda: float = 10.0
     store_every: int = 1
 
@@ -104,9 +104,11 @@ class SleepConfig:
         fisher_param_groups: number of parameter groups the Fisher is computed over, one group
             at a time (bounds the extra memory to one group).
         prune_frac: fraction ``p`` of each weight matrix's still-alive weights pruned per night.
+            Off by default: on the P-MNIST benchmark pruning 1% a night (to 18% sparsity) cost
+            accuracy (row ``ssr_prune``); turn it on for a smaller model.
         sparsity_cap: pruning stops once this fraction of a matrix is zero.
         strengthen_frac: fraction ``q`` of weights (the most significant) scaled up.
-        strengthen_eta: those weights are multiplied by ``1 + eta``.
+        strengthen_eta: those weights are multiplied by ``1 + eta`` (0: off, the measured best).
         anchor_decay: ``gamma`` of the online anchor ``F_anchor <- gamma F_anchor + F``.
         check_every: ask ``should_stop`` every this many steps (the preemption granularity).
     """
@@ -118,15 +120,15 @@ class SleepConfig:
     noise_std: float = 0.1
     noise_layers: tuple[str, ...] | None = None
     label_weight: float = 1.0
-    distill_weight: float = 0.3
+    distill_weight: float = 1.0
     fisher_steps: int = 200
     fisher_batch: int = 32
     fisher_chunk: int = 32
     fisher_param_groups: int = 1
-    prune_frac: float = 0.01
+    prune_frac: float = 0.0
     sparsity_cap: float = 0.2
     strengthen_frac: float = 0.01
-    strengthen_eta: float = 0.01
+    strengthen_eta: float = 0.0
     anchor_decay: float = 0.9
     check_every: int = 25
 

@@ -79,6 +79,7 @@ class EdgeSleep:
             self._encoder, self._head = nn.Identity(), model
         fingerprint = model_fingerprint(model, store_config.latent_layer)
         if isinstance(store, ReplayStore):
+            store.bind(fingerprint)
             self.store = store
         else:
             path = ":memory:" if store is None else store

@@ -209,15 +209,28 @@ class ReplayStore:
                 f"replay store {str(self.path)!r} has format_version={version!r}; this edge-sleep "
                 f"reads versions <= {STORE_FORMAT_VERSION}. Fix: upgrade edge-sleep, or open a new store."
             )
-        stored = self._meta("fingerprint")
-        if fingerprint is not None and stored is not None and stored != fingerprint:
+        try:
+            self.bind(fingerprint)
+        except FingerprintMismatchError:
             self._db.close()
+            raise
+
+    def bind(self, fingerprint: str | None) -> None:
+        """Tie the store to a model fingerprint; refuse one written by another model.
+
+        Raises:
+            FingerprintMismatchError: the store already belongs to another fingerprint.
+        """
+        if fingerprint is None:
+            return
+        stored = self._meta("fingerprint")
+        if stored is not None and stored != fingerprint:
             raise FingerprintMismatchError(
                 f"replay store {str(self.path)!r} was written by a model with fingerprint "
                 f"{stored!r}; this model's is {fingerprint!r}. Fix: use a new store path for this "
                 "model, or load the model the store belongs to."
             )
-        if fingerprint is not None and stored is None:
+        if stored is None:
             self._set_meta("fingerprint", fingerprint)
 
     # ------------------------------------------------------------ properties

@@ -143,3 +143,12 @@ def test_load_recovers_from_a_crash_between_renames(tmp_path: Path) -> None:
     loaded = EdgeSleep.load(tmp_path / "ckpt", small_mlp())
     x = torch.randn(3, 8)
     torch.testing.assert_close(loaded.logits(x), es.logits(x))
+
+
+def test_a_store_object_of_another_model_is_refused(tmp_path: Path) -> None:
+    from edge_sleep import ReplayStore
+
+    store = ReplayStore(tmp_path / "r.db")
+    EdgeSleep(small_mlp(), store=store)
+    with pytest.raises(FingerprintMismatchError, match="fingerprint"):
+        EdgeSleep(small_mlp(d_in=5), store=store)

@@ -30,14 +30,16 @@ from edge_sleep.runtime import EdgeSleep
 __all__ = ["TUNED", "mlp", "run_method", "evaluate", "summarize", "main"]
 
 # Chosen by benchmarks/tune.py (grid and scores in benchmarks/results/tune.json), tuning seed 100,
-# which is not one of the evaluation seeds.
+# which is not one of the evaluation seeds; SSR's night by `tune.py --grid sleep --tasks 20`
+# (benchmarks/results/tune_sleep.json): the consolidation kernel (prune/strengthen) cost accuracy
+# there, so the headline SSR runs without it and the `ssr_prune` row measures it.
 TUNED: dict[str, dict[str, float]] = {
     "naive": {"lr": 0.1},
     "ewc": {"lr": 0.2, "lam": 10.0, "decay": 0.9},
     "er": {"lr": 0.1},
     "derpp": {"lr": 0.2, "alpha": 1.0, "beta": 1.0},
-    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 0.3,
-            "prune_frac": 0.01, "strengthen_eta": 0.01},
+    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 1.0,
+            "prune_frac": 0.0, "strengthen_eta": 0.0},
 }
 
 
@@ -160,25 +162,39 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
-    """Average accuracy over the tasks seen so far, after each task (first seed), per method."""
+    """Mean accuracy on the tasks seen so far, after each task (first seed).
+
+    Left: every method. Right: SSR and its ablations against DER++, zoomed in.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, r in summary.items():
-        acc = np.array(r["acc_matrix_first_seed"], dtype=float)
-        curve = [np.nanmean(acc[i, : i + 1]) for i in range(acc.shape[0])]
-        style = "-" if not name.startswith("ssr_") else ":"
-        ax.plot(range(1, len(curve) + 1), curve, style, label=f"{name} ({r['avg_acc']:.3f})")
-    ax.set_xlabel("tasks learned")
-    ax.set_ylabel("mean accuracy on tasks seen so far")
-    ax.set_title("Permuted MNIST, MLP 100-100, 500-record int8 store")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    def curve(name: str) -> np.ndarray:
+        acc = np.array(summary[name]["acc_matrix_first_seed"], dtype=float)
+        return np.array([np.nanmean(acc[i, : i + 1]) for i in range(acc.shape[0])])
+
+    palette = plt.get_cmap("tab20").colors
+    colors = {name: palette[i % len(palette)] for i, name in enumerate(summary)}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
+    main_rows = [n for n in summary if not n.startswith("ssr_")]
+    zoom_rows = [n for n in summary if n.startswith(("ssr", "derpp"))]
+    for ax, rows in ((left, main_rows), (right, zoom_rows)):
+        for name in rows:
+            c = curve(name)
+            style = ":" if name.startswith("ssr_") else "--" if name.endswith("_eq") else "-"
+            ax.plot(range(1, len(c) + 1), c, style, color=colors[name],
+                    label=f"{name} ({summary[name]['avg_acc']:.3f})")
+        ax.set_xlabel("tasks learned")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8, ncol=2)
+    left.set_ylabel("mean accuracy on tasks seen so far")
+    left.set_title("all methods (mean over seeds in the legend)")
+    right.set_title("SSR and its ablations vs DER++ (first seed)")
+    fig.suptitle("Permuted MNIST, MLP 784-100-100-10, 500-record int8 SQLite store")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

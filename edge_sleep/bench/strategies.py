@@ -83,8 +83,9 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     er_w = wake("er", replay_alpha=0.0, replay_beta=1.0, anchor_lambda=0.0)
     derpp_w = wake("derpp", replay_alpha=d["alpha"], replay_beta=d["beta"], anchor_lambda=0.0)
     ssr_w = wake("ssr", replay_alpha=s["alpha"], replay_beta=s["beta"], anchor_lambda=s["lam"])
-    ssr_s = SleepConfig(steps_per_wake_step=1.0, lr=s["sleep_lr"], distill_weight=s["sleep_distill"],
-                        prune_frac=s["prune_frac"], strengthen_eta=s["strengthen_eta"])
+    ssr_s = SleepConfig(steps_per_wake_step=1.0, min_steps=0, lr=s["sleep_lr"],
+                        distill_weight=s["sleep_distill"], prune_frac=s["prune_frac"],
+                        strengthen_eta=s["strengthen_eta"])
     methods = [
         Method("naive", wake("naive", replay_batch=0, anchor_lambda=0.0)),
         Method("ewc", wake("ewc", replay_batch=0, anchor_lambda=hp["ewc"]["lam"]), ewc_samples=1000,
@@ -99,7 +100,9 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
         Method("ssr_1to10", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0), seeds=1,
                notes="the seed paper's 1:10 wake:sleep ratio"),
         Method("ssr_no_noise", ssr_w, dataclasses.replace(ssr_s, noise_std=0.0), seeds=1),
-        Method("ssr_no_prune", ssr_w, dataclasses.replace(ssr_s, prune_frac=0.0, strengthen_eta=0.0), seeds=1),
+        Method("ssr_prune", ssr_w, dataclasses.replace(ssr_s, prune_frac=0.01, strengthen_eta=0.01),
+               notes="SSR with the consolidation kernel: prune 1% of alive weights a night (cap 20%), "
+                     "strengthen the top 1% by 1%"),
         Method("ssr_no_anchor", dataclasses.replace(ssr_w, anchor_lambda=0.0), ssr_s, seeds=1),
         Method("ssr_no_wake_replay", dataclasses.replace(ssr_w, replay_batch=0), ssr_s, seeds=1),
     ]
