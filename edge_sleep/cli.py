@@ -47,7 +47,7 @@ def _format_matrix(acc: np.ndarray) -> str:
     return "\n".join(rows)
 
 
-def run_demo(tasks: int = 5, train_per_task: int = 10000, test_per_task: int = 2000,
+def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2000,
              seed: int = 0, out: Path = Path("edge-sleep-demo.png")) -> dict[str, np.ndarray]:
     """Permuted MNIST, short: the same model and wake settings with and without nightly sleep."""
     import torch
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="short Permuted-MNIST run with and without sleep (about 2 min)")
     demo.add_argument("--tasks", type=int, default=5)
-    demo.add_argument("--train-per-task", type=int, default=10000)
+    demo.add_argument("--train-per-task", type=int, default=20000)
     demo.add_argument("--test-per-task", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("edge-sleep-demo.png"))
