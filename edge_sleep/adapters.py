@@ -51,7 +51,8 @@ class LoRALinear(nn.Module):
         if isinstance(base, nn.Linear):
             weight = base.weight.detach()
         elif is_conv1d(base):
-            weight = base.weight.detach().t()  # Conv1D stores (in, out)
+            conv_weight: torch.Tensor = base.weight  # type: ignore[assignment]
+            weight = conv_weight.detach().t()  # Conv1D stores (in, out)
         else:
             raise TypeError(f"LoRALinear adapts nn.Linear or HF Conv1D, got {type(base).__name__}")
         out_f, in_f = weight.shape
@@ -111,6 +112,6 @@ def merge_lora_(model: nn.Module) -> int:
     """
     mods = lora_modules(model)
     for m in mods.values():
-        m.weight += m.scaling * (m.lora_b @ m.lora_a)
+        m.weight.add_(m.scaling * (m.lora_b @ m.lora_a))
         reset_lora_(m)
     return len(mods)

@@ -73,10 +73,10 @@ class EdgeSleep:
         self.seed = seed
         store_config = store_config or (store.config if isinstance(store, ReplayStore) else StoreConfig())
         self.store_config = store_config
+        self._encoder: nn.Module = nn.Identity()
+        self._head: nn.Module = model
         if store_config.latent_layer is not None:
             self._encoder, self._head = split_sequential(model, store_config.latent_layer)
-        else:
-            self._encoder, self._head = nn.Identity(), model
         fingerprint = model_fingerprint(model, store_config.latent_layer)
         if isinstance(store, ReplayStore):
             store.bind(fingerprint)

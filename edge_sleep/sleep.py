@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,7 +136,7 @@ def _sparsity(masks: dict[str, torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def apply_masks_(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+def apply_masks_(weights: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
     """Zero every pruned weight in place (pruned weights stay zero)."""
     for n, m in masks.items():
         weights[n].mul_(m)

@@ -29,7 +29,8 @@ def load_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
     store = zarr.storage.ZipStore(str(_mnist_path()), mode="r")
     try:
         g = zarr.open_group(store, mode="r")
-        arrays = [np.asarray(g[k][:]) for k in ("train_images", "train_labels", "test_images", "test_labels")]
+        names = ("train_images", "train_labels", "test_images", "test_labels")
+        arrays = [np.asarray(g[k][:]) for k in names]  # type: ignore[index]
     finally:
         store.close()
     xtr, ytr, xte, yte = arrays

@@ -175,8 +175,8 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
         acc = np.array(summary[name]["acc_matrix_first_seed"], dtype=float)
         return np.array([np.nanmean(acc[i, : i + 1]) for i in range(acc.shape[0])])
 
-    palette = plt.get_cmap("tab20").colors
-    colors = {name: palette[i % len(palette)] for i, name in enumerate(summary)}
+    palette = plt.get_cmap("tab20")
+    colors = {name: palette(i % 20) for i, name in enumerate(summary)}
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
     main_rows = [n for n in summary if not n.startswith("ssr_")]
     zoom_rows = [n for n in summary if n.startswith(("ssr", "derpp"))]
