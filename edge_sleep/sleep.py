@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -227,6 +228,7 @@ def run_sleep(
 
     head = _Head(replay_forward, model)
     head_names = [f"model.{n}" for n in params]  # the same tensors, named through the wrapper
+    use_vmap = True
     try:
         # Phase 1: replay with consolidation noise, accumulating the Fisher at the end
         while state.step < state.total_steps:
@@ -244,10 +246,18 @@ def run_sleep(
                 noise.enabled = False
                 k = min(config.fisher_batch, batch.y.shape[0])
                 fb = (batch.x[:k], batch.y[:k], None if batch.logits is None else batch.logits[:k])
-                try:
-                    sums = fisher_sums(head, head_names, *fb, fisher_loss,
-                                       chunk=config.fisher_chunk, groups=config.fisher_param_groups)
-                except Exception:  # models torch.func cannot trace: the plain loop is exact
+                sums = None
+                if use_vmap:
+                    try:
+                        sums = fisher_sums(head, head_names, *fb, fisher_loss, chunk=config.fisher_chunk,
+                                           groups=config.fisher_param_groups)
+                    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+                        # a model torch.func cannot trace: the plain per-sample loop is exact, slower
+                        warnings.warn(f"per-sample gradients by torch.func failed ({type(e).__name__}: "
+                                      f"{str(e)[:200]}); using the exact per-sample loop tonight",
+                                      RuntimeWarning, stacklevel=2)
+                        use_vmap = False
+                if sums is None:
                     sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
                 for hn, s in sums.items():
                     n = hn[len("model."):]

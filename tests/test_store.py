@@ -133,3 +133,29 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(store.sample(5).slots, a)
     with pytest.raises(FormatVersionError):
         store.load_state_dict({**state, "format_version": 2})
+
+
+def test_a_failure_mid_append_rolls_the_whole_batch_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_sleep.store as store_mod
+
+    store = make(tmp_path, capacity_records=10)
+    store.append(torch.rand(4, 3), torch.zeros(4, dtype=torch.long))
+    before = store.read(np.arange(4))
+    calls = {"n": 0}
+    real = store_mod._checksum
+
+    def failing(*args: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "_checksum", failing)
+    with pytest.raises(OSError, match="disk full"):
+        store.append(torch.rand(5, 3), torch.ones(5, dtype=torch.long))
+    monkeypatch.undo()
+    assert len(store) == 4 and store.seen == 4
+    store.close()
+    reopened = make(tmp_path, capacity_records=10)
+    assert len(reopened) == 4 and reopened.seen == 4
+    torch.testing.assert_close(reopened.read(np.arange(4)).x, before.x)
