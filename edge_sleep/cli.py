@@ -96,7 +96,7 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sleep", description="On-device continual learning with sleep.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="short Permuted-MNIST run with and without sleep (about 2 min)")
+    demo = sub.add_parser("demo", help="short Permuted-MNIST run with and without sleep (about 20 s on 2 cores)")
     demo.add_argument("--tasks", type=int, default=5)
     demo.add_argument("--train-per-task", type=int, default=20000)
     demo.add_argument("--test-per-task", type=int, default=2000)

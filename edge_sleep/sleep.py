@@ -35,7 +35,7 @@ from edge_sleep.store import ReplayStore
 from edge_sleep.wake import Anchor
 
 __all__ = ["SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
-           "consolidate_weights_", "SLEEP_FORMAT_VERSION"]
+           "consolidate_weights_", "mask_sparsity", "SLEEP_FORMAT_VERSION"]
 
 SLEEP_FORMAT_VERSION = 1
 
@@ -131,7 +131,8 @@ class SleepReport:
     seconds: float
 
 
-def _sparsity(masks: dict[str, torch.Tensor]) -> float:
+def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
+    """Fraction of the masked weights that are pruned (0.0 with no masks)."""
     total = sum(m.numel() for m in masks.values())
     return 0.0 if total == 0 else 1.0 - sum(int(m.sum()) for m in masks.values()) / total
 
@@ -272,7 +273,7 @@ def run_sleep(
                     and state.step < state.total_steps and should_stop():
                 state.optimizer = optimizer.state_dict()
                 return SleepReport(steps_run, state.total_steps, False, state.loss_first, loss_last,
-                                   state.fisher_count, 0, _sparsity(masks), 0,
+                                   state.fisher_count, 0, mask_sparsity(masks), 0,
                                    time.perf_counter() - start)
     finally:
         noise.remove()
@@ -289,7 +290,7 @@ def run_sleep(
         if anchor is not None:
             anchor.update_(fisher, {n: p.data for n, p in params.items()})
     return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
-                       state.fisher_count, pruned, _sparsity(masks), strengthened,
+                       state.fisher_count, pruned, mask_sparsity(masks), strengthened,
                        time.perf_counter() - start)
 
 

@@ -203,15 +203,10 @@ class ReplayStore:
                 self._set_meta("fingerprint", fingerprint)
             self._db.execute("COMMIT")
             return
-        if not isinstance(version, int) or version > STORE_FORMAT_VERSION:
-            self._db.close()
-            raise FormatVersionError(
-                f"replay store {str(self.path)!r} has format_version={version!r}; this edge-sleep "
-                f"reads versions <= {STORE_FORMAT_VERSION}. Fix: upgrade edge-sleep, or open a new store."
-            )
         try:
+            check_format_version(f"replay store {str(self.path)!r}", version, STORE_FORMAT_VERSION)
             self.bind(fingerprint)
-        except FingerprintMismatchError:
+        except (FormatVersionError, FingerprintMismatchError):
             self._db.close()
             raise
 
@@ -332,6 +327,9 @@ class ReplayStore:
             if slot is not None:
                 chosen.append((i, slot))
                 self._labels[slot] = labels_l[i]
+        if not chosen:  # nothing kept: no encoding, no write (seen is saved with the next write)
+            self._seen = seen
+            return 0
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
         if layout["latent_kind"] == "int8q":
             codes_t, scale_t, zp_t = quantize_rows(flat[rows])
@@ -344,9 +342,6 @@ class ReplayStore:
             [None] * len(chosen) if logits is None
             else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().to(torch.float16)]
         )
-        if not chosen:  # nothing kept: no write at all (seen is saved with the next write)
-            self._seen = seen
-            return 0
         now = time.time()
         try:
             self._db.execute("BEGIN IMMEDIATE")

@@ -26,6 +26,7 @@ from edge_sleep.bench.metrics import average_accuracy, backward_transfer, forget
 from edge_sleep.bench.strategies import Method, default_methods, ewc_consolidate
 from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
+from edge_sleep.sleep import mask_sparsity
 
 __all__ = ["TUNED", "mlp", "run_method", "evaluate", "summarize", "main"]
 
@@ -92,8 +93,7 @@ def run_method(
                 acc[i, j] = evaluate(es, tasks[j])
             if on_task is not None:
                 on_task(i)
-        total = sum(es.masks[n].numel() for n in es.masks) or 1
-        sparsity = 1.0 - sum(int(m.sum()) for m in es.masks.values()) / total if es.masks else 0.0
+        sparsity = mask_sparsity(es.masks)
         es.store.close()
     return {"method": method.name, "seed": seed, "acc": acc.tolist(), "avg_acc": average_accuracy(acc),
             "bwt": backward_transfer(acc), "forgetting": forgetting(acc), "wall_s": train_s,
