@@ -1,17 +1,18 @@
-"""Hyperparameter grid for every method of the P-MNIST benchmark: ``python benchmarks/tune.py``.
+"""Tune every P-MNIST method on validation data, with the same budget: ``python benchmarks/tune.py``.
 
-One grid for all: learning rate in {0.05, 0.1, 0.2}; where a method has them, the replay loss
-weights alpha (logit distillation) in {0.3, 1.0} and beta (stored labels) in {0.5, 1.0}, and the
-anchor lambda in {10, 100}. SSR's sleep settings (sleep lr 0.03, distillation 0.3, noise 0.1)
-stay at the values facts.md reports; SSR takes lambda 10 there too (lambda >= 100 blocked new
-tasks). Tuning uses seed 100 (not an evaluation seed) and the first 10 tasks, to fit the
-machine; the winners go into ``TUNED`` in edge_sleep/bench/pmnist.py.
-Writes benchmarks/results/tune.json.
+Protocol: tuning seed 100 (not an evaluation seed), the first 10 tasks, each trained on the first
+50,000 of its 60,000 training images and scored on the last 10,000 (the validation split); the
+test set is never touched. Every method gets the same budget: 12 configurations on that horizon.
+Where a winner sits on the edge of a numeric axis of its grid, the grid is extended once along
+that axis (one more configuration per edge, recorded in the budget).
 
-``--grid sleep --tasks 20`` then tunes SSR's night on top of its tuned wake (sleep lr in
-{0.03, 0.1}, distillation weight in {0.3, 1.0}, consolidation kernel off / prune 1% a night /
-prune 1% and strengthen the top 1% by 1%), on all 20 tasks of the same tuning seed; writes
-benchmarks/results/tune_sleep.json.
+Stage 1 tunes the day of the methods that have no night: naive, ewc, er, derpp. Stage 2 tunes
+what each row adds on top of a stage-1 winner (DER++'s wake, or the naive day for the sleep-only
+row) with its own 12 configurations: the controls ``derpp_ewc`` (anchor strength and decay) and
+``derpp_eq`` (the extra replay's learning rate and distillation weight), and SSR's rows, whose
+night counts inside the 12. The winners go into ``TUNED`` in edge_sleep/bench/pmnist.py (a test
+checks they agree with this file's output). Writes benchmarks/results/tune.json (about 40 minutes
+on 2 cores).
 """
 
 from __future__ import annotations
@@ -22,64 +23,145 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
-from edge_sleep.bench.pmnist import TUNED, run_all
-from edge_sleep.bench.strategies import default_methods
+from edge_sleep.bench.pmnist import run_all
+from edge_sleep.bench.strategies import Method, default_methods
 
-LRS = (0.05, 0.1, 0.2)
-ALPHAS = (0.3, 1.0)
-BETAS = (0.5, 1.0)
-LAMBDAS = (10.0, 100.0)
+BUDGET = 12
+STAGE1: dict[str, dict[str, list[float]]] = {
+    "naive": {"lr": [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]},
+    "ewc": {"lr": [0.05, 0.1, 0.2], "lam": [1.0, 10.0, 100.0, 1000.0], "decay": [0.9]},
+    "er": {"lr": [0.05, 0.1, 0.2], "beta": [0.5, 1.0, 2.0, 4.0]},
+    "derpp": {"lr": [0.05, 0.1, 0.2], "alpha": [0.3, 1.0], "beta": [0.5, 1.0]},
+}
+STAGE2: dict[str, dict[str, list[float]]] = {
+    "derpp_ewc": {"lam": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "decay": [0.7, 0.9]},
+    "derpp_eq": {"sleep_lr": [0.01, 0.03, 0.1, 0.2], "sleep_distill": [0.3, 1.0, 3.0]},
+    "ssr": {"lam": [3.0, 10.0], "sleep_lr": [0.01, 0.03, 0.1], "sleep_distill": [0.3, 1.0]},
+    "ssr_sleep_only": {"lr": [0.1, 0.2], "lam": [3.0, 10.0, 30.0], "ratio": [1.0, 2.0],
+                       "sleep_lr": [0.03], "sleep_distill": [1.0]},
+    "ssr_adapters": {"lr": [0.05, 0.1, 0.2], "lam": [3.0, 10.0], "sleep_lr": [0.03, 0.1],
+                     "sleep_distill": [1.0]},
+}
+BOUNDS = {"decay": (0.0, 1.0)}  # axes with a closed range; the others only need to stay > 0
 
 
-def grid() -> list[tuple[str, dict[str, float]]]:
-    """``(method, hyperparameters)`` pairs of the grid."""
-    out: list[tuple[str, dict[str, float]]] = []
-    out += [("naive", {"lr": lr}) for lr in LRS]
-    out += [("er", {"lr": lr}) for lr in LRS]
-    out += [("ewc", {"lr": lr, "lam": lam, "decay": 0.9}) for lr, lam in itertools.product(LRS, LAMBDAS)]
-    out += [("derpp", {"lr": lr, "alpha": a, "beta": b}) for lr, a, b in itertools.product(LRS, ALPHAS, BETAS)]
-    out += [("ssr", {**TUNED["ssr"], "lr": lr, "alpha": a, "beta": b, "lam": 10.0})
-            for lr, a, b in itertools.product(LRS, ALPHAS, BETAS)]
+def configs(grid: dict[str, list[float]]) -> list[dict[str, float]]:
+    """Every combination of the grid's axes."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def edge_extensions(grid: dict[str, list[float]], winner: dict[str, float]) -> list[dict[str, float]]:
+    """One configuration beyond each grid edge the winner sits on (a geometric step further)."""
+    out = []
+    for axis, values in grid.items():
+        vs = sorted(values)
+        if len(vs) < 2 or winner[axis] not in (vs[0], vs[-1]):
+            continue
+        if winner[axis] == vs[-1]:
+            new = vs[-1] * vs[-1] / vs[-2]
+        else:
+            new = vs[0] * vs[0] / vs[1]
+        lo, hi = BOUNDS.get(axis, (0.0, float("inf")))
+        new = round(min(max(new, lo), hi), 6)
+        if new not in vs and new > 0:
+            out.append({**winner, axis: new})
     return out
 
 
-def sleep_grid() -> list[tuple[str, dict[str, float]]]:
-    """SSR's night on top of its tuned wake: sleep lr x distillation x consolidation kernel."""
-    kernels = ({"prune_frac": 0.0, "strengthen_eta": 0.0}, {"prune_frac": 0.01, "strengthen_eta": 0.0},
-               {"prune_frac": 0.01, "strengthen_eta": 0.01})
-    return [("ssr", {**TUNED["ssr"], "sleep_lr": lr, "sleep_distill": dw, **k})
-            for lr, dw, k in itertools.product((0.03, 0.1), ALPHAS, kernels)]
+def method_for(name: str, hp: dict[str, float], base: dict[str, dict[str, float]]) -> Method:
+    """The row ``name`` with hyperparameters ``hp`` on top of the stage-1 winners ``base``."""
+    methods = default_methods({**base, name: hp})
+    return next(m for m in methods if m.name == name)
+
+
+def run_configs(todo: list[tuple[str, dict[str, float]]], base: dict[str, dict[str, float]],
+                args: argparse.Namespace) -> list[dict[str, Any]]:
+    jobs = []
+    for name, hp in todo:
+        m = method_for(name, hp, base)
+        jobs.append((dataclasses.replace(m, name=f"{name} {json.dumps(hp, sort_keys=True)}"), args.seed))
+    jobs.sort(key=lambda j: -(1 + (j[0].sleep.steps_per_wake_step if j[0].sleep else 0)))
+    kw = {"n_tasks": args.tasks, "split": "validation", "train_per_task": args.train_per_task}
+    results = run_all(jobs, args.workers, kw)
+    return [{"method": r["method"].split(" ", 1)[0], "hp": json.loads(r["method"].split(" ", 1)[1]),
+             "val_avg_acc": r["avg_acc"], "day_s": r["day_s"], "night_s": r["night_s"]} for r in results]
+
+
+def tune_stage(grids: dict[str, dict[str, list[float]]], base: dict[str, dict[str, float]],
+               args: argparse.Namespace, runs: list[dict[str, Any]],
+               budget: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    """Run the grids, extend each once at its edges, return ``{method: best run}``."""
+    for name, grid in grids.items():
+        n = len(configs(grid))
+        if args.budget == BUDGET and n != BUDGET:
+            raise SystemExit(f"{name}'s grid has {n} configurations; every method gets {BUDGET}")
+    stage = run_configs([(name, hp) for name, grid in grids.items() for hp in configs(grid)], base, args)
+
+    def best_of(name: str) -> dict[str, Any]:
+        return max((r for r in stage if r["method"] == name), key=lambda r: r["val_avg_acc"])
+
+    extra = [(name, hp) for name, grid in grids.items() for hp in edge_extensions(grid, best_of(name)["hp"])]
+    if extra:
+        stage += run_configs(extra, base, args)
+    for name in grids:
+        n_ext = sum(1 for e, _ in extra if e == name)
+        budget[name] = {"grid": len(configs(grids[name])), "edge_extensions": n_ext,
+                        "total": len(configs(grids[name])) + n_ext}
+    runs += stage
+    return {name: best_of(name) for name in grids}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=10)
     parser.add_argument("--seed", type=int, default=100)
+    parser.add_argument("--train-per-task", type=int, default=50000)
+    parser.add_argument("--budget", type=int, default=BUDGET,
+                        help="configurations per method; below 12, a smoke run on the grids' first values")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--grid", choices=("methods", "sleep"), default="methods",
-                        help="'methods': every method's wake grid; 'sleep': SSR's night settings")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tune.json"))
     args = parser.parse_args()
-    out = args.out or Path(f"benchmarks/results/tune{'' if args.grid == 'methods' else '_sleep'}.json")
+    if args.seed in (0, 1, 2):
+        parser.error(f"--seed={args.seed} is an evaluation seed; tune on another one")
+    stage1, stage2 = STAGE1, STAGE2
+    if args.budget != BUDGET:  # a smoke run: shrink every grid to its first `budget` configurations
+        stage1 = {k: _shrink(v, args.budget) for k, v in stage1.items()}
+        stage2 = {k: _shrink(v, args.budget) for k, v in stage2.items()}
 
-    jobs = []
-    for name, hp in (grid() if args.grid == "methods" else sleep_grid()):
-        method = next(m for m in default_methods({**TUNED, name: hp}) if m.name == name)
-        jobs.append((dataclasses.replace(method, name=f"{name} {json.dumps(hp, sort_keys=True)}"), args.seed))
     t0 = time.perf_counter()
-    results = run_all(jobs, args.workers, {"n_tasks": args.tasks})
-    rows = sorted(({"method": r["method"].split(" ", 1)[0], "hp": json.loads(r["method"].split(" ", 1)[1]),
-                    "avg_acc": r["avg_acc"]} for r in results), key=lambda r: (r["method"], -r["avg_acc"]))
-    best = {}
-    for r in rows:
-        best.setdefault(r["method"], r)
-    payload = {"tasks": args.tasks, "seed": args.seed, "which": args.grid, "grid": {"lr": LRS, "alpha": ALPHAS, "beta": BETAS,
-               "lambda": LAMBDAS}, "best": best, "runs": rows, "wall_s": time.perf_counter() - t0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1))
+    runs: list[dict[str, Any]] = []
+    budget: dict[str, dict[str, int]] = {}
+    best = tune_stage(stage1, {}, args, runs, budget)
+    base = {k: v["hp"] for k, v in best.items()}
+    if stage2:
+        best.update(tune_stage(stage2, base, args, runs, budget))
+    payload = {
+        "protocol": {"seed": args.seed, "tasks": args.tasks, "train_per_task": args.train_per_task,
+                     "scored_on": "validation: the last 10,000 training images of each task",
+                     "budget_per_method": args.budget},
+        "grids": {**stage1, **stage2},
+        "budget": budget,
+        "best": {k: {"hp": v["hp"], "val_avg_acc": v["val_avg_acc"]} for k, v in best.items()},
+        "runs": sorted(runs, key=lambda r: (r["method"], -r["val_avg_acc"])),
+        "wall_s": time.perf_counter() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1))
     for name, r in best.items():
-        print(f"{name:8s} {r['avg_acc']:.4f} {r['hp']}")
+        print(f"{name:15s} {r['val_avg_acc']:.4f} {r['hp']}  ({budget[name]['total']} configurations)")
+    print(f"wrote {args.out} in {payload['wall_s']:.0f} s")
+
+
+def _shrink(grid: dict[str, list[float]], n: int) -> dict[str, list[float]]:
+    """The grid cut to at most ``n`` configurations (first values of each axis), for smoke runs."""
+    out = {k: list(v) for k, v in grid.items()}
+    while len(configs(out)) > n:
+        k = max(out, key=lambda a: len(out[a]))
+        out[k] = out[k][:-1]
+    return out
 
 
 if __name__ == "__main__":

@@ -64,11 +64,35 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, in_f, dtype=weight.dtype))
         self.lora_b = nn.Parameter(torch.zeros(out_f, rank, dtype=weight.dtype))
+        # keep-mask of pruned weights (None: nothing pruned); not saved with the module, the
+        # runtime owns the masks and sets them here with set_mask_
+        self.weight_mask: torch.Tensor | None
+        self.register_buffer("weight_mask", None, persistent=False)
         reset_lora_(self)
 
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter's update ``s * B @ A`` ``(out, in)``, zero where the mask prunes."""
+        delta = self.scaling * (self.lora_b @ self.lora_a)
+        return delta if self.weight_mask is None else delta * self.weight_mask
+
+    def effective_weight(self) -> torch.Tensor:
+        """``W + s * B @ A`` (masked): the weight the layer computes with; differentiable in A, B."""
+        return self.weight + self.delta_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_mask is not None:
+            # a pruned weight stays zero in the effective weight: the masked update is
+            # materialised, (out, in) per call, only in layers that have pruned weights
+            return F.linear(x, self.effective_weight(), self.bias)
         base = F.linear(x, self.weight, self.bias)
         return base + self.scaling * F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+    @torch.no_grad()
+    def set_mask_(self, mask: torch.Tensor | None) -> None:
+        """Keep only the weights where ``mask`` is ``True`` (bool ``(out, in)``), also in the update."""
+        if mask is not None and mask.shape != self.weight.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected {tuple(self.weight.shape)}")
+        self.weight_mask = None if mask is None else mask.to(device=self.weight.device, dtype=self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}"
@@ -105,13 +129,19 @@ def reset_lora_(module: LoRALinear) -> None:
 
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> int:
-    """Fold every adapter into its base weight (``W += s * B @ A``) and reset the adapter.
+    """Fold every adapter into its base weight (``W += s * B @ A``, masked) and reset the adapter.
+
+    A layer whose ``B`` is zero has nothing to merge and is left exactly as it is, so merging
+    twice in a row (a night resumed with no learning in between) changes nothing.
 
     Returns:
         How many layers were merged. The model computes the same function before and after.
     """
-    mods = lora_modules(model)
-    for m in mods.values():
-        m.weight.add_(m.scaling * (m.lora_b @ m.lora_a))
+    merged = 0
+    for m in lora_modules(model).values():
+        if not bool(m.lora_b.any()):
+            continue
+        m.weight.add_(m.delta_weight())
         reset_lora_(m)
-    return len(mods)
+        merged += 1
+    return merged

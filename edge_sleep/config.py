@@ -56,6 +56,8 @@ class WakeConfig:
         anchor_lambda: strength of the Fisher anchor (online EWC) that protects consolidated
             weights; ``lambda * F`` is capped at ``1 / (2 * lr)`` so a step never overshoots.
         store_every: write every ``store_every``-th batch to the replay store (1 = all).
+        max_grad_norm: clip each wake step's gradient to this global L2 norm (``None``: off).
+            Whatever it is, a step whose loss, gradient or weights go non-finite is undone.
     """
 
     lr: float = 0.1
@@ -67,10 +69,13 @@ class WakeConfig:
     replay_beta: float = 1.0
     anchor_lambda: float = 10.0
     store_every: int = 1
+    max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _pos(p, "lr", self.lr)
+        if self.max_grad_norm is not None:
+            _pos(p, "max_grad_norm", self.max_grad_norm)
         if self.train not in ("adapters", "all"):
             p.append(f"train={self.train!r}; expected 'adapters' or 'all'")
         _posint(p, "lora_rank", self.lora_rank)

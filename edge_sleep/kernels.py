@@ -55,7 +55,9 @@ def prune_count(numel: int, already_pruned: int, prune_frac: float, sparsity_cap
 def smallest_mask(score: torch.Tensor, weight: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of exactly ``min(k, alive.sum())`` alive entries with the smallest ``score``.
 
-    Ties at the threshold are broken by the smaller ``|weight|``. Two O(n) selections, no sort.
+    Ties at the score threshold are broken by the smaller ``|weight|``, and ties in both by the
+    lower flat index, so the count is exact whatever the ties. Two O(n) selections and one O(n)
+    prefix sum, no sort.
     """
     n_alive = int(alive.sum())
     k = min(int(k), n_alive)
@@ -68,7 +70,12 @@ def smallest_mask(score: torch.Tensor, weight: torch.Tensor, alive: torch.Tensor
     if int(tie.sum()) > need:
         mag = weight.abs()
         wthr = kth_smallest(mag[tie], need)
-        tie = tie & (mag <= wthr)
+        smaller = tie & (mag < wthr)
+        same = (tie & (mag == wthr)).reshape(-1)
+        rest = need - int(smaller.sum())
+        # the first `rest` entries (flat order) of those tied in score and |w|
+        first = same & (torch.cumsum(same.to(torch.int64), 0) <= rest)
+        tie = smaller | first.reshape(tie.shape)
     return below | tie
 
 

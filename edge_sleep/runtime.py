@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, merge_lora_
+from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, lora_modules, merge_lora_
 from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig, config_from_dict
 from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
 from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
-from edge_sleep.store import ReplayStore
-from edge_sleep.wake import Anchor, WakeStats, effective_weights, wake_step
+from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
+from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights, wake_step
 
 __all__ = ["EdgeSleep", "RUNTIME_FORMAT_VERSION"]
 
@@ -94,6 +95,7 @@ class EdgeSleep:
         self._wake_params = [p for p in model.parameters() if p.requires_grad]
         self._sleep_params = {n: p for n, p in model.named_parameters() if ".lora_" not in n
                               and not n.startswith("lora_")}
+        self.skipped_steps = 0
         self.prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
                          if isinstance(m, _PRUNABLE) or is_conv1d(m)]
         # anchor the weight matrices and biases the model computes with
@@ -112,6 +114,16 @@ class EdgeSleep:
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
         self.sleep_state: SleepState | None = None
         self._optimizer = torch.optim.SGD(self._wake_params, lr=self.wake_config.lr)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters (inputs and replayed records are moved there)."""
+        return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+
+    @property
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """``{name: parameter}`` of the base weights: what a night trains and the anchor protects."""
+        return dict(self._sleep_params)
 
     # ----------------------------------------------------------------- input
     def _check_input(self, x: Any, name: str = "x") -> torch.Tensor:
@@ -134,7 +146,7 @@ class EdgeSleep:
                 f"{x.dtype}; this model was fed shape {want} of {'float' if was_float else 'integer'} "
                 "dtype. Fix: reshape/cast the batch to match."
             )
-        return x
+        return x.to(self.device)
 
     def _check_labels(self, y: Any, n: int) -> torch.Tensor:
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
@@ -148,7 +160,7 @@ class EdgeSleep:
             bad = lo if lo < 0 else hi
             raise InputError(f"label {bad} is out of range; the model has {self.num_classes} outputs, "
                              f"so labels must be in [0, {self.num_classes - 1}].")
-        return y.long()
+        return y.long().to(self.device)
 
     def _probe(self, x: torch.Tensor) -> None:
         """Learn the input spec and the number of classes from the first batch (no state changes)."""
@@ -184,7 +196,9 @@ class EdgeSleep:
             stream: a tag kept with the stored records (task, user, source...).
 
         Returns:
-            :class:`WakeStats`.
+            :class:`WakeStats`. When the step's loss, gradient or weights go non-finite the step
+            is undone, nothing is stored, ``stats.skipped`` says why and a ``RuntimeWarning``
+            is issued.
 
         Raises:
             InputError: bad shape, dtype, NaN/inf or label range; nothing is learned or stored.
@@ -198,9 +212,9 @@ class EdgeSleep:
         r1 = r2 = None
         if cfg.replay_batch > 0 and len(self.store) > 0:
             if cfg.replay_alpha > 0:
-                r1 = self.store.sample(cfg.replay_batch)
+                r1 = self.store.sample(cfg.replay_batch).to(self.device)
             if cfg.replay_beta > 0:
-                r2 = self.store.sample(cfg.replay_batch)
+                r2 = self.store.sample(cfg.replay_batch).to(self.device)
         penalty_fn = None
         if self.anchor and cfg.anchor_lambda > 0:
             def penalty_fn() -> torch.Tensor:
@@ -209,16 +223,25 @@ class EdgeSleep:
         losses, latent, logits = wake_step(
             self._forward, self._replay_forward, self._optimizer, x, y,
             replay_logits=r1, replay_labels=r2, alpha=cfg.replay_alpha, beta=cfg.replay_beta,
-            penalty_fn=penalty_fn,
+            penalty_fn=penalty_fn, max_grad_norm=cfg.max_grad_norm,
         )
+        replayed = sum(int(r.y.shape[0]) for r in (r1, r2) if r is not None)
+        stats = WakeStats(losses["loss"], losses["new_loss"], losses["replay_loss"], losses["penalty"],
+                          int(x.shape[0]), 0, losses["grad_norm"], replayed, losses["skipped"])
+        if stats.skipped is not None:
+            self.skipped_steps += 1
+            warnings.warn(f"learn() undid a wake step: {stats.skipped} (loss {stats.loss:.4g}, gradient "
+                          f"norm {stats.grad_norm:.4g}); the weights are unchanged and the batch was not "
+                          "stored. Fix: lower WakeConfig.lr or max_grad_norm, or check the batch's scale.",
+                          RuntimeWarning, stacklevel=2)
+            return stats
         if self.masks and cfg.train == "all":
             apply_masks_(dict(self.model.named_parameters()), self.masks)
         stored = 0
         if self.wake_steps_since_sleep % cfg.store_every == 0:
             stored = self.store.append(latent, y, logits, stream=stream)
         self.wake_steps_since_sleep += 1
-        return WakeStats(losses["loss"], losses["new_loss"], losses["replay_loss"], losses["penalty"],
-                         int(x.shape[0]), stored)
+        return dataclasses.replace(stats, stored=stored)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
@@ -257,6 +280,11 @@ class EdgeSleep:
                 progress is kept and the next ``sleep`` call resumes it).
             progress: called with the number of steps just run (e.g. ``tqdm.update``).
 
+        Returns:
+            A :class:`SleepReport`. A night whose loss, gradients, weights or Fisher go non-finite
+            is abandoned: the weights go back to where this call started, ``report.aborted``
+            says why, and a ``RuntimeWarning`` is issued.
+
         Raises:
             CallOrderError: the store is empty (call ``learn`` first).
         """
@@ -267,22 +295,37 @@ class EdgeSleep:
             if total > 0 and len(self.store) == 0:
                 raise CallOrderError("sleep() found an empty replay store; call learn() with some "
                                      "examples before sleep().")
-            if self.wake_config.train == "adapters":
-                merge_lora_(self.model)  # consolidate the day's adapters into the base
-                apply_masks_(dict(self.model.named_parameters()), self.masks)
-            self.sleep_state = SleepState(total_steps=total)
+            self.sleep_state = SleepState(total_steps=total, wake_steps=self.wake_steps_since_sleep)
+        if self.wake_config.train == "adapters":
+            # consolidate the day's adapters into the base; on a resumed night, also what was
+            # learned between its halves (merging does not change the function)
+            merge_lora_(self.model)
+            apply_masks_(dict(self.model.named_parameters()), self.masks)
+        night = self.sleep_state
         self.model.train()
         report = run_sleep(
-            self.model, self.store, self.sleep_config, self.sleep_state,
+            self.model, self.store, self.sleep_config, night,
             params=self._sleep_params, prunable=self.prunable, masks=self.masks,
             anchor=self.anchor if self.wake_config.anchor_lambda > 0 else None,
             noise_layers=self.noise_layers, replay_forward=self._replay_forward,
             generator=self.generator, should_stop=should_stop, progress=progress,
         )
+        if report.aborted is not None:
+            self.sleep_state = None  # its partial Fisher cannot be trusted; the next night starts anew
+            warnings.warn(f"sleep() abandoned the night: {report.aborted}. The weights are back where this "
+                          "call started and nothing was pruned or anchored. Fix: lower SleepConfig.lr, or "
+                          "check the replay store for extreme records.", RuntimeWarning, stacklevel=2)
         if report.completed:
+            # wake steps taken while the night was preempted count for the next one
+            self.wake_steps_since_sleep = max(0, self.wake_steps_since_sleep - night.wake_steps)
             self.sleep_state = None
-            self.wake_steps_since_sleep = 0
+            self._sync_lora_masks()
         return report
+
+    def _sync_lora_masks(self) -> None:
+        """Give each adapted layer its keep-mask, so pruned weights stay zero in the adapter's update."""
+        for name, module in lora_modules(self.model).items():
+            module.set_mask_(self.masks.get(f"{name}.weight" if name else "weight"))
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -313,15 +356,20 @@ class EdgeSleep:
             raise ConfigError("EdgeSleep", [f"state fingerprint {state['fingerprint']!r} differs from "
                                             f"this model's {self.fingerprint!r}; load it into the model "
                                             "architecture it was saved from"])
+        # validate every part before changing anything
+        ss = state["sleep_state"]
+        sleep_state = None if ss is None else SleepState.from_state_dict(ss)
+        check_format_version("Anchor state", state["anchor"].get("format_version"), ANCHOR_FORMAT_VERSION)
+        check_format_version("ReplayStore state", state["store"].get("format_version"), STORE_FORMAT_VERSION)
         self.model.load_state_dict(state["model"])
         self.anchor.load_state_dict(state["anchor"])
         self.masks = dict(state["masks"])
+        self._sync_lora_masks()
         self.wake_steps_since_sleep = int(state["wake_steps_since_sleep"])
         self.num_classes = state["num_classes"]
         spec = state["input_spec"]
         self.input_spec = None if spec is None else (tuple(spec[0]), bool(spec[1]))
-        ss = state["sleep_state"]
-        self.sleep_state = None if ss is None else SleepState.from_state_dict(ss)
+        self.sleep_state = sleep_state
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
 

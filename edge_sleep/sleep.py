@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -32,12 +33,12 @@ from edge_sleep.errors import check_format_version
 from edge_sleep.fisher import fisher_sums, fisher_sums_loop
 from edge_sleep.kernels import consolidate, kth_smallest, prune_count, significance, smallest_mask
 from edge_sleep.store import ReplayStore
-from edge_sleep.wake import Anchor
+from edge_sleep.wake import Anchor, all_finite, effective_weights
 
 __all__ = ["SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
            "consolidate_weights_", "mask_sparsity", "SLEEP_FORMAT_VERSION"]
 
-SLEEP_FORMAT_VERSION = 1
+SLEEP_FORMAT_VERSION = 2
 
 
 def replay_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
@@ -56,22 +57,33 @@ class ConsolidationNoise:
         model: the model to hook.
         names: module names whose outputs get noise.
         std: noise std relative to each sample's activation RMS.
-        generator: the source of the noise (passed in so results repeat).
+        generator: the source of the noise (passed in so results repeat). A CPU generator; for
+            activations on another device a generator there is seeded from it once.
     """
 
     def __init__(self, model: nn.Module, names: list[str], std: float, generator: torch.Generator) -> None:
         self.std = std
         self.enabled = True
         self.generator = generator
+        self._device_generators: dict[torch.device, torch.Generator] = {}
         modules = dict(model.named_modules())
         self._handles = [modules[n].register_forward_hook(self._hook) for n in names] if std > 0 else []
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._device_generators:
+            seed = int(torch.randint(0, 2**62, (), generator=self.generator))
+            self._device_generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return self._device_generators[device]
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         if not self.enabled or not isinstance(output, torch.Tensor) or not output.is_floating_point():
             return None
         dims = tuple(range(1, output.ndim))
         rms = output.detach().pow(2).mean(dim=dims, keepdim=True).sqrt() if dims else output.detach().abs()
-        noise = torch.randn(output.shape, generator=self.generator, dtype=output.dtype)
+        noise = torch.randn(output.shape, generator=self._generator_for(output.device), dtype=output.dtype,
+                            device=output.device)
         return output + self.std * rms * noise
 
     def remove(self) -> None:
@@ -82,9 +94,14 @@ class ConsolidationNoise:
 
 @dataclass
 class SleepState:
-    """Progress of a night, kept when sleep is preempted so the next window resumes it."""
+    """Progress of a night, kept when sleep is preempted so the next window resumes it.
+
+    ``wake_steps`` is how many wake steps the night was planned for; steps learned while it is
+    preempted count toward the next night.
+    """
 
     total_steps: int
+    wake_steps: int = 0
     step: int = 0
     optimizer: dict[str, Any] | None = None
     fisher_sums: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -93,13 +110,14 @@ class SleepState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"format_version": SLEEP_FORMAT_VERSION, "total_steps": self.total_steps,
-                "step": self.step, "optimizer": self.optimizer, "fisher_sums": self.fisher_sums,
-                "fisher_count": self.fisher_count, "loss_first": self.loss_first}
+                "wake_steps": self.wake_steps, "step": self.step, "optimizer": self.optimizer,
+                "fisher_sums": self.fisher_sums, "fisher_count": self.fisher_count, "loss_first": self.loss_first}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SleepState:
         check_format_version("SleepState", state.get("format_version"), SLEEP_FORMAT_VERSION)
-        return cls(total_steps=state["total_steps"], step=state["step"], optimizer=state["optimizer"],
+        return cls(total_steps=state["total_steps"], wake_steps=int(state.get("wake_steps", 0)),
+                   step=state["step"], optimizer=state["optimizer"],
                    fisher_sums=dict(state["fisher_sums"]), fisher_count=state["fisher_count"],
                    loss_first=state["loss_first"])
 
@@ -117,6 +135,9 @@ class SleepReport:
         pruned: weights pruned tonight; sparsity: fraction of prunable weights now zero.
         strengthened: weights scaled up tonight.
         seconds: wall time of this call.
+        aborted: ``None``, or why the night was abandoned (a non-finite loss, gradient, weight
+            or Fisher). The weights are then restored to where this call started, nothing is
+            pruned or anchored, and the next ``sleep`` call starts a new night.
     """
 
     steps: int
@@ -129,6 +150,7 @@ class SleepReport:
     sparsity: float
     strengthened: int
     seconds: float
+    aborted: str | None = None
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
@@ -210,6 +232,9 @@ def run_sleep(
         A :class:`SleepReport`; when ``completed`` is ``False`` the caller keeps ``state``.
     """
     start = time.perf_counter()
+    device = next((p.device for p in params.values()), torch.device("cpu"))
+    # the weights this call starts from: a night that goes non-finite is undone to them
+    start_weights = {n: p.detach().clone() for n, p in params.items()}
     # setup: train the base weights, with noise on the hidden states
     grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -233,14 +258,24 @@ def run_sleep(
     try:
         # Phase 1: replay with consolidation noise, accumulating the Fisher at the end
         while state.step < state.total_steps:
-            batch = store.sample(config.batch_size)
+            batch = store.sample(config.batch_size).to(device)
             logits = replay_forward(batch.x)
             loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            apply_masks_(params, masks)
             loss_last = loss.item()
+            problem = None if math.isfinite(loss_last) else f"non-finite replay loss ({loss_last})"
+            if problem is None:
+                loss.backward()
+                if not all_finite([p.grad for p in params.values() if p.grad is not None]):
+                    problem = "non-finite gradient"
+            if problem is None:
+                optimizer.step()
+                apply_masks_(params, masks)
+                if not all_finite(list(params.values())):
+                    problem = "non-finite weights after a step"
+            if problem is not None:
+                return _abort(params, start_weights, state, steps_run, masks, start,
+                              f"{problem} at replay step {state.step + 1} of {state.total_steps}")
             if state.loss_first is None:
                 state.loss_first = loss_last
             if state.step >= fisher_from:
@@ -260,6 +295,9 @@ def run_sleep(
                         use_vmap = False
                 if sums is None:
                     sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
+                if not all_finite(list(sums.values())):
+                    return _abort(params, start_weights, state, steps_run, masks, start,
+                                  f"non-finite Fisher at replay step {state.step + 1} of {state.total_steps}")
                 for hn, s in sums.items():
                     n = hn[len("model."):]
                     state.fisher_sums[n] = state.fisher_sums.get(n, 0) + s
@@ -287,11 +325,21 @@ def run_sleep(
         weights = {n: params[n].data for n in prunable}
         pruned, strengthened = consolidate_weights_(weights, fisher, masks, config)
         # Protect: the next wake is anchored to tonight's weights, weighted by F
-        if anchor is not None:
-            anchor.update_(fisher, {n: p.data for n, p in params.items()})
+        if anchor is not None:  # the reference is what the penalty compares: the effective weights
+            anchor.update_(fisher, {n: w.detach() for n, w in effective_weights(model, list(params)).items()})
     return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
                        state.fisher_count, pruned, mask_sparsity(masks), strengthened,
                        time.perf_counter() - start)
+
+
+@torch.no_grad()
+def _abort(params: dict[str, torch.nn.Parameter], start_weights: dict[str, torch.Tensor], state: SleepState,
+           steps_run: int, masks: Mapping[str, torch.Tensor], start: float, reason: str) -> SleepReport:
+    """Undo this call's steps and report the night as abandoned."""
+    for n, p in params.items():
+        p.copy_(start_weights[n])
+    return SleepReport(steps_run, state.total_steps, False, state.loss_first, None, state.fisher_count, 0,
+                       mask_sparsity(masks), 0, time.perf_counter() - start, aborted=reason)
 
 
 class _Head(nn.Module):

@@ -47,6 +47,7 @@ __all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
 
 STORE_FORMAT_VERSION = 1
 _RECORD_OVERHEAD_BYTES = 32  # id, slot, label, scale, zero point, checksum, time
+_FP16_MAX = 65504.0  # logits are stored as fp16, saturated to its finite range
 
 
 @dataclass
@@ -64,6 +65,11 @@ class ReplayBatch:
     y: torch.Tensor
     logits: torch.Tensor | None
     slots: np.ndarray
+
+    def to(self, device: torch.device | str) -> ReplayBatch:
+        """The same records with ``x``, ``y`` and ``logits`` on ``device`` (the model's)."""
+        return ReplayBatch(self.x.to(device), self.y.to(device),
+                           None if self.logits is None else self.logits.to(device), self.slots)
 
 
 def _checksum(codes: bytes, logits: bytes | None, label: int) -> int:
@@ -289,7 +295,7 @@ class ReplayStore:
         Args:
             latents: ``(N, ...)`` float (quantized to int8) or integer (kept exactly).
             labels: ``(N,)`` integer labels.
-            logits: ``(N, C)`` logits to keep (fp16), or ``None``.
+            logits: ``(N, C)`` logits to keep (fp16, saturated at +-65504), or ``None``.
             stream: a tag (task or stream name) kept with each record.
 
         Returns:
@@ -310,6 +316,9 @@ class ReplayStore:
         if latents.is_floating_point() and not torch.isfinite(latents).all():
             raise InputError("append got non-finite latents (NaN or inf); expected finite values. "
                              "Fix: drop or clean those rows before storing them.")
+        if logits is not None and not torch.isfinite(logits).all():
+            raise InputError("append got non-finite logits (NaN or inf); expected finite values. "
+                             "Fix: drop those rows, or pass logits=None.")
         if self.config.store_logits is False:
             logits = None
         layout = self._layout(latents, logits)
@@ -340,7 +349,9 @@ class ReplayStore:
             scales, zps = [1.0] * len(chosen), [0] * len(chosen)
         logit_bytes: list[bytes | None] = (
             [None] * len(chosen) if logits is None
-            else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().to(torch.float16)]
+            # saturated to fp16's range: a stored logit is never inf
+            else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().clamp(-_FP16_MAX, _FP16_MAX)
+                  .to(torch.float16)]
         )
         now = time.time()
         try:

@@ -11,6 +11,7 @@ step from overshooting the anchor however large ``F`` gets.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,23 +24,33 @@ from edge_sleep.adapters import LoRALinear
 from edge_sleep.errors import check_format_version
 from edge_sleep.store import ReplayBatch
 
-__all__ = ["Anchor", "WakeStats", "wake_step", "effective_weights", "ANCHOR_FORMAT_VERSION"]
+__all__ = ["Anchor", "WakeStats", "wake_step", "effective_weights", "all_finite", "ANCHOR_FORMAT_VERSION"]
 
 ANCHOR_FORMAT_VERSION = 1
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite, checked with one fused norm.
+
+    Values beyond about 1e19 overflow the norm and count as non-finite too: weights that large
+    are broken anyway.
+    """
+    return not tensors or math.isfinite(float(torch.nn.utils.get_total_norm(tensors)))
 
 
 def effective_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
     """``{name: tensor}`` of the weights the model computes with, adapters folded in.
 
-    For a :class:`LoRALinear` the effective ``weight`` is ``W + s * B @ A`` (differentiable in the
-    adapter), so the anchor also protects against moves made through adapters.
+    For a :class:`LoRALinear` the effective ``weight`` is ``W + s * B @ A`` (masked where pruned,
+    differentiable in the adapter), so the anchor also protects against moves made through
+    adapters, and the anchor's reference is taken on the same quantity.
     """
     params = dict(model.named_parameters())
     lora = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     out = {}
     for n in names:
         m = lora.get(n)
-        out[n] = params[n] if m is None else m.weight + m.scaling * (m.lora_b @ m.lora_a)
+        out[n] = params[n] if m is None else m.effective_weight()
     return out
 
 
@@ -68,7 +79,7 @@ class Anchor:
 
     def penalty(self, weights: dict[str, torch.Tensor], lam: float, lr: float) -> torch.Tensor:
         """``sum min(lam * F, 1/(2 lr)) * (w - w*)^2`` over the anchored weights."""
-        total = torch.zeros(())
+        total = torch.zeros((), device=next((f.device for f in self.fisher.values()), None))
         cap = 1.0 / (2.0 * lr)
         for n, f in self.fisher.items():
             total = total + ((lam * f).clamp(max=cap) * (weights[n] - self.reference[n]).pow(2)).sum()
@@ -97,6 +108,11 @@ class WakeStats:
         penalty: the anchor penalty (0 without an anchor).
         batch: examples in the new batch.
         stored: how many of them the store kept.
+        grad_norm: the gradient's L2 norm before clipping (``nan`` when the loss was not finite).
+        replayed: stored records replayed in this step (both replay terms together).
+        skipped: ``None`` when the step was taken; otherwise why it was undone (``"non-finite
+            loss"``, ``"non-finite gradient"`` or ``"non-finite weights"``). A skipped step
+            changes no weight and stores nothing.
     """
 
     loss: float
@@ -105,6 +121,9 @@ class WakeStats:
     penalty: float
     batch: int
     stored: int
+    grad_norm: float = 0.0
+    replayed: int = 0
+    skipped: str | None = None
 
 
 def wake_step(
@@ -119,8 +138,12 @@ def wake_step(
     alpha: float = 0.0,
     beta: float = 0.0,
     penalty_fn: Callable[[], torch.Tensor] | None = None,
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """One optimizer step on a new batch plus replay; see the module docstring for the loss.
+    max_grad_norm: float | None = None,
+) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """One guarded optimizer step on a new batch plus replay; see the module docstring for the loss.
+
+    The step is undone (never kept) when the loss, the gradient or the updated weights are not
+    finite; ``losses["skipped"]`` then says which.
 
     Args:
         forward: ``x -> (latent, logits)`` on new inputs.
@@ -130,22 +153,43 @@ def wake_step(
         replay_logits: records for the distillation term (weight ``alpha``).
         replay_labels: records for the label term (weight ``beta``).
         penalty_fn: returns the anchor penalty, or ``None``.
+        max_grad_norm: clip the gradient's global L2 norm to this (``None``: no clipping).
 
     Returns:
         ``(losses, latent, logits)``; latent and logits are detached, computed before the step.
+        ``losses`` holds ``loss``, ``new_loss``, ``replay_loss``, ``penalty``, ``grad_norm`` and
+        ``skipped`` (``None`` or the reason).
     """
     latent, logits = forward(x)
     new_loss = F.cross_entropy(logits, y)
-    replay = torch.zeros(())
+    replay = torch.zeros((), device=new_loss.device)
     if replay_logits is not None and replay_logits.logits is not None and alpha > 0:
         replay = replay + alpha * F.mse_loss(replay_forward(replay_logits.x), replay_logits.logits)
     if replay_labels is not None and beta > 0:
         replay = replay + beta * F.cross_entropy(replay_forward(replay_labels.x), replay_labels.y)
-    penalty = penalty_fn() if penalty_fn is not None else torch.zeros(())
+    penalty = penalty_fn() if penalty_fn is not None else torch.zeros((), device=new_loss.device)
     loss = new_loss + replay + penalty
+    losses: dict[str, Any] = {"loss": loss.item(), "new_loss": new_loss.item(),
+                              "replay_loss": replay.item(), "penalty": penalty.item(),
+                              "grad_norm": float("nan"), "skipped": None}
     optimizer.zero_grad(set_to_none=True)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not math.isfinite(losses["loss"]):
+        losses["skipped"] = "non-finite loss"
+        return losses, latent.detach(), logits.detach()
     loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    losses["grad_norm"] = float(norm)
+    if not math.isfinite(losses["grad_norm"]):
+        optimizer.zero_grad(set_to_none=True)
+        losses["skipped"] = "non-finite gradient"
+        return losses, latent.detach(), logits.detach()
+    before = [p.detach().clone() for p in params] if grads else []
     optimizer.step()
-    losses = {"loss": loss.item(), "new_loss": new_loss.item(), "replay_loss": replay.item(),
-              "penalty": penalty.item()}
+    if grads and not all_finite(params):
+        with torch.no_grad():
+            for p, b in zip(params, before):
+                p.copy_(b)
+        losses["skipped"] = "non-finite weights"
     return losses, latent.detach(), logits.detach()

@@ -1,30 +1,78 @@
-"""The P-MNIST runner on a tiny stream: the JSON interface and the replay-step accounting."""
+"""The P-MNIST runner on a tiny stream: the JSON interface, the cost accounting, the protocol."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from edge_sleep.bench.pmnist import main
+import numpy as np
+import pytest
+
+from edge_sleep.bench.datasets import VALIDATION_SIZE, load_mnist, permuted_mnist
+from edge_sleep.bench.pmnist import TUNED, main
+from edge_sleep.bench.strategies import default_methods
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def test_pmnist_writes_the_documented_json(tmp_path: Path) -> None:
     out = tmp_path / "pmnist.json"
+    rows = ["naive", "ewc", "derpp", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only", "ssr_adapters", "ssr_prune"]
     payload = main(["--tasks", "2", "--train-per-task", "256", "--seeds", "0", "--workers", "1",
-                    "--methods", "naive", "ewc", "derpp", "derpp_eq", "ssr", "ssr_prune", "--out", str(out)])
+                    "--methods", *rows, "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(payload))
-    assert data["tasks"] == 2 and data["buffer"] == 500 and data["seeds"] == [0]
+    assert data["tasks"] == 2 and data["buffer"] == 500 and data["seeds"] == [0] and data["split"] == "test"
     methods = data["methods"]
-    assert set(methods) == {"naive", "ewc", "derpp", "derpp_eq", "ssr", "ssr_prune"}
-    for row in methods.values():
-        for key in ("avg_acc", "avg_acc_std", "bwt", "wall_s", "replay_steps", "sparsity"):
-            assert key in row
-        assert 0.0 <= row["avg_acc"] <= 1.0
+    assert list(methods) == rows
+    for name, row in methods.items():
+        acc = np.array(row["acc_matrix_first_seed"], dtype=float)
+        assert row["avg_acc"] == pytest.approx(float(np.mean(acc[-1])))  # the mean of the last row
+        assert row["per_seed_avg_acc"] == [row["avg_acc"]] and row["avg_acc_std"] == 0.0
+        assert row["day_ms_per_step"] > 0 and row["skipped_steps"] == 0, name
     steps_per_task = 2  # 256 images at batch 128
-    assert methods["naive"]["replay_steps"] == 0
-    assert methods["derpp"]["replay_steps"] == 2 * steps_per_task - 1  # the store is empty at step 1
-    # equal replay compute: DER++'s buffer-only steps bring it to SSR's count
-    assert methods["derpp_eq"]["replay_steps"] == methods["ssr"]["replay_steps"]
+    # daytime replay: DER++ draws two batches a step once the store holds records; naive none
+    assert methods["naive"]["day_replay_per_step"] == 0 and methods["naive"]["replay_steps"] == 0
+    assert methods["ssr_sleep_only"]["day_replay_per_step"] == 0
+    derpp = methods["derpp"]
+    assert derpp["replay_steps"] == 2 * steps_per_task - 1  # the store is empty at step 1
+    stored_before = [128, 256, 256]  # records in the store before steps 2..4 (capacity 500)
+    assert derpp["day_replay_per_step"] == pytest.approx(sum(2 * min(128, n) for n in stored_before) / 4)
+    # night: SSR and its replay control run the same steps; methods without a night run none
+    assert methods["derpp_eq"]["night_steps"] == methods["ssr"]["night_steps"] == 2 * steps_per_task
+    assert methods["derpp"]["night_steps"] == 0 and methods["derpp"]["night_ms"] == 0
+    assert methods["derpp_ewc"]["night_ms"] > 0  # its task-end Fisher is night-time work
     assert methods["ssr"]["sparsity"] == 0 and methods["ssr_prune"]["sparsity"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_tuning_never_sees_the_test_set_or_its_own_validation_images() -> None:
+    val = permuted_mnist(3, seed=100, split="validation", train_per_task=50000)
+    final = permuted_mnist(3, seed=100, split="test")
+    xtr, _, _, _ = load_mnist()
+    for task in val:
+        assert int(task.order.max()) < len(xtr) - VALIDATION_SIZE  # trains on the first 50,000 only
+        x, y = task.evaluation()
+        assert x.shape == (VALIDATION_SIZE, 784)
+    for task in final:
+        assert task.order.numel() == 60000 and task.split == "test"
+    with pytest.raises(ValueError, match="50000"):
+        permuted_mnist(1, seed=0, split="validation", train_per_task=60000)
+
+
+def test_tuned_hyperparameters_are_the_winners_of_the_committed_tuning_run() -> None:
+    tune = json.loads((RESULTS / "tune.json").read_text())
+    assert tune["protocol"]["seed"] not in (0, 1, 2)  # not an evaluation seed
+    budgets = {name: b["grid"] for name, b in tune["budget"].items()}
+    assert set(budgets) == set(TUNED) and len(set(budgets.values())) == 1  # the same budget for all
+    for name, hp in TUNED.items():
+        assert tune["best"][name]["hp"] == hp, name
+        runs = [r["val_avg_acc"] for r in tune["runs"] if r["method"] == name]
+        assert len(runs) == tune["budget"][name]["total"] and max(runs) == tune["best"][name]["val_avg_acc"]
+
+
+def test_every_row_of_the_benchmark_is_built_from_tuned_values() -> None:
+    names = [m.name for m in default_methods(TUNED)]
+    assert names[:9] == ["naive", "ewc", "er", "derpp", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only",
+                         "ssr_adapters"]
+    assert len(names) == len(set(names))

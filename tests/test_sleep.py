@@ -2,73 +2,208 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from torch import nn
 
 from edge_sleep import EdgeSleep, SleepConfig, StoreConfig, WakeConfig
 from edge_sleep.bench.datasets import permuted_mnist
 from edge_sleep.bench.pmnist import evaluate, mlp
+from edge_sleep.bench.strategies import buffer_only_sleep
+from edge_sleep.fisher import fisher_sums_loop
+from edge_sleep.sleep import ConsolidationNoise, consolidate_weights_, replay_loss
+from edge_sleep.wake import effective_weights
 from tests.conftest import small_mlp
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+    ["mps"] if torch.backends.mps.is_available() else [])
 
-def test_pruned_weights_stay_zero_across_wakes_and_sleeps(tmp_path: Path) -> None:
-    for train in ("all", "adapters"):
-        es = EdgeSleep(small_mlp(), store=tmp_path / f"{train}.db", wake=WakeConfig(train=train),
-                       sleep=SleepConfig(min_steps=20, prune_frac=0.1, sparsity_cap=0.5))
-        seen_pruned: dict[str, torch.Tensor] = {}
-        for night in range(4):
-            for _ in range(5):
-                es.learn(torch.randn(16, 8), torch.randint(0, 3, (16,)))
-            report = es.sleep()
-            assert report.completed and report.pruned > 0
-            params = dict(es.model.named_parameters())
+
+def feed(es: EdgeSleep, steps: int, seed: int, batch: int = 16) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        es.learn(torch.randn(batch, 8, generator=g), torch.randint(0, 3, (batch,), generator=g))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("train", ["all", "adapters"])
+def test_pruned_weights_stay_zero_in_the_effective_weights(tmp_path: Path, train: str, device: str) -> None:
+    es = EdgeSleep(small_mlp().to(device), store=tmp_path / f"{train}.db", wake=WakeConfig(train=train),
+                   sleep=SleepConfig(min_steps=20, prune_frac=0.1, sparsity_cap=0.5))
+    seen_pruned: dict[str, torch.Tensor] = {}
+    for night in range(4):
+        for day_step in range(5):
+            feed(es, 1, seed=10 * night + day_step)
+            # during the day too: the weight the model computes with, adapters folded in
+            eff = effective_weights(es.model, list(es.masks))
             for name, mask in es.masks.items():
-                assert torch.all(params[name][~mask] == 0)
-                if name in seen_pruned:  # once pruned, always pruned
-                    assert not torch.any(seen_pruned[name] & mask)
-                seen_pruned[name] = ~mask
-        assert 0.3 < report.sparsity <= 0.5
+                assert torch.all(eff[name][~mask] == 0), (night, day_step, name)
+        report = es.sleep()
+        assert report.completed and report.pruned > 0
+        params = dict(es.model.named_parameters())
+        for name, mask in es.masks.items():
+            assert mask.device.type == torch.device(device).type
+            assert torch.all(params[name][~mask] == 0)
+            if name in seen_pruned:  # once pruned, always pruned
+                assert not torch.any(seen_pruned[name] & mask)
+            seen_pruned[name] = ~mask
+    assert 0.3 < report.sparsity <= 0.5
 
 
-def test_preempted_sleep_resumes_to_the_same_result(tmp_path: Path) -> None:
-    def trained(name: str) -> EdgeSleep:
-        torch.manual_seed(1)
-        es = EdgeSleep(small_mlp(), store=tmp_path / f"{name}.db", wake=WakeConfig(train="all"),
-                       sleep=SleepConfig(min_steps=0, check_every=10, fisher_steps=40), seed=3)
-        g = torch.Generator().manual_seed(2)
-        for _ in range(100):
-            es.learn(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
-        return es
+def trained(tmp_path: Path, name: str, train: str = "all", **sleep_kw: object) -> EdgeSleep:
+    torch.manual_seed(1)
+    cfg = SleepConfig(**{"min_steps": 0, "check_every": 10, "fisher_steps": 40, **sleep_kw})  # type: ignore[arg-type]
+    es = EdgeSleep(small_mlp(), store=tmp_path / f"{name}.db", wake=WakeConfig(train=train), sleep=cfg, seed=3)
+    feed(es, 100, seed=2)
+    return es
 
-    whole = trained("a")
+
+@pytest.mark.parametrize("train", ["all", "adapters"])
+def test_a_night_preempted_inside_the_fisher_window_resumes_to_the_same_state(tmp_path: Path, train: str) -> None:
+    whole = trained(tmp_path, f"a{train}", train, prune_frac=0.05, strengthen_eta=0.05)
     r = whole.sleep()
-    assert r.completed and r.steps == 100
+    assert r.completed and r.steps == 100 and r.fisher_samples == 40 * 32
 
-    parts = trained("b")
-    calls = iter([False, True])  # wake up at the second check
+    parts = trained(tmp_path, f"b{train}", train, prune_frac=0.05, strengthen_eta=0.05)
+    calls = iter([False] * 6 + [True])  # wake up at step 70: 10 of the 40 Fisher steps are done
     first = parts.sleep(should_stop=lambda: next(calls, False))
-    assert not first.completed and first.steps == 20
-    parts.save(tmp_path / "ckpt")  # the night's progress survives a restart
+    assert not first.completed and first.steps == 70 and first.fisher_samples == 10 * 32
+    parts.save(tmp_path / f"ckpt{train}")  # the night's progress survives a restart
     parts.store.close()
-    resumed = EdgeSleep.load(tmp_path / "ckpt", small_mlp())
+    resumed = EdgeSleep.load(tmp_path / f"ckpt{train}", small_mlp())
+    assert resumed.sleep_state is not None and resumed.sleep_state.fisher_count == 10 * 32
     second = resumed.sleep()
-    assert second.completed and second.steps == 80
+    assert second.completed and second.steps == 30 and second.fisher_samples == 40 * 32
     for k, v in whole.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[k], v)
+    assert whole.anchor.fisher.keys() == resumed.anchor.fisher.keys() and whole.anchor.fisher
+    for k in whole.anchor.fisher:
+        assert whole.anchor.fisher[k].abs().sum() > 0
+        torch.testing.assert_close(resumed.anchor.fisher[k], whole.anchor.fisher[k])
+        torch.testing.assert_close(resumed.anchor.reference[k], whole.anchor.reference[k])
+    for k in whole.masks:
+        assert torch.equal(resumed.masks[k], whole.masks[k])
+    assert resumed.wake_steps_since_sleep == 0
 
 
-def test_sleep_reduces_forgetting_on_two_tasks(tmp_path: Path) -> None:
+def test_learning_between_the_halves_of_a_night_is_kept_and_counted(tmp_path: Path) -> None:
+    es = trained(tmp_path, "c", "adapters")
+    calls = iter([False, True])
+    assert not es.sleep(should_stop=lambda: next(calls, False)).completed
+    feed(es, 7, seed=5)  # the app learns while the night is preempted
+    assert es.wake_steps_since_sleep == 107
+    x = torch.randn(10, 8)
+    before_resume = es.logits(x)
+    report = es.sleep()
+    assert report.completed and es.wake_steps_since_sleep == 7  # the 7 count for the next night
+    # the anchor's reference is the effective weight, so right after the night nothing is penalised
+    names = list(es.anchor.fisher)
+    eff = effective_weights(es.model, names)
+    for n in names:
+        torch.testing.assert_close(es.anchor.reference[n], eff[n].detach())
+    assert float(es.anchor.penalty(eff, 10.0, 0.1)) == 0.0
+    assert not torch.equal(es.logits(x), before_resume)  # the night did train
+
+
+def test_noise_std_is_relative_to_each_samples_rms() -> None:
+    layer = nn.Linear(4, 4000)
+    g = torch.Generator().manual_seed(0)
+    noise = ConsolidationNoise(nn.Sequential(layer), ["0"], std=0.1, generator=g)
+    x = torch.randn(3, 4) * torch.tensor([[1.0], [10.0], [100.0]])
+    noisy = layer(x)
+    noise.enabled = False
+    clean = layer(x)
+    rms = clean.pow(2).mean(dim=1).sqrt()
+    ratio = (noisy - clean).std(dim=1) / rms
+    torch.testing.assert_close(ratio, torch.full((3,), 0.1), rtol=0.05, atol=0.0)
+    noise.remove()
+    torch.testing.assert_close(layer(x), clean)
+
+
+def test_the_fisher_is_taken_on_the_clean_replay_loss(tmp_path: Path) -> None:
+    # huge noise during replay, a learning rate too small to move a weight, every record in
+    # every step: the night's Fisher must equal the clean per-sample Fisher of the store
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   store_config=StoreConfig(capacity_records=24),
+                   sleep=SleepConfig(min_steps=0, lr=1e-30, noise_std=50.0, batch_size=24, fisher_batch=24,
+                                     fisher_steps=3, fisher_chunk=5, fisher_param_groups=2))
+    feed(es, 3, seed=0, batch=8)
+    es.sleep(steps=3)
+    records = es.store.read(torch.arange(24).numpy())
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return replay_loss(logits, y, t, 1.0, es.sleep_config.distill_weight)
+
+    names = list(es.anchor.fisher)
+    clean = fisher_sums_loop(es.model, names, records.x, records.y, records.logits, loss)
+    for n in names:
+        torch.testing.assert_close(es.anchor.fisher[n], clean[n] / 24, rtol=1e-4, atol=1e-9)
+
+
+def test_strengthening_scales_exactly_the_most_significant_weights() -> None:
+    w = torch.linspace(-1.0, 1.0, 200).reshape(10, 20)
+    f = torch.rand(10, 20) + 0.1
+    weights, masks = {"w": w.clone()}, {}
+    cfg = SleepConfig(prune_frac=0.0, strengthen_frac=0.05, strengthen_eta=0.5)
+    pruned, strengthened = consolidate_weights_(weights, {"w": f}, masks, cfg)
+    s = f * w * w
+    top = s.reshape(-1).topk(10).indices
+    expected = w.clone().reshape(-1)
+    expected[top] *= 1.5
+    assert pruned == 0 and strengthened == 10
+    torch.testing.assert_close(weights["w"].reshape(-1), expected)
+
+
+def test_pruning_with_ties_everywhere_removes_exactly_k() -> None:
+    w = torch.ones(6, 5)  # every score and every |w| tie
+    weights, masks = {"w": w.clone()}, {}
+    cfg = SleepConfig(prune_frac=0.1, strengthen_eta=0.0)
+    pruned, _ = consolidate_weights_(weights, {"w": torch.ones(6, 5)}, masks, cfg)
+    assert pruned == 3 and int((weights["w"] == 0).sum()) == 3 and int((~masks["w"]).sum()) == 3
+
+
+def _first_task_accuracy(tmp_path: Path, tag: str, sleep: SleepConfig | None) -> float:
     tasks = permuted_mnist(2, seed=0, train_per_task=4000, test_per_task=2000)
+    es = EdgeSleep(mlp(0), store=tmp_path / f"{tag}.db", store_config=StoreConfig(capacity_records=500),
+                   wake=WakeConfig(train="all", lr=0.1, replay_batch=0, max_grad_norm=None),
+                   sleep=sleep or SleepConfig(), seed=0)
+    for task in tasks:
+        for x, y in task.batches(128):
+            es.learn(x, y)
+        if sleep is not None:
+            es.sleep()
+    return evaluate(es, tasks[0])
 
-    def first_task_accuracy(sleep: bool) -> float:
-        es = EdgeSleep(mlp(0), store=tmp_path / f"s{sleep}.db", store_config=StoreConfig(capacity_records=500),
-                       wake=WakeConfig(train="all", lr=0.1, replay_batch=0),
-                       sleep=SleepConfig(steps_per_wake_step=2.0), seed=0)
-        for task in tasks:
-            for x, y in task.batches(128):
-                es.learn(x, y)
-            if sleep:
-                es.sleep()
-        return evaluate(es, tasks[0])
 
-    without, with_sleep = first_task_accuracy(False), first_task_accuracy(True)
-    assert with_sleep > without + 0.03, (without, with_sleep)
+def test_a_night_against_no_night_and_against_plain_replay_of_the_same_steps(tmp_path: Path) -> None:
+    no_night = _first_task_accuracy(tmp_path, "none", None)
+    ssr = _first_task_accuracy(tmp_path, "ssr", SleepConfig(steps_per_wake_step=2.0))
+    plain = _first_task_accuracy(tmp_path, "plain", buffer_only_sleep(0.03, 1.0, steps_per_wake_step=2.0))
+    assert ssr > no_night + 0.03, (no_night, ssr)
+    # at two tasks the night's noise and anchor neither help nor hurt replay (measured: within
+    # 0.2 points); whether they help over 20 tasks is the benchmark's question (derpp_eq row)
+    assert abs(ssr - plain) < 0.01, (ssr, plain)
+
+
+def test_an_extreme_input_never_leaves_non_finite_weights(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   sleep=SleepConfig(min_steps=20))
+    feed(es, 3, seed=0)
+    es.learn(torch.full((4, 8), 1e6), torch.zeros(4, dtype=torch.long))  # finite, extreme
+    records = es.store.read(torch.arange(len(es.store)).numpy())
+    assert records.logits is not None and torch.isfinite(records.logits).all()  # saturated, never inf
+    report = es.sleep()
+    assert all(torch.isfinite(p).all() for p in es.model.parameters())
+    assert report.completed or report.aborted is not None
+
+
+def test_a_night_that_diverges_is_undone_and_says_so(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   sleep=SleepConfig(min_steps=30, lr=1e6, check_every=5))
+    feed(es, 4, seed=0)
+    before = {k: v.clone() for k, v in es.model.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="abandoned the night: non-finite"):
+        report = es.sleep()
+    assert not report.completed and report.aborted is not None and "replay step" in report.aborted
+    assert all(torch.equal(before[k], v) for k, v in es.model.state_dict().items())
+    assert es.sleep_state is None and not es.anchor and es.wake_steps_since_sleep == 4

@@ -2,8 +2,11 @@
 
 Every method runs on the same seeds (the seed fixes the permutations, the data order and the
 initial weights), the same int8 SQLite replay store of ``buffer`` records and the same
-evaluation. Each task is one day: wake through the task's 60k images, then (for methods that
-sleep) one night. Runs go to parallel worker processes, one thread each.
+evaluation. Each task is one day: wake through the task's images, then (for methods that sleep)
+one night. Final runs train on all 60,000 images of a task and evaluate on the test set; tuning
+runs (``split="validation"``) train on the first 50,000 and evaluate on the last 10,000, so no
+test image is ever used to choose a hyperparameter. Runs go to parallel worker processes, one
+thread each, and every run measures its own daytime and night-time cost.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.bench.datasets import PermutedTask, permuted_mnist
@@ -28,19 +32,21 @@ from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.sleep import mask_sparsity
 
-__all__ = ["TUNED", "mlp", "run_method", "evaluate", "summarize", "main"]
+__all__ = ["TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "main"]
 
-# Chosen by benchmarks/tune.py (grid and scores in benchmarks/results/tune.json), tuning seed 100,
-# which is not one of the evaluation seeds; SSR's night by `tune.py --grid sleep --tasks 20`
-# (benchmarks/results/tune_sleep.json): the consolidation kernel (prune/strengthen) cost accuracy
-# there, so the headline SSR runs without it and the `ssr_prune` row measures it.
+# The winners of `python benchmarks/tune.py` (every method's budget, grid and validation scores
+# are in benchmarks/results/tune.json; a test checks that these agree with it). Tuning seed 100,
+# 10 tasks, trained on 50,000 images a task and scored on the 10,000 validation images.
 TUNED: dict[str, dict[str, float]] = {
     "naive": {"lr": 0.1},
-    "ewc": {"lr": 0.2, "lam": 10.0, "decay": 0.9},
-    "er": {"lr": 0.1},
-    "derpp": {"lr": 0.2, "alpha": 1.0, "beta": 1.0},
-    "ssr": {"lr": 0.2, "alpha": 0.3, "beta": 1.0, "lam": 10.0, "sleep_lr": 0.03, "sleep_distill": 1.0,
-            "prune_frac": 0.0, "strengthen_eta": 0.0},
+    "ewc": {"decay": 0.9, "lam": 10.0, "lr": 0.2},
+    "er": {"beta": 4.0, "lr": 0.1},
+    "derpp": {"alpha": 0.3, "beta": 1.0, "lr": 0.2},
+    "derpp_ewc": {"decay": 0.7, "lam": 1.0},
+    "derpp_eq": {"sleep_distill": 0.3, "sleep_lr": 0.03},
+    "ssr": {"lam": 3.0, "sleep_distill": 1.0, "sleep_lr": 0.003333},
+    "ssr_sleep_only": {"lam": 3.0, "lr": 0.4, "ratio": 1.0, "sleep_distill": 1.0, "sleep_lr": 0.03},
+    "ssr_adapters": {"lam": 3.0, "lr": 0.4, "sleep_distill": 1.0, "sleep_lr": 0.03},
 }
 
 
@@ -51,9 +57,21 @@ def mlp(seed: int) -> nn.Module:
 
 
 def evaluate(es: EdgeSleep, task: PermutedTask) -> float:
-    """Test accuracy of ``es`` on ``task``."""
-    x, y = task.test()
-    return float((es.predict(x) == y).float().mean())
+    """Accuracy of ``es`` on ``task``'s evaluation images (test or validation split)."""
+    x, y = task.evaluation()
+    pred = es.predict(x)
+    return float((pred == y.to(pred.device)).float().mean())
+
+
+def pretrain(model: nn.Module, task: PermutedTask, lr: float, batch: int = 128) -> None:
+    """One pass of plain SGD over ``task``: the base a phone would ship with."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for x, y in task.batches(batch):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def run_method(
@@ -63,41 +81,58 @@ def run_method(
     n_tasks: int = 20,
     buffer: int = 500,
     batch: int = 128,
-    train_per_task: int = 60000,
+    split: Literal["test", "validation"] = "test",
+    train_per_task: int | None = None,
     test_per_task: int = 10000,
     on_task: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``method`` through the task stream of ``seed``; return its accuracy matrix and costs."""
-    tasks = permuted_mnist(n_tasks, seed, train_per_task=train_per_task, test_per_task=test_per_task)
+    """Train ``method`` through the task stream of ``seed``; return its accuracy matrix and costs.
+
+    Costs: ``day_s`` is the time inside ``learn`` (the wake steps), ``night_s`` the time of the
+    work at each task end (a night, or online EWC's Fisher), ``replayed`` the stored records
+    replayed while awake, ``replay_steps`` the gradient steps whose loss includes stored records.
+    """
+    n_train = train_per_task or (50000 if split == "validation" else 60000)
+    tasks = permuted_mnist(n_tasks, seed, split=split, train_per_task=n_train, test_per_task=test_per_task)
     model = mlp(seed)
+    if method.pretrain_lr > 0:
+        pretrain(model, tasks[0], method.pretrain_lr, batch)
     acc = np.full((n_tasks, n_tasks), np.nan)
-    replay_steps = 0
-    train_s = 0.0
+    replay_steps = wake_steps = replayed = night_steps = skipped = 0
+    day_s = night_s = 0.0
     with tempfile.TemporaryDirectory() as d:
         es = EdgeSleep(model, store=Path(d) / "replay.db",
                        store_config=StoreConfig(capacity_records=buffer),
                        wake=method.wake, sleep=method.sleep or SleepConfig(), seed=seed)
-        replays = method.wake.replay_batch > 0 and (method.wake.replay_alpha > 0 or method.wake.replay_beta > 0)
         for i, task in enumerate(tasks):
-            t0 = time.perf_counter()
             for x, y in task.batches(batch):
-                if replays and len(es.store) > 0:
-                    replay_steps += 1
-                es.learn(x, y, stream=task.name)
+                t0 = time.perf_counter()
+                stats = es.learn(x, y, stream=task.name)
+                day_s += time.perf_counter() - t0
+                wake_steps += 1
+                replayed += stats.replayed
+                replay_steps += stats.replayed > 0
+                skipped += stats.skipped is not None
+            t0 = time.perf_counter()
             if method.ewc_samples:
                 ewc_consolidate(es, *task.train_sample(method.ewc_samples), method.ewc_decay)
             if method.sleep is not None:
-                replay_steps += es.sleep().steps
-            train_s += time.perf_counter() - t0
+                steps = es.sleep().steps
+                replay_steps += steps
+                night_steps += steps
+            if method.ewc_samples or method.sleep is not None:
+                night_s += time.perf_counter() - t0
             for j in range(i + 1):
                 acc[i, j] = evaluate(es, tasks[j])
             if on_task is not None:
                 on_task(i)
         sparsity = mask_sparsity(es.masks)
         es.store.close()
-    return {"method": method.name, "seed": seed, "acc": acc.tolist(), "avg_acc": average_accuracy(acc),
-            "bwt": backward_transfer(acc), "forgetting": forgetting(acc), "wall_s": train_s,
-            "replay_steps": replay_steps, "sparsity": sparsity}
+    return {"method": method.name, "seed": seed, "split": split, "acc": acc.tolist(),
+            "avg_acc": average_accuracy(acc), "bwt": backward_transfer(acc), "forgetting": forgetting(acc),
+            "wall_s": day_s + night_s, "day_s": day_s, "night_s": night_s, "wake_steps": wake_steps,
+            "replayed": replayed, "replay_steps": replay_steps, "night_steps": night_steps,
+            "skipped_steps": skipped, "sparsity": sparsity}
 
 
 def _worker(args: tuple[Method, int, dict[str, Any]]) -> dict[str, Any]:
@@ -127,21 +162,36 @@ def run_all(jobs: list[tuple[Method, int]], workers: int, kw: dict[str, Any]) ->
 
 
 def summarize(results: list[dict[str, Any]], methods: list[Method]) -> dict[str, Any]:
-    """Per-method means over seeds (and the per-seed figures) in the results JSON layout."""
+    """Per-method means over seeds (and the per-seed figures) in the results JSON layout.
+
+    Daytime cost: ``day_ms_per_step`` (measured milliseconds per wake step) and
+    ``day_replay_per_step`` (stored records replayed per wake step). Night-time cost:
+    ``night_ms`` (measured milliseconds of all the run's nights, or online EWC's Fisher, together)
+    and ``night_steps`` (replay steps of all the nights).
+    """
     out: dict[str, Any] = {}
     for m in methods:
         rs = sorted((r for r in results if r["method"] == m.name), key=lambda r: r["seed"])
         if not rs:
             continue
         accs = [r["avg_acc"] for r in rs]
+
+        def mean(key: str, runs: list[dict[str, Any]] = rs) -> float:
+            return float(np.mean([r[key] for r in runs]))
+
         out[m.name] = {
             "avg_acc": float(np.mean(accs)),
             "avg_acc_std": float(np.std(accs)),
-            "bwt": float(np.mean([r["bwt"] for r in rs])),
-            "forgetting": float(np.mean([r["forgetting"] for r in rs])),
-            "wall_s": float(np.mean([r["wall_s"] for r in rs])),
-            "replay_steps": int(np.mean([r["replay_steps"] for r in rs])),
-            "sparsity": float(np.mean([r["sparsity"] for r in rs])),
+            "bwt": mean("bwt"),
+            "forgetting": mean("forgetting"),
+            "wall_s": mean("wall_s"),
+            "replay_steps": int(round(mean("replay_steps"))),
+            "day_ms_per_step": float(np.mean([1000 * r["day_s"] / r["wake_steps"] for r in rs])),
+            "day_replay_per_step": float(np.mean([r["replayed"] / r["wake_steps"] for r in rs])),
+            "night_ms": 1000 * mean("night_s"),
+            "night_steps": int(round(mean("night_steps"))),
+            "skipped_steps": int(sum(r["skipped_steps"] for r in rs)),
+            "sparsity": mean("sparsity"),
             "seeds": [r["seed"] for r in rs],
             "per_seed_avg_acc": accs,
             "acc_matrix_first_seed": rs[0]["acc"],
@@ -152,19 +202,22 @@ def summarize(results: list[dict[str, Any]], methods: list[Method]) -> dict[str,
 
 def format_table(summary: dict[str, Any]) -> str:
     """The results as a Markdown table."""
-    lines = ["| method | avg acc | ± std | BWT | forgetting | wall s | replay steps | sparsity | seeds |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, r in summary.items():
-        lines.append(f"| {name} | {r['avg_acc']:.4f} | {r['avg_acc_std']:.4f} | {r['bwt']:+.4f} | "
-                     f"{r['forgetting']:.4f} | {r['wall_s']:.0f} | {r['replay_steps']} | "
-                     f"{r['sparsity']:.3f} | {len(r['seeds'])} |")
+    lines = ["| method | avg acc | ± std | BWT | day ms/step | day replay/step | night steps | night s "
+             "| sparsity | seeds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    first = [n for n in ("ssr_sleep_only",) if n in summary]  # the row an app developer reads first
+    for name in first + [n for n in summary if n not in first]:
+        r = summary[name]
+        lines.append(f"| {name} | {r['avg_acc']:.3f} | {r['avg_acc_std']:.3f} | {r['bwt']:+.3f} | "
+                     f"{r['day_ms_per_step']:.2f} | {r['day_replay_per_step']:.0f} | {r['night_steps']} | "
+                     f"{r['night_ms'] / 1000:.1f} | {r['sparsity']:.3f} | {len(r['seeds'])} |")
     return "\n".join(lines)
 
 
 def plot_summary(summary: dict[str, Any], path: Path) -> None:
-    """Mean accuracy on the tasks seen so far, after each task (first seed).
+    """Three panels: every method's curve; SSR's rows against the controls; accuracy vs day cost.
 
-    Left: every method. Right: SSR and its ablations against DER++, zoomed in.
+    The curves are the mean accuracy on the tasks seen so far, after each task (first seed).
     """
     import matplotlib
 
@@ -177,13 +230,13 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
 
     palette = plt.get_cmap("tab20")
     colors = {name: palette(i % 20) for i, name in enumerate(summary)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), layout="constrained")
-    main_rows = [n for n in summary if not n.startswith("ssr_")]
+    fig, (left, mid, right) = plt.subplots(1, 3, figsize=(19, 5.5), layout="constrained")
+    main_rows = [n for n in summary if not n.startswith("ssr_") or n in ("ssr_sleep_only", "ssr_adapters")]
     zoom_rows = [n for n in summary if n.startswith(("ssr", "derpp"))]
-    for ax, rows in ((left, main_rows), (right, zoom_rows)):
+    for ax, rows in ((left, main_rows), (mid, zoom_rows)):
         for name in rows:
             c = curve(name)
-            style = ":" if name.startswith("ssr_") else "--" if name.endswith("_eq") else "-"
+            style = ":" if name.startswith("ssr_") else "--" if name.startswith("derpp_") else "-"
             ax.plot(range(1, len(c) + 1), c, style, color=colors[name],
                     label=f"{name} ({summary[name]['avg_acc']:.3f})")
         ax.set_xlabel("tasks learned")
@@ -191,8 +244,18 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend(fontsize=8, ncol=2)
     left.set_ylabel("mean accuracy on tasks seen so far")
-    left.set_title("all methods (mean over seeds in the legend)")
-    right.set_title("SSR and its ablations vs DER++ (first seed)")
+    left.set_title("methods (first seed; legend: mean over seeds)")
+    mid.set_title("SSR, its ablations and the controls (first seed)")
+    for name in main_rows:  # the ablations share SSR's day
+        r = summary[name]
+        right.errorbar(r["day_ms_per_step"], r["avg_acc"], yerr=r["avg_acc_std"], fmt="o", color=colors[name],
+                       capsize=3)
+        right.annotate(f"{name} ({r['day_replay_per_step']:.0f} replayed)", (r["day_ms_per_step"], r["avg_acc"]),
+                       textcoords="offset points", xytext=(5, 3), fontsize=7)
+    right.set_xlabel("daytime cost: measured ms per wake step (one thread)")
+    right.set_ylabel("final average accuracy (mean ± std over seeds)")
+    right.set_title("accuracy against the cost the user waits for")
+    right.grid(alpha=0.3)
     fig.suptitle("Permuted MNIST, MLP 784-100-100-10, 500-record int8 SQLite store")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -203,7 +266,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tasks", type=int, default=20)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--buffer", type=int, default=500)
-    parser.add_argument("--train-per-task", type=int, default=60000)
+    parser.add_argument("--train-per-task", type=int, default=None,
+                        help="training images per task (default: all 60,000)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of rows to run")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pmnist.json"))
@@ -216,16 +280,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if unknown:
             parser.error(f"unknown methods {unknown}; choose from {sorted(known)}")
         methods = [m for m in methods if m.name in args.methods]
-    jobs = [(m, s) for m in methods for s in args.seeds[: m.seeds]]
-    # longest first so the two workers finish together
+    jobs = [(m, s) for m in methods for s in args.seeds]
+    # longest first so the workers finish together
     jobs.sort(key=lambda j: -(1 + (j[0].sleep.steps_per_wake_step if j[0].sleep else 0)))
-    kw = {"n_tasks": args.tasks, "buffer": args.buffer, "train_per_task": args.train_per_task}
+    kw = {"n_tasks": args.tasks, "buffer": args.buffer, "train_per_task": args.train_per_task, "split": "test"}
     t0 = time.perf_counter()
     results = run_all(jobs, args.workers, kw)
     summary = summarize(results, methods)
     payload = {"tasks": args.tasks, "buffer": args.buffer, "seeds": args.seeds,
-               "train_per_task": args.train_per_task, "batch": 128, "hyperparameters": TUNED,
-               "total_wall_s": time.perf_counter() - t0, "methods": summary}
+               "train_per_task": args.train_per_task or 60000, "batch": 128, "split": "test",
+               "hyperparameters": TUNED, "total_wall_s": time.perf_counter() - t0, "methods": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=1))
     plot_summary(summary, args.out.with_suffix(".png"))

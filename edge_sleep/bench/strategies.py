@@ -10,10 +10,20 @@ evaluation, so differences come from the method alone.
 - ``er``: experience replay: each wake step adds CE on a batch drawn from the store.
 - ``derpp``: DER++ (Buzzega et al. 2020): CE on new data + alpha MSE to stored logits + beta CE
   on stored labels, two independent store batches per step.
-- ``ssr``: Synaptic Sleep Replay: DER++-style wake replay, Fisher anchor, and a night of noisy
-  replay + prune/strengthen after each task.
-- ``*_eq`` rows give a replay baseline extra buffer-only steps at each task end (no noise, no
-  Fisher, no pruning) so its replay gradient steps equal SSR's.
+- ``derpp_ewc`` (control): tuned DER++ plus the online Fisher anchor SSR uses (same capped
+  penalty), refreshed at each task end from the task's data: SSR's protection without a night.
+- ``derpp_eq`` (control): tuned DER++ plus buffer-only replay at each task end, as many steps as
+  SSR's night (no noise, no Fisher, no pruning), its learning rate and distillation weight tuned
+  like SSR's night: SSR's replay compute without its mechanisms.
+- ``ssr``: Synaptic Sleep Replay on top of DER++'s tuned wake: the Fisher anchor, and a night of
+  noisy replay (and the Fisher it measures) after each task.
+- ``ssr_sleep_only``: SSR with no replay while awake: the day costs what naive fine-tuning costs.
+- ``ssr_adapters``: the on-device default path: a base first trained on task 0, then LoRA
+  adapters (rank 8) by day, merged and consolidated by night.
+- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``: one change each to ``ssr``.
+
+Hyperparameters come as ``hp[method]``; the controls and SSR add their own to DER++'s tuned
+wake (``hp["derpp"]``), so each spends the same tuning budget on what it adds.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from edge_sleep.fisher import fisher_sums
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.wake import effective_weights
 
-__all__ = ["Method", "default_methods", "ewc_consolidate", "buffer_only_sleep"]
+__all__ = ["Method", "default_methods", "ewc_consolidate", "buffer_only_sleep", "ssr_sleep"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,9 @@ class Method:
         sleep: sleep settings, or ``None`` for no sleep.
         ewc_samples: examples of each finished task used for the online-EWC Fisher (0: off).
         ewc_decay: online EWC's ``gamma``.
-        seeds: how many of the benchmark's seeds this row runs (ablations run one).
+        pretrain_lr: ``> 0``: first train the base on task 0 (one pass, plain SGD at this rate),
+            as a model shipped pretrained to a phone; then run the whole stream.
+        notes: what the row isolates.
     """
 
     name: str
@@ -50,60 +62,103 @@ class Method:
     sleep: SleepConfig | None = None
     ewc_samples: int = 0
     ewc_decay: float = 1.0
-    seeds: int = 3
+    pretrain_lr: float = 0.0
     notes: str = ""
 
 
-def buffer_only_sleep(lr: float, label_weight: float, distill_weight: float) -> SleepConfig:
-    """A 'sleep' that is plain replay on the store at the wake rate: no noise, Fisher or pruning."""
-    return SleepConfig(steps_per_wake_step=1.0, min_steps=0, lr=lr, noise_std=0.0,
-                       label_weight=label_weight, distill_weight=distill_weight, fisher_steps=0,
+def buffer_only_sleep(lr: float, distill_weight: float, steps_per_wake_step: float = 1.0) -> SleepConfig:
+    """A 'night' that is plain replay on the store: no noise, no Fisher, no pruning."""
+    return SleepConfig(steps_per_wake_step=steps_per_wake_step, min_steps=0, lr=lr, noise_std=0.0,
+                       label_weight=1.0, distill_weight=distill_weight, fisher_steps=0,
                        prune_frac=0.0, strengthen_eta=0.0, strengthen_frac=0.0)
+
+
+def ssr_sleep(hp: dict[str, float]) -> SleepConfig:
+    """SSR's night from its hyperparameters (``sleep_lr``, ``sleep_distill``, optional ``ratio``)."""
+    return SleepConfig(steps_per_wake_step=hp.get("ratio", 1.0), min_steps=0, lr=hp["sleep_lr"],
+                       distill_weight=hp.get("sleep_distill", 1.0), prune_frac=0.0, strengthen_eta=0.0)
 
 
 def ewc_consolidate(es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, decay: float) -> None:
     """Online EWC at a task boundary: per-sample Fisher of CE on ``(x, y)``, folded into the anchor."""
-    names = list(es._sleep_params)
+    names = list(es.base_parameters)
 
     def ce(logits: torch.Tensor, yi: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits, yi)
 
-    sums = fisher_sums(es.model, names, x, y, None, ce, chunk=256)
+    sums = fisher_sums(es.model, names, x.to(es.device), y.to(es.device), None, ce, chunk=256)
     fisher = {n: s / x.shape[0] for n, s in sums.items()}
     es.anchor.decay = decay
     es.anchor.update_(fisher, effective_weights(es.model, names))
 
 
 def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
-    """The benchmark's rows, from tuned hyperparameters ``hp[method] = {lr, alpha, beta, lam}``."""
-    def wake(name: str, **kw: Any) -> WakeConfig:
-        return WakeConfig(train="all", lr=hp[name]["lr"], **kw)
+    """The benchmark's rows, from tuned hyperparameters ``hp[method]``.
 
-    d, s = hp["derpp"], hp["ssr"]
-    er_w = wake("er", replay_alpha=0.0, replay_beta=1.0, anchor_lambda=0.0)
-    derpp_w = wake("derpp", replay_alpha=d["alpha"], replay_beta=d["beta"], anchor_lambda=0.0)
-    ssr_w = wake("ssr", replay_alpha=s["alpha"], replay_beta=s["beta"], anchor_lambda=s["lam"])
-    ssr_s = SleepConfig(steps_per_wake_step=1.0, min_steps=0, lr=s["sleep_lr"],
-                        distill_weight=s["sleep_distill"], prune_frac=s["prune_frac"],
-                        strengthen_eta=s["strengthen_eta"])
-    methods = [
-        Method("naive", wake("naive", replay_batch=0, anchor_lambda=0.0)),
-        Method("ewc", wake("ewc", replay_batch=0, anchor_lambda=hp["ewc"]["lam"]), ewc_samples=1000,
-               ewc_decay=hp["ewc"]["decay"]),
-        Method("er", er_w),
-        Method("er_eq", er_w, buffer_only_sleep(hp["er"]["lr"], 1.0, 0.0),
-               notes="ER + buffer-only steps at each task end: equal replay steps to SSR"),
-        Method("derpp", derpp_w),
-        Method("derpp_eq", derpp_w, buffer_only_sleep(d["lr"], d["beta"], d["alpha"]),
-               notes="DER++ + buffer-only steps at each task end: equal replay steps to SSR"),
-        Method("ssr", ssr_w, ssr_s),
-        Method("ssr_1to10", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0), seeds=1,
+    ``hp`` keys: ``naive {lr}``, ``ewc {lr, lam, decay}``, ``er {lr, beta}``, ``derpp {lr, alpha,
+    beta}``, ``derpp_ewc {lam, decay}``, ``derpp_eq {sleep_lr, sleep_distill}``, ``ssr {lam,
+    sleep_lr, sleep_distill}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
+    ``ssr_adapters {lr, lam, sleep_lr, sleep_distill}``. A missing key leaves its rows out; the
+    rows after ``derpp`` need it.
+    """
+    def wake(lr: float, **kw: Any) -> WakeConfig:
+        # the standard P-MNIST protocol trains unclipped; the adapters rows keep the library default
+        return WakeConfig(train="all", lr=lr, max_grad_norm=None, **kw)
+
+    methods: list[Method] = []
+    if "naive" in hp:
+        methods.append(Method("naive", wake(hp["naive"]["lr"], replay_batch=0, anchor_lambda=0.0)))
+    if "ewc" in hp:
+        e = hp["ewc"]
+        methods.append(Method("ewc", wake(e["lr"], replay_batch=0, anchor_lambda=e["lam"]), ewc_samples=1000,
+                              ewc_decay=e["decay"]))
+    if "er" in hp:
+        methods.append(Method("er", wake(hp["er"]["lr"], replay_alpha=0.0, replay_beta=hp["er"]["beta"],
+                                         anchor_lambda=0.0)))
+    if "derpp" not in hp:
+        return methods
+    d = hp["derpp"]
+    derpp_w = wake(d["lr"], replay_alpha=d["alpha"], replay_beta=d["beta"], anchor_lambda=0.0)
+    methods.append(Method("derpp", derpp_w))
+    if "derpp_ewc" in hp:
+        c = hp["derpp_ewc"]
+        methods.append(Method("derpp_ewc", dataclasses.replace(derpp_w, anchor_lambda=c["lam"]),
+                              ewc_samples=1000, ewc_decay=c["decay"],
+                              notes="DER++ + SSR's Fisher anchor refreshed at each task end from the "
+                                    "task's data: the protection without a night"))
+    if "derpp_eq" in hp:
+        c = hp["derpp_eq"]
+        methods.append(Method("derpp_eq", derpp_w, buffer_only_sleep(c["sleep_lr"], c["sleep_distill"]),
+                              notes="DER++ + buffer-only replay at each task end, as many steps as "
+                                    "SSR's night, its lr and distillation weight tuned"))
+    if "ssr_sleep_only" in hp:
+        c = hp["ssr_sleep_only"]
+        methods.append(Method("ssr_sleep_only", wake(c["lr"], replay_batch=0, anchor_lambda=c["lam"]),
+                              ssr_sleep(c),
+                              notes="no replay while awake: the day costs what naive fine-tuning costs"))
+    if "ssr_adapters" in hp:
+        c = hp["ssr_adapters"]
+        methods.append(Method("ssr_adapters",
+                              WakeConfig(train="adapters", lora_rank=8, lr=c["lr"], replay_alpha=d["alpha"],
+                                         replay_beta=d["beta"], anchor_lambda=c["lam"]),
+                              ssr_sleep(c), pretrain_lr=hp["naive"]["lr"] if "naive" in hp else 0.1,
+                              notes="base first trained on task 0; LoRA rank 8 by day (DER++'s replay), "
+                                    "merged and consolidated by night: the on-device default path"))
+    if "ssr" not in hp:
+        return methods
+    s = hp["ssr"]
+    ssr_w = dataclasses.replace(derpp_w, anchor_lambda=s["lam"])
+    ssr_s = ssr_sleep(s)
+    methods.insert(len(methods) - sum(m.name in ("ssr_sleep_only", "ssr_adapters") for m in methods),
+                   Method("ssr", ssr_w, ssr_s, notes="DER++'s wake + Fisher anchor + a night after each task"))
+    methods += [
+        Method("ssr_1to10", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0),
                notes="the seed paper's 1:10 wake:sleep ratio"),
-        Method("ssr_no_noise", ssr_w, dataclasses.replace(ssr_s, noise_std=0.0), seeds=1),
+        Method("ssr_no_noise", ssr_w, dataclasses.replace(ssr_s, noise_std=0.0),
+               notes="no consolidation noise"),
+        Method("ssr_no_anchor", dataclasses.replace(ssr_w, anchor_lambda=0.0), ssr_s,
+               notes="no Fisher anchor during the day"),
         Method("ssr_prune", ssr_w, dataclasses.replace(ssr_s, prune_frac=0.01, strengthen_eta=0.01),
-               notes="SSR with the consolidation kernel: prune 1% of alive weights a night (cap 20%), "
-                     "strengthen the top 1% by 1%"),
-        Method("ssr_no_anchor", dataclasses.replace(ssr_w, anchor_lambda=0.0), ssr_s, seeds=1),
-        Method("ssr_no_wake_replay", dataclasses.replace(ssr_w, replay_batch=0), ssr_s, seeds=1),
+               notes="prune 1% of alive weights a night (cap 20%), strengthen the top 1% by 1%"),
     ]
     return methods
