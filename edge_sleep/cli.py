@@ -1,4 +1,4 @@
-"""Command line: ``edge-sleep demo`` and ``edge-sleep bench``."""
+"""Command line: ``edge-sleep demo``, ``edge-sleep bench`` and ``edge-sleep export``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "run_demo"]
+__all__ = ["main", "run_demo", "run_export"]
 
 
 def _plot_matrices(mats: dict[str, np.ndarray], path: Path) -> None:
@@ -109,6 +109,49 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
     return mats
 
 
+def _model_factory(spec: str) -> object:
+    """``"package.module:callable"`` -> the callable (which returns a fresh model)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"edge-sleep export: --model {spec!r}; expected MODULE:CALLABLE, e.g. "
+                         "edge_sleep.bench.pmnist:mlp")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"edge-sleep export: cannot import --model {spec!r} ({e}). Fix: name an importable "
+                         "module and a callable in it that returns the model.") from None
+    if not callable(factory):
+        raise SystemExit(f"edge-sleep export: --model {spec!r} is not callable.")
+    return factory
+
+
+def run_export(checkpoint: Path, out: Path, model_spec: str, *, int8: bool = True, onnx: bool = True,
+               max_batch: int = 64) -> int:
+    """Load a checkpoint around a fresh model from ``model_spec`` and export its programs."""
+    import torch
+
+    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.export import export_programs
+    from edge_sleep.runtime import EdgeSleep
+
+    model = _model_factory(model_spec)()  # type: ignore[operator]
+    if not isinstance(model, torch.nn.Module):
+        raise SystemExit(f"edge-sleep export: --model {model_spec!r} returned a {type(model).__name__}; "
+                         "expected an nn.Module.")
+    t0 = time.perf_counter()
+    try:
+        es = EdgeSleep.load(checkpoint, model, store=":memory:")
+        manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch)
+    except EdgeSleepError as e:
+        raise SystemExit(f"edge-sleep export: {e}") from None
+    for name, info in sorted(manifest.files.items()):
+        print(f"{info['bytes']:>12,d}  {out / name}")
+    print(f"exported {', '.join(sorted(manifest.programs))} in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sleep", description="On-device continual learning with sleep.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,7 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--out", type=Path, default=Path("edge-sleep-demo.png"))
     sub.add_parser("bench", help="the Permuted-MNIST benchmark (benchmarks/pmnist.py); pass its flags after --",
                    add_help=False)
+    export = sub.add_parser("export", help="write the ExecuTorch programs (infer.pte, infer_int8.pte, "
+                                           ".ptd weights), model.onnx and manifest.json of a checkpoint")
+    export.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
+    export.add_argument("--out", type=Path, required=True, help="the export folder (replaced atomically)")
+    export.add_argument("--model", default="edge_sleep.bench.pmnist:mlp",
+                        help="MODULE:CALLABLE returning a fresh model of the checkpoint's architecture "
+                             "(default: the demo's MLP)")
+    export.add_argument("--no-int8", action="store_true", help="skip infer_int8.pte")
+    export.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
+    export.add_argument("--max-batch", type=int, default=64, help="largest batch the programs take")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "export":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.max_batch < 2:
+            parser.error(f"--max-batch={args.max_batch}; expected an integer >= 2")
+        return run_export(args.checkpoint, args.out, args.model, int8=not args.no_int8,
+                          onnx=not args.no_onnx, max_batch=args.max_batch)
     if args.command == "demo":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

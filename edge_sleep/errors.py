@@ -17,6 +17,7 @@ __all__ = [
     "FormatVersionError",
     "CorruptRecordError",
     "CallOrderError",
+    "ExportError",
     "check_format_version",
 ]
 
@@ -60,6 +61,10 @@ class CorruptRecordError(StoreError):
 
 class CallOrderError(EdgeSleepError, RuntimeError):
     """A method was called before the one it depends on."""
+
+
+class ExportError(EdgeSleepError, RuntimeError):
+    """An exported program, its weights or its manifest is missing, damaged or mismatched."""
 
 
 def check_format_version(owner: str, version: object, supported: int) -> None:

@@ -68,6 +68,9 @@ class EdgeSleep:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError("EdgeSleep", [f"model is a {type(model).__name__}; expected an nn.Module"])
+        if next(model.parameters(), None) is None:
+            raise ConfigError("EdgeSleep", [f"model ({type(model).__name__}) has no parameters; expected a model "
+                                            "with weights to learn"])
         self.model = model
         self.wake_config = wake or WakeConfig()
         self.sleep_config = sleep or SleepConfig()

@@ -152,3 +152,10 @@ def test_a_store_object_of_another_model_is_refused(tmp_path: Path) -> None:
     EdgeSleep(small_mlp(), store=store)
     with pytest.raises(FingerprintMismatchError, match="fingerprint"):
         EdgeSleep(small_mlp(d_in=5), store=store)
+
+
+def test_a_model_without_parameters_is_a_config_error() -> None:
+    from edge_sleep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no parameters"):
+        EdgeSleep(torch.nn.Identity())

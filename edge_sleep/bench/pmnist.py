@@ -50,7 +50,7 @@ TUNED: dict[str, dict[str, float]] = {
 }
 
 
-def mlp(seed: int) -> nn.Module:
+def mlp(seed: int = 0) -> nn.Module:
     """The protocol's MLP 784-100-100-10, initialised from ``seed``."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))

@@ -1,0 +1,170 @@
+"""``infer.pte`` and ``infer_int8.pte``: the inference programs, weights in a ``.ptd`` beside them.
+
+Stages, each named after what it produces (as ExecuTorch names them):
+``torch.export`` (dynamic batch) -> optional PT2E int8 quantization (dynamic activations,
+per-channel symmetric weights, the XNNPACK quantizer) -> every constant tagged for the external
+weights file -> ``to_edge_transform_and_lower`` with the XNNPACK partitioner ->
+``to_executorch`` with external constants. The ``.pte`` then holds the program only; a night's
+new weights ship as a new ``.ptd`` for the same ``.pte``.
+
+The program computes with the *effective* weights: :func:`inference_form` folds every adapter
+(and keep-mask) into a plain ``nn.Linear`` before export, so the graph is the base architecture's
+whatever the adapters, masks or nights did. That is what keeps the ``.pte`` byte-identical from
+one export to the next while only the ``.ptd`` changes, and it is the fastest form to serve.
+
+XNNPACK names each constant it reads from the ``.ptd`` by the SHA-256 of its bytes, which would
+write new weights' names into the program. :func:`_stable_constant_keys` names them by their
+position in the graph instead (``weights/0``, ``weights/1``, ...), so the names, and with them
+the ``.pte``, depend on the architecture only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from edge_sleep.adapters import LoRALinear
+from edge_sleep.modelio import logits_of
+
+__all__ = ["ProgramFiles", "to_infer_program", "inference_form", "WEIGHTS_TAG"]
+
+WEIGHTS_TAG = "weights"  # the .ptd file's stem: weights.ptd (int8: weights_int8.ptd)
+
+
+@dataclass(frozen=True)
+class ProgramFiles:
+    """An exported program: the ``.pte`` bytes and its external data files ``{stem: bytes}``."""
+
+    program: bytes
+    data: dict[str, bytes]
+
+
+class _Logits(nn.Module):
+    """``model``'s forward returning the logits tensor (a Hugging Face output's ``.logits``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+@torch.no_grad()
+def inference_form(model: nn.Module) -> nn.Module:
+    """A CPU copy of ``model`` in eval mode that computes the same logits with plain layers.
+
+    Every :class:`LoRALinear` becomes an ``nn.Linear`` holding its effective weight
+    ``W + s * (B @ A) * mask``; the output is the logits tensor. The original is not touched.
+    """
+    import copy
+
+    clone = copy.deepcopy(model).cpu().eval()
+    for name, m in list(clone.named_modules()):
+        if not isinstance(m, LoRALinear):
+            continue
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.weight.dtype)
+        plain.weight.copy_(m.effective_weight())
+        if m.bias is not None:
+            plain.bias.copy_(m.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(clone.get_submodule(parent_name) if parent_name else clone, child, plain)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return _Logits(clone).eval()
+
+
+_KEYS_LOCK = threading.Lock()
+
+
+class _PositionalKeys:
+    """Stands in for ``hashlib`` inside XNNPACK's serializer: a constant's key is its visit number."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix, self.count = prefix, 0
+
+    def sha256(self, data: bytes = b"") -> _PositionalKeys._Key:
+        key = self._Key(f"{self.prefix}/{self.count}")
+        self.count += 1
+        return key
+
+    class _Key:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def hexdigest(self) -> str:
+            return self.key
+
+
+@contextmanager
+def _stable_constant_keys(prefix: str) -> Iterator[None]:
+    """Within the block, XNNPACK keys constants by graph position, not by content hash."""
+    from executorch.backends.xnnpack.operators import node_visitor
+
+    with _KEYS_LOCK:
+        original = node_visitor.hashlib  # type: ignore[attr-defined]
+        node_visitor.hashlib = _PositionalKeys(prefix)  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            node_visitor.hashlib = original  # type: ignore[attr-defined]
+
+
+def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim]]:
+    return ({0: Dim("batch", min=1, max=max_batch)},)
+
+
+def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = False, max_batch: int = 64,
+                     calibration: list[torch.Tensor] | None = None) -> ProgramFiles:
+    """Export ``model``'s forward as an XNNPACK-delegated ExecuTorch program with a dynamic batch.
+
+    Args:
+        model: returns logits ``(B, C)`` for an input ``(B, *example.shape[1:])``; put in eval mode.
+        example: an example batch of at least 2 rows (a batch of 1 would be specialised).
+        int8: PT2E-quantize: int8 per-channel weights, dynamically quantized activations.
+        max_batch: the largest batch the program accepts.
+        calibration: batches run through the prepared model before conversion (int8 only;
+            default: ``example``).
+
+    Returns:
+        :class:`ProgramFiles` with the ``.pte`` and one ``.ptd`` holding every weight.
+    """
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+    tag = WEIGHTS_TAG + ("_int8" if int8 else "")
+    was_training = model.training
+    model.eval()
+    try:
+        shapes = _dynamic_batch(example, max_batch)
+        module = torch.export.export(model, (example,), dynamic_shapes=shapes, strict=True).module()
+        if int8:
+            from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+                XNNPACKQuantizer,
+                get_symmetric_quantization_config,
+            )
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+            quantizer = XNNPACKQuantizer().set_global(
+                get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+            prepared = prepare_pt2e(module, quantizer)  # type: ignore[arg-type]
+            with torch.no_grad():
+                for batch in calibration or [example]:
+                    prepared(batch)
+            module = convert_pt2e(prepared)
+        delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _: tag)
+        ep = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=True)
+        with _stable_constant_keys(tag):
+            lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: tag))
+    finally:
+        model.train(was_training)
+    data = {name: bytes(buf) for name, buf in program._tensor_data.items()}
+    return ProgramFiles(program=bytes(program.buffer), data=data)
