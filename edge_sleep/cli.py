@@ -1,4 +1,4 @@
-"""Command line: ``edge-sleep demo``, ``edge-sleep bench`` and ``edge-sleep export``."""
+"""Command line: ``edge-sleep demo``, ``bench``, ``export`` and ``profile``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "run_demo", "run_export"]
+__all__ = ["main", "run_demo", "run_export", "run_profile"]
 
 
 def _plot_matrices(mats: dict[str, np.ndarray], path: Path) -> None:
@@ -127,8 +127,24 @@ def _model_factory(spec: str) -> object:
     return factory
 
 
+def run_profile(path: Path, *, runs: int = 50, batch: int = 1, top: int = 25) -> int:
+    """Print ExecuTorch's per-operator timing of an exported inference program."""
+    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.export.profile import format_profile, profile_program, resolve_program
+
+    try:
+        directory, name = resolve_program(path)
+        frame = profile_program(directory, name, runs=runs, batch=batch)
+    except EdgeSleepError as e:
+        raise SystemExit(f"edge-sleep profile: {e}") from None
+    print(f"{directory / (name + '.pte')}: {runs} runs at batch {batch}, the {min(top, len(frame))} slowest "
+          "events by median (ExecuTorch ETDump + Inspector)")
+    print(format_profile(frame, top))
+    return 0
+
+
 def run_export(checkpoint: Path, out: Path, model_spec: str, *, int8: bool = True, onnx: bool = True,
-               max_batch: int = 64) -> int:
+               max_batch: int = 64, etrecord: bool = False) -> int:
     """Load a checkpoint around a fresh model from ``model_spec`` and export its programs."""
     import torch
 
@@ -143,7 +159,7 @@ def run_export(checkpoint: Path, out: Path, model_spec: str, *, int8: bool = Tru
     t0 = time.perf_counter()
     try:
         es = EdgeSleep.load(checkpoint, model, store=":memory:")
-        manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch)
+        manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch, etrecord=etrecord)
     except EdgeSleepError as e:
         raise SystemExit(f"edge-sleep export: {e}") from None
     for name, info in sorted(manifest.files.items()):
@@ -174,14 +190,27 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--no-int8", action="store_true", help="skip infer_int8.pte")
     export.add_argument("--no-onnx", action="store_true", help="skip model.onnx")
     export.add_argument("--max-batch", type=int, default=64, help="largest batch the programs take")
+    export.add_argument("--etrecord", action="store_true",
+                        help="also write infer.etrecord, which `edge-sleep profile` uses to name operators")
+    prof = sub.add_parser("profile", help="per-operator timing of an exported infer.pte (ETDump + Inspector)")
+    prof.add_argument("program", type=Path, help="infer.pte (or infer_int8.pte) in an export folder, or the folder")
+    prof.add_argument("--runs", type=int, default=50)
+    prof.add_argument("--batch", type=int, default=1)
+    prof.add_argument("--top", type=int, default=25, help="how many of the slowest events to print")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "profile":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.runs < 1 or args.top < 1:
+            parser.error(f"--runs={args.runs}, --top={args.top}; expected integers >= 1")
+        return run_profile(args.program, runs=args.runs, batch=args.batch, top=args.top)
     if args.command == "export":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.max_batch < 2:
             parser.error(f"--max-batch={args.max_batch}; expected an integer >= 2")
         return run_export(args.checkpoint, args.out, args.model, int8=not args.no_int8,
-                          onnx=not args.no_onnx, max_batch=args.max_batch)
+                          onnx=not args.no_onnx, max_batch=args.max_batch, etrecord=args.etrecord)
     if args.command == "demo":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

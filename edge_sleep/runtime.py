@@ -10,7 +10,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from edge_sleep.modelio import activation_module_names, logits_of, model_fingerp
 from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
 from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights, wake_step
+
+if TYPE_CHECKING:
+    from edge_sleep.export.engine import ExecuTorchEngine
 
 __all__ = ["EdgeSleep", "RUNTIME_FORMAT_VERSION"]
 
@@ -41,6 +44,9 @@ class EdgeSleep:
         wake: day-time settings.
         sleep: night-time settings.
         seed: seeds the store's and the noise's generators (same seed, same result).
+        engine: ``"torch"`` (eager) or ``"executorch"``: wake steps through the exported
+            ``train.pte`` and predictions through ``infer.pte`` (:mod:`edge_sleep.export.engine`);
+            needs ``WakeConfig(train="adapters")`` and no ``latent_layer``. The night runs on torch.
 
     Example:
         >>> import torch
@@ -65,7 +71,18 @@ class EdgeSleep:
         wake: WakeConfig | None = None,
         sleep: SleepConfig | None = None,
         seed: int = 0,
+        engine: str = "torch",
     ) -> None:
+        if engine not in ("torch", "executorch"):
+            raise ConfigError("EdgeSleep", [f"engine={engine!r}; expected 'torch' or 'executorch'"])
+        if engine == "executorch":
+            problems = []
+            if (wake or WakeConfig()).train != "adapters":
+                problems.append("engine='executorch' trains LoRA adapters only; expected WakeConfig(train='adapters')")
+            if store_config is not None and store_config.latent_layer is not None:
+                problems.append("engine='executorch' stores inputs; expected StoreConfig(latent_layer=None)")
+            if problems:
+                raise ConfigError("EdgeSleep", problems)
         if not isinstance(model, nn.Module):
             raise ConfigError("EdgeSleep", [f"model is a {type(model).__name__}; expected an nn.Module"])
         if next(model.parameters(), None) is None:
@@ -117,6 +134,9 @@ class EdgeSleep:
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
         self.sleep_state: SleepState | None = None
         self._optimizer = torch.optim.SGD(self._wake_params, lr=self.wake_config.lr)
+        self.engine = engine
+        self._et: ExecuTorchEngine | None = None  # built on first use, rebuilt after each night
+        self._et_stale = True
 
     @property
     def device(self) -> torch.device:
@@ -210,6 +230,8 @@ class EdgeSleep:
         if self.num_classes is None:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
+        if self.engine == "executorch":
+            self._executorch().check_batch(x)  # before the store's generator moves
         cfg = self.wake_config
         self.model.train()
         r1 = r2 = None
@@ -223,11 +245,14 @@ class EdgeSleep:
             def penalty_fn() -> torch.Tensor:
                 weights = effective_weights(self.model, list(self.anchor.fisher))
                 return self.anchor.penalty(weights, cfg.anchor_lambda, cfg.lr)
-        losses, latent, logits = wake_step(
-            self._forward, self._replay_forward, self._optimizer, x, y,
-            replay_logits=r1, replay_labels=r2, alpha=cfg.replay_alpha, beta=cfg.replay_beta,
-            penalty_fn=penalty_fn, max_grad_norm=cfg.max_grad_norm,
-        )
+        if self.engine == "executorch":
+            losses, latent, logits = self._executorch().step(self, x, y, r1, r2)
+        else:
+            losses, latent, logits = wake_step(
+                self._forward, self._replay_forward, self._optimizer, x, y,
+                replay_logits=r1, replay_labels=r2, alpha=cfg.replay_alpha, beta=cfg.replay_beta,
+                penalty_fn=penalty_fn, max_grad_norm=cfg.max_grad_norm,
+            )
         replayed = sum(int(r.y.shape[0]) for r in (r1, r2) if r is not None)
         stats = WakeStats(losses["loss"], losses["new_loss"], losses["replay_loss"], losses["penalty"],
                           int(x.shape[0]), 0, losses["grad_norm"], replayed, losses["skipped"])
@@ -250,6 +275,8 @@ class EdgeSleep:
     def logits(self, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
         """Logits ``(B, C)`` in eval mode, computed in batches of ``batch_size``."""
         x = self._check_input(x)
+        if self.engine == "executorch" and self.num_classes is not None:
+            return self._executorch().logits(x.cpu())
         was_training = self.model.training
         self.model.eval()
         try:
@@ -299,6 +326,7 @@ class EdgeSleep:
                 raise CallOrderError("sleep() found an empty replay store; call learn() with some "
                                      "examples before sleep().")
             self.sleep_state = SleepState(total_steps=total, wake_steps=self.wake_steps_since_sleep)
+        self._et_stale = True  # the night changes the weights the programs were exported with
         if self.wake_config.train == "adapters":
             # consolidate the day's adapters into the base; on a resumed night, also what was
             # learned between its halves (merging does not change the function)
@@ -324,6 +352,17 @@ class EdgeSleep:
             self.sleep_state = None
             self._sync_lora_masks()
         return report
+
+    def _executorch(self) -> ExecuTorchEngine:
+        """The ExecuTorch engine, (re-)exported when the weights changed outside it (a night, a load)."""
+        if self._et is None:
+            from edge_sleep.export.engine import ExecuTorchEngine
+
+            self._et = ExecuTorchEngine()
+        if self._et_stale:
+            self._et.rebuild(self)
+            self._et_stale = False
+        return self._et
 
     def _sync_lora_masks(self) -> None:
         """Give each adapted layer its keep-mask, so pruned weights stay zero in the adapter's update."""
@@ -373,6 +412,7 @@ class EdgeSleep:
         spec = state["input_spec"]
         self.input_spec = None if spec is None else (tuple(spec[0]), bool(spec[1]))
         self.sleep_state = sleep_state
+        self._et_stale = True
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
 
@@ -393,6 +433,7 @@ class EdgeSleep:
                 "store_config": dataclasses.asdict(self.store_config),
                 "store_path": str(self.store.path.resolve()) if str(self.store.path) != ":memory:" else None,
                 "seed": self.seed,
+                "engine": self.engine,
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
             old = directory.with_name(f".{directory.name}.old")
@@ -430,6 +471,7 @@ class EdgeSleep:
             wake=config_from_dict(WakeConfig, meta["wake"]),
             sleep=config_from_dict(SleepConfig, meta["sleep"]),
             seed=meta["seed"],
+            engine=meta.get("engine", "torch"),
         )
         es.load_state_dict(torch.load(directory / "state.pt", weights_only=True))
         return es

@@ -59,12 +59,14 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_the_folder_holds_what_the_manifest_says(exported: Exported) -> None:
     m = read_manifest(exported.first)
     names = {p.name for p in exported.first.iterdir()}
-    assert names == {"infer.pte", "weights.ptd", "infer_int8.pte", "weights_int8.ptd", "model.onnx",
-                     "manifest.json"}
+    assert names == {"infer.pte", "weights.ptd", "infer_int8.pte", "weights_int8.ptd", "train.pte",
+                     "train.ptd", "model.onnx", "manifest.json"}
     assert set(m.files) == names - {"manifest.json"}
     assert m.fingerprint == exported.es.fingerprint and m.input_shape == [784] and m.input_dtype == "float32"
     assert m.num_classes == 10 and m.max_batch == 64
     assert m.lora == {"rank": 4, "alpha": 16.0, "targets": ["0", "2", "4"]}
+    assert m.adapters == ["0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b", "4.lora_a", "4.lora_b"]
+    assert m.max_replay == 128 and m.programs["train"] == {"pte": "train.pte", "ptd": "train.ptd"}
     # weights live in the .ptd, the program is small; int8 weights are about 4x smaller
     assert m.files["infer.pte"]["bytes"] < 20_000 < 300_000 < m.files["weights.ptd"]["bytes"]
     assert m.files["weights_int8.ptd"]["bytes"] < m.files["weights.ptd"]["bytes"] / 3
@@ -98,10 +100,11 @@ def test_onnx_matches_eager_through_onnxruntime(exported: Exported) -> None:
         assert abs(out - exported.first_logits[:batch].numpy()).max() <= 1e-5
 
 
-def test_a_night_changes_only_the_weights_file(exported: Exported, tmp_path: Path) -> None:
+def test_a_night_changes_only_the_weights_files(exported: Exported, tmp_path: Path) -> None:
     a, b = read_manifest(exported.first), read_manifest(exported.second)
-    assert a.files["infer.pte"]["sha256"] == b.files["infer.pte"]["sha256"]
-    assert a.files["weights.ptd"]["sha256"] != b.files["weights.ptd"]["sha256"]
+    for program, weights in (("infer.pte", "weights.ptd"), ("train.pte", "train.ptd")):
+        assert a.files[program]["sha256"] == b.files[program]["sha256"], program
+        assert a.files[weights]["sha256"] != b.files[weights]["sha256"], weights
     assert exported.es.masks, "the night should have pruned (the program must not depend on masks)"
     # the unchanged first program, with only the new weights file: the current model, in one
     # process that still holds the old program (no cache of old weights by name)
@@ -159,7 +162,9 @@ def test_damaged_folders_name_the_file(exported: Exported, tmp_path: Path) -> No
     with pytest.raises(ExportError, match="not a readable manifest"):
         load_program(garbled)
 
-    with pytest.raises(ExportError, match="no program 'train'"):
+    with pytest.raises(ExportError, match="no inference program 'nope'"):
+        load_program(exported.first, "nope")
+    with pytest.raises(ExportError, match="engine='executorch'"):
         load_program(exported.first, "train")
 
 
@@ -202,8 +207,19 @@ def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: py
 
     exported.es.save(tmp_path / "ckpt")
     assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--no-int8",
-                 "--no-onnx"]) == 0
+                 "--no-onnx", "--etrecord"]) == 0
     assert "infer.pte" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "out").programs["infer"]["etrecord"] == "infer.etrecord"
+    # the per-operator profile, with the ETRecord naming what ran inside XNNPACK
+    assert main(["profile", str(tmp_path / "out" / "infer.pte"), "--runs", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "3 runs at batch 1" in table and "p50 (ms)" in table and "XnnpackBackend" in table
+    assert main(["profile", str(exported.second), "--runs", "2", "--batch", "4"]) == 0  # no ETRecord
+    assert "Method::execute" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="neither a .pte file nor an export folder"):
+        main(["profile", str(tmp_path / "nothing.txt")])
+    with pytest.raises(SystemExit, match="batch=65"):
+        main(["profile", str(exported.second), "--batch", "65"])
     # same model, same weights: the same program and weights as the library call
     want = read_manifest(exported.second).files
     got = read_manifest(tmp_path / "out").files

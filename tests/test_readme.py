@@ -20,3 +20,16 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
     assert namespace["report"].completed  # type: ignore[attr-defined]
     assert os.path.exists("replay.db") and os.path.isdir("ckpt")
+
+
+def test_readme_latency_table_is_what_the_benchmark_wrote() -> None:
+    import json
+
+    result = json.loads((README.parent / "benchmarks" / "results" / "latency.json").read_text())
+    text = README.read_text()
+    keys = ("torch_us", "torch_folded_us", "pte_us", "pte_raw_us", "pte_int8_us", "onnx_us")
+    for label, row in (("P-MNIST MLP + LoRA r8", result["infer"]), ("MiniLM-L6 + LoRA r8, 32 tokens", result["minilm"])):
+        cells = "".join(f" {row[k]:,.0f} µs |" for k in keys)
+        assert f"| {label} |{cells}" in text, label
+    assert f"{result['infer']['pte_speedup_vs_torch']:.1f}x faster than eager torch" in text
+    assert f"{result['train_step']['pte_us']:,.0f} µs through `train.pte`" in text

@@ -4,6 +4,8 @@
 
 - ``infer.pte`` + ``weights.ptd``: fp32 inference, dynamic batch, every weight in the ``.ptd``;
 - ``infer_int8.pte`` + ``weights_int8.ptd``: PT2E int8 (per-channel weights, dynamic activations);
+- ``train.pte`` + ``train.ptd``: the wake step (loss and the adapters' gradients) and the live
+  logits, for a model with LoRA adapters (:mod:`edge_sleep.export.train`);
 - ``model.onnx``: the same graph for ONNX Runtime, checked with ``onnx.checker``;
 - ``manifest.json``: SHA-256 of every file, the input shape and dtype, the model fingerprint the
   replay store uses, the LoRA rank and targets.
@@ -29,11 +31,12 @@ from edge_sleep.export.infer import ProgramFiles, inference_form, to_infer_progr
 from edge_sleep.export.manifest import MANIFEST_FORMAT_VERSION, Manifest, read_manifest
 from edge_sleep.export.onnx import to_onnx
 from edge_sleep.export.runner import ExportedProgram, load_program
+from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program
 
 if TYPE_CHECKING:
     from edge_sleep.runtime import EdgeSleep
 
-__all__ = ["export_programs", "export_onnx", "load_program", "read_manifest", "Manifest", "ExportedProgram",
+__all__ = ["export_programs", "export_onnx", "anchor_coefficients", "to_train_program", "load_program", "read_manifest", "Manifest", "ExportedProgram",
            "ProgramFiles", "inference_form", "to_infer_program", "to_onnx", "MANIFEST_FORMAT_VERSION"]
 
 
@@ -80,8 +83,19 @@ def export_onnx(es: EdgeSleep, example_input: torch.Tensor | None, path: str | P
     return path
 
 
+def anchor_coefficients(es: EdgeSleep) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``({weight: min(lambda F, 1/(2 lr))}, {weight: reference})`` of the wake-time anchor (empty if off)."""
+    cfg = es.wake_config
+    if not es.anchor or cfg.anchor_lambda <= 0:
+        return {}, {}
+    cap = 1.0 / (2.0 * cfg.lr)
+    coefs = {n: (cfg.anchor_lambda * f).clamp(max=cap) for n, f in es.anchor.fisher.items()}
+    return coefs, dict(es.anchor.reference)
+
+
 def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: str | Path, *,
-                    int8: bool = True, onnx: bool = True, max_batch: int = 64) -> Manifest:
+                    int8: bool = True, onnx: bool = True, train: bool | None = None, max_batch: int = 64,
+                    max_replay: int | None = None, etrecord: bool = False) -> Manifest:
     """Export ``es``'s model as the on-device programs into ``out_dir`` (replaced atomically).
 
     Args:
@@ -91,7 +105,13 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
             learned from.
         int8: also write ``infer_int8.pte``.
         onnx: also write ``model.onnx``.
+        train: also write ``train.pte`` + ``train.ptd`` (the wake step, adapters trainable);
+            ``None``: when the model has adapters.
         max_batch: the largest batch the programs accept.
+        max_replay: the largest replay batch ``train.pte`` accepts (default: the wake config's
+            ``replay_batch``, at least 4).
+        etrecord: also write ``infer.etrecord`` (and ``infer_int8.etrecord``), which
+            ``edge-sleep profile`` uses to name the operators it times.
 
     Returns:
         The written :class:`Manifest`.
@@ -105,12 +125,23 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
     model = inference_form(es.model)
     mods = lora_modules(es.model)
     first = next(iter(mods.values()), None)
+    if train is None:
+        train = first is not None
+    if train and first is None:
+        raise InputError("train=True, but the model has no adapters; train.pte trains LoRA adapters only. "
+                         "Fix: use WakeConfig(train='adapters'), or export with train=False.")
+    if max_replay is None:
+        max_replay = max(4, es.wake_config.replay_batch)
+    if not isinstance(max_replay, int) or isinstance(max_replay, bool) or max_replay < 4:
+        raise InputError(f"max_replay={max_replay!r}; expected an integer >= 4.")
     manifest = Manifest(
         fingerprint=es.fingerprint, input_shape=list(x.shape[1:]),
         input_dtype="float32" if x.is_floating_point() else "int64", max_batch=max_batch,
         num_classes=int(es.num_classes or 0),
         lora=None if first is None else {"rank": first.rank, "alpha": first.scaling * first.rank,
                                          "targets": sorted(mods)},
+        max_replay=max_replay if train else 0,
+        adapters=adapter_names(es.model) if train else [],
     )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -119,11 +150,21 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         for name, quantized in (("infer", False), ("infer_int8", True)):
             if quantized and not int8:
                 continue
-            files = to_infer_program(model, x, int8=quantized, max_batch=max_batch)
+            files = to_infer_program(model, x, int8=quantized, max_batch=max_batch, etrecord=etrecord)
             (stem, data), = files.data.items()
             manifest.add_file(tmp, f"{name}.pte", files.program)
             manifest.add_file(tmp, f"{stem}.ptd", data)
             manifest.programs[name] = {"pte": f"{name}.pte", "ptd": f"{stem}.ptd"}
+            if files.etrecord is not None:
+                manifest.add_file(tmp, f"{name}.etrecord", files.etrecord)
+                manifest.programs[name]["etrecord"] = f"{name}.etrecord"
+        if train:
+            coefs, refs = anchor_coefficients(es)
+            files = to_train_program(es.model, x, manifest.num_classes, anchor_coefs=coefs, references=refs,
+                                     max_batch=max_batch, max_replay=max_replay)
+            manifest.add_file(tmp, "train.pte", files.program)
+            manifest.add_file(tmp, "train.ptd", files.data[TRAIN_TAG])
+            manifest.programs["train"] = {"pte": "train.pte", "ptd": "train.ptd"}
         if onnx:
             manifest.add_file(tmp, "model.onnx", to_onnx(model, x, max_batch=max_batch))
             manifest.programs["onnx"] = {"onnx": "model.onnx"}

@@ -13,17 +13,19 @@ whatever the adapters, masks or nights did. That is what keeps the ``.pte`` byte
 one export to the next while only the ``.ptd`` changes, and it is the fastest form to serve.
 
 XNNPACK names each constant it reads from the ``.ptd`` by the SHA-256 of its bytes, which would
-write new weights' names into the program. :func:`_stable_constant_keys` names them by their
-position in the graph instead (``weights/0``, ``weights/1``, ...), so the names, and with them
-the ``.pte``, depend on the architecture only.
+write new weights' names into the program. The export names them by their
+position in the graph instead (``weights/0``, ``weights/1``, ...; :func:`positional_keys`), so
+the names, and with them the ``.pte``, depend on the architecture only.
 """
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,17 +34,19 @@ from torch.export import Dim
 from edge_sleep.adapters import LoRALinear
 from edge_sleep.modelio import logits_of
 
-__all__ = ["ProgramFiles", "to_infer_program", "inference_form", "WEIGHTS_TAG"]
+__all__ = ["ProgramFiles", "to_infer_program", "inference_form", "positional_keys", "WEIGHTS_TAG"]
 
 WEIGHTS_TAG = "weights"  # the .ptd file's stem: weights.ptd (int8: weights_int8.ptd)
 
 
 @dataclass(frozen=True)
 class ProgramFiles:
-    """An exported program: the ``.pte`` bytes and its external data files ``{stem: bytes}``."""
+    """An exported program: the ``.pte`` bytes, its external data files ``{stem: bytes}`` and,
+    when asked for, its ETRecord (the graphs ``edge-sleep profile`` maps timings back to)."""
 
     program: bytes
     data: dict[str, bytes]
+    etrecord: bytes | None = None
 
 
 class _Logits(nn.Module):
@@ -103,17 +107,21 @@ class _PositionalKeys:
 
 
 @contextmanager
-def _stable_constant_keys(prefix: str) -> Iterator[None]:
-    """Within the block, XNNPACK keys constants by graph position, not by content hash."""
-    from executorch.backends.xnnpack.operators import node_visitor
+def positional_keys(module: Any, prefix: str) -> Iterator[None]:
+    """Within the block, ``module``'s ``hashlib.sha256(data).hexdigest()`` gives ``prefix/0``, ``prefix/1``...
 
+    ExecuTorch names and deduplicates constants by the hash of their bytes (XNNPACK's serializer
+    keys the ``.ptd`` by it; the emitter shares one buffer between equal constants). Either puts
+    the weights' values into the program. With positional keys the program depends on the graph
+    only, and no two constants are merged because they happen to hold equal values today.
+    """
     with _KEYS_LOCK:
-        original = node_visitor.hashlib  # type: ignore[attr-defined]
-        node_visitor.hashlib = _PositionalKeys(prefix)  # type: ignore[attr-defined]
+        original = module.hashlib
+        module.hashlib = _PositionalKeys(prefix)
         try:
             yield
         finally:
-            node_visitor.hashlib = original  # type: ignore[attr-defined]
+            module.hashlib = original
 
 
 def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim]]:
@@ -121,7 +129,7 @@ def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim
 
 
 def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = False, max_batch: int = 64,
-                     calibration: list[torch.Tensor] | None = None) -> ProgramFiles:
+                     calibration: list[torch.Tensor] | None = None, etrecord: bool = False) -> ProgramFiles:
     """Export ``model``'s forward as an XNNPACK-delegated ExecuTorch program with a dynamic batch.
 
     Args:
@@ -131,6 +139,7 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
         max_batch: the largest batch the program accepts.
         calibration: batches run through the prepared model before conversion (int8 only;
             default: ``example``).
+        etrecord: also return the ETRecord for profiling (about the size of the weights).
 
     Returns:
         :class:`ProgramFiles` with the ``.pte`` and one ``.ptd`` holding every weight.
@@ -161,10 +170,21 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
             module = convert_pt2e(prepared)
         delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _: tag)
         ep = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=True)
-        with _stable_constant_keys(tag):
-            lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-        program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: tag))
+        from executorch.backends.xnnpack.operators import node_visitor
+
+        with positional_keys(node_visitor, tag):
+            lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                                  generate_etrecord=etrecord)
+        from executorch.exir.emit import _emitter
+
+        with positional_keys(_emitter, tag):  # constants outside XNNPACK (embeddings...) as well
+            program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: tag))
     finally:
         model.train(was_training)
     data = {name: bytes(buf) for name, buf in program._tensor_data.items()}
-    return ProgramFiles(program=bytes(program.buffer), data=data)
+    record = None
+    if etrecord:
+        buffer = io.BytesIO()
+        program.get_etrecord().save(buffer)
+        record = buffer.getvalue()
+    return ProgramFiles(program=bytes(program.buffer), data=data, etrecord=record)

@@ -36,6 +36,9 @@ class Manifest:
         max_batch: the largest batch the programs accept.
         num_classes: logits per example.
         lora: ``{"rank", "alpha", "targets"}`` of the adapters, or ``None`` without adapters.
+        max_replay: the largest replay batch ``train.pte`` takes (0 without it).
+        adapters: the trainable tensors of ``train.pte`` in the order its ``logits`` method takes
+            them (empty without it).
         programs: ``{name: {"pte": file, "ptd": file}}`` for the ExecuTorch programs, and
             ``{"onnx": {"onnx": file}}`` for the ONNX graph.
         files: ``{file: {"sha256", "bytes"}}`` for every file in the folder but the manifest.
@@ -47,6 +50,8 @@ class Manifest:
     max_batch: int
     num_classes: int
     lora: dict[str, Any] | None
+    max_replay: int = 0
+    adapters: list[str] = field(default_factory=list)
     programs: dict[str, dict[str, str]] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION

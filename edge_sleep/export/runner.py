@@ -7,6 +7,7 @@ thread pool: ``torch.set_num_threads(1)`` in the process keeps torch's from comp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ class ExportedProgram:
         from executorch.runtime import Runtime
 
         self.directory, self.manifest, self.name = directory, manifest, name
+        self._shape = tuple(manifest.input_shape)
+        self._dtype = _DTYPES[manifest.input_dtype]
         files = manifest.programs[name]
         manifest.verify(directory, [files["pte"], files["ptd"]])
         pte, ptd = directory / files["pte"], directory / files["ptd"]
@@ -46,17 +49,17 @@ class ExportedProgram:
             InputError: not a tensor, wrong per-example shape or dtype, batch outside
                 ``[1, max_batch]``, or NaN/inf values. The program is not run then.
         """
-        m = self.manifest
-        want = (tuple(m.input_shape), _DTYPES[m.input_dtype])
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{self.name} got a {type(x).__name__}; expected a torch.Tensor batch.")
-        if tuple(x.shape[1:]) != want[0] or x.dtype != want[1] or x.ndim < 1:
+        if x.ndim < 1 or x.shape[1:] != self._shape or x.dtype != self._dtype:
             raise InputError(f"{self.name} got shape {tuple(x.shape)} of dtype {x.dtype}; expected (B, "
-                             f"{', '.join(map(str, want[0]))}) of dtype {want[1]}. Fix: reshape or cast the batch.")
-        if not 1 <= x.shape[0] <= m.max_batch:
-            raise InputError(f"{self.name} got a batch of {x.shape[0]}; the program takes 1 to {m.max_batch}. "
-                             "Fix: split the batch, or export with a larger max_batch.")
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                             f"{', '.join(map(str, self._shape))}) of dtype {self._dtype}. Fix: reshape or cast "
+                             "the batch.")
+        if not 1 <= x.shape[0] <= self.manifest.max_batch:
+            raise InputError(f"{self.name} got a batch of {x.shape[0]}; the program takes 1 to "
+                             f"{self.manifest.max_batch}. Fix: split the batch, or export with a larger max_batch.")
+        # a finite sum proves every value finite (one pass, no mask); only if it is not, look closer
+        if x.is_floating_point() and not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
             raise InputError(f"{self.name} got NaN or inf in its input; expected finite values.")
         return self._method.execute([x.contiguous()])[0]
 
@@ -70,7 +73,10 @@ def load_program(directory: str | Path, name: str = "infer") -> ExportedProgram:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if name not in manifest.programs or "pte" not in manifest.programs[name]:
-        known = sorted(k for k, v in manifest.programs.items() if "pte" in v)
-        raise ExportError(f"{str(directory)!r} has no program {name!r}; it has {known}.")
+    known = sorted(k for k, v in manifest.programs.items() if "pte" in v and k != "train")
+    if name == "train" and "train" in manifest.programs:
+        raise ExportError("load_program() runs the inference programs; train.pte is driven by "
+                          "EdgeSleep(..., engine='executorch') (edge_sleep.export.engine).")
+    if name not in known:
+        raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
     return ExportedProgram(directory, manifest, name)

