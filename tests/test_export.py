@@ -60,7 +60,7 @@ def test_the_folder_holds_what_the_manifest_says(exported: Exported) -> None:
     m = read_manifest(exported.first)
     names = {p.name for p in exported.first.iterdir()}
     assert names == {"infer.pte", "weights.ptd", "infer_int8.pte", "weights_int8.ptd", "train.pte",
-                     "train.ptd", "model.onnx", "manifest.json"}
+                     "train.ptd", "consolidate.pte", "model.onnx", "manifest.json"}
     assert set(m.files) == names - {"manifest.json"}
     assert m.fingerprint == exported.es.fingerprint and m.input_shape == [784] and m.input_dtype == "float32"
     assert m.num_classes == 10 and m.max_batch == 64
@@ -232,3 +232,33 @@ def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: py
     with pytest.raises(SystemExit, match="cannot import"):
         main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o2"), "--model", "no.such:thing"])
     assert not (tmp_path / "o2").exists()
+
+
+def test_consolidate_pte_prunes_and_strengthens_like_the_torch_night(exported: Exported) -> None:
+    from edge_sleep.config import SleepConfig
+    from edge_sleep.export import load_consolidate
+    from edge_sleep.export.consolidate import prune_key
+    from edge_sleep.kernels import kth_smallest, prune_count, significance
+    from edge_sleep.sleep import consolidate_weights_
+
+    program = load_consolidate(exported.first)
+    es = exported.es
+    cfg = SleepConfig(prune_frac=0.2, strengthen_frac=0.05, strengthen_eta=0.1)
+    for name in ("0.weight", "4.weight"):
+        w = es.model.get_parameter(name).detach().clone()
+        f = es.anchor.fisher[name].clone()
+        keep = es.masks[name].clone()
+        assert (~keep).any(), "the fixture's night pruned some weights already"
+        weights, masks = {name: w.clone()}, {name: keep.clone()}
+        consolidate_weights_(weights, {name: f}, masks, cfg)
+        s = significance(f, w)
+        k = prune_count(w.numel(), int((~keep).sum()), cfg.prune_frac, cfg.sparsity_cap)
+        key = prune_key(s, w, keep, k)
+        if name == "0.weight":  # pixels that are always 0: thousands of weights tie at s = 0
+            assert int((s[keep] == key[0]).sum()) > k
+        strong = kth_smallest(s, w.numel() - int(cfg.strengthen_frac * w.numel()))
+        new_w, new_keep, sig = program(w, f, keep, key, strong, cfg.strengthen_eta)
+        assert torch.equal(new_keep, masks[name]) and torch.equal(sig, s)
+        assert (new_w - weights[name]).abs().max().item() <= 1e-6
+    with pytest.raises(InputError, match="expected one shape"):
+        program(torch.zeros(3), torch.zeros(4), torch.ones(3, dtype=torch.bool), (0.0, 0.0, 0), 1.0, 0.1)

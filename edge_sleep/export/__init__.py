@@ -6,6 +6,8 @@
 - ``infer_int8.pte`` + ``weights_int8.ptd``: PT2E int8 (per-channel weights, dynamic activations);
 - ``train.pte`` + ``train.ptd``: the wake step (loss and the adapters' gradients) and the live
   logits, for a model with LoRA adapters (:mod:`edge_sleep.export.train`);
+- ``consolidate.pte``: the night's prune / strengthen kernel for one weight matrix, given its
+  thresholds (:mod:`edge_sleep.export.consolidate`);
 - ``model.onnx``: the same graph for ONNX Runtime, checked with ``onnx.checker``;
 - ``manifest.json``: SHA-256 of every file, the input shape and dtype, the model fingerprint the
   replay store uses, the LoRA rank and targets.
@@ -27,6 +29,7 @@ import torch
 
 from edge_sleep.adapters import lora_modules
 from edge_sleep.errors import CallOrderError, InputError
+from edge_sleep.export.consolidate import ConsolidateProgram, load_consolidate, to_consolidate_program
 from edge_sleep.export.infer import ProgramFiles, inference_form, to_infer_program
 from edge_sleep.export.manifest import MANIFEST_FORMAT_VERSION, Manifest, read_manifest
 from edge_sleep.export.onnx import to_onnx
@@ -36,7 +39,8 @@ from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program
 if TYPE_CHECKING:
     from edge_sleep.runtime import EdgeSleep
 
-__all__ = ["export_programs", "export_onnx", "anchor_coefficients", "to_train_program", "load_program", "read_manifest", "Manifest", "ExportedProgram",
+__all__ = ["export_programs", "export_onnx", "anchor_coefficients", "to_train_program", "load_consolidate",
+           "ConsolidateProgram", "to_consolidate_program", "load_program", "read_manifest", "Manifest", "ExportedProgram",
            "ProgramFiles", "inference_form", "to_infer_program", "to_onnx", "MANIFEST_FORMAT_VERSION"]
 
 
@@ -95,7 +99,7 @@ def anchor_coefficients(es: EdgeSleep) -> tuple[dict[str, torch.Tensor], dict[st
 
 def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: str | Path, *,
                     int8: bool = True, onnx: bool = True, train: bool | None = None, max_batch: int = 64,
-                    max_replay: int | None = None, etrecord: bool = False) -> Manifest:
+                    max_replay: int | None = None, etrecord: bool = False, consolidate: bool = True) -> Manifest:
     """Export ``es``'s model as the on-device programs into ``out_dir`` (replaced atomically).
 
     Args:
@@ -110,6 +114,8 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         max_batch: the largest batch the programs accept.
         max_replay: the largest replay batch ``train.pte`` accepts (default: the wake config's
             ``replay_batch``, at least 4).
+        consolidate: also write ``consolidate.pte``, the night's Phase 2 kernel given its
+            thresholds (:mod:`edge_sleep.export.consolidate`).
         etrecord: also write ``infer.etrecord`` (and ``infer_int8.etrecord``), which
             ``edge-sleep profile`` uses to name the operators it times.
 
@@ -165,6 +171,10 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
             manifest.add_file(tmp, "train.pte", files.program)
             manifest.add_file(tmp, "train.ptd", files.data[TRAIN_TAG])
             manifest.programs["train"] = {"pte": "train.pte", "ptd": "train.ptd"}
+        if consolidate:
+            largest = max((es.model.get_parameter(n).numel() for n in es.prunable), default=2)
+            manifest.add_file(tmp, "consolidate.pte", to_consolidate_program(largest))
+            manifest.programs["consolidate"] = {"pte": "consolidate.pte"}
         if onnx:
             manifest.add_file(tmp, "model.onnx", to_onnx(model, x, max_batch=max_batch))
             manifest.programs["onnx"] = {"onnx": "model.onnx"}

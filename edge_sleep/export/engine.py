@@ -80,7 +80,7 @@ class ExecuTorchEngine:
         before = self.manifest
         with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
             manifest = export_programs(es, None, self.directory, int8=False, onnx=False, train=True,
-                                       max_batch=self.max_batch)
+                                       consolidate=False, max_batch=self.max_batch)
         if before is not None:
             for name in ("train.pte", "infer.pte"):
                 if before.files[name]["sha256"] != manifest.files[name]["sha256"]:

@@ -51,8 +51,8 @@ def profile_program(directory: str | Path, name: str = "infer", *, runs: int = 5
     directory = Path(directory)
     manifest = read_manifest(directory)
     files = manifest.programs.get(name)
-    if files is None or "pte" not in files or name == "train":
-        known = sorted(k for k, v in manifest.programs.items() if "pte" in v and k != "train")
+    if files is None or "ptd" not in files or name == "train":
+        known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
         raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"runs={runs!r}; expected an integer >= 1.")

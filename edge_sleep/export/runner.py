@@ -73,7 +73,7 @@ def load_program(directory: str | Path, name: str = "infer") -> ExportedProgram:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    known = sorted(k for k, v in manifest.programs.items() if "pte" in v and k != "train")
+    known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
     if name == "train" and "train" in manifest.programs:
         raise ExportError("load_program() runs the inference programs; train.pte is driven by "
                           "EdgeSleep(..., engine='executorch') (edge_sleep.export.engine).")
