@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +13,7 @@ import torch
 from torch import nn
 
 from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, lora_modules, merge_lora_
+from edge_sleep.atomic import atomic_directory, previous_of
 from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig, config_from_dict
 from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
@@ -422,9 +420,7 @@ class EdgeSleep:
         The replay store stays where it is; ``config.json`` records its path.
         """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             torch.save(self.state_dict(), tmp / "state.pt")
             meta = {
                 "format_version": RUNTIME_FORMAT_VERSION,
@@ -436,14 +432,6 @@ class EdgeSleep:
                 "engine": self.engine,
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-            old = directory.with_name(f".{directory.name}.old")
-            if directory.exists():
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
@@ -456,7 +444,7 @@ class EdgeSleep:
             store: the replay store; default: the path recorded at save time.
         """
         directory = Path(directory)
-        old = directory.with_name(f".{directory.name}.old")
+        old = previous_of(directory)
         if not directory.exists() and old.exists():  # a crash between save()'s two renames
             directory = old
         if not (directory / "config.json").exists():

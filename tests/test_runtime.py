@@ -159,3 +159,17 @@ def test_a_model_without_parameters_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="no parameters"):
         EdgeSleep(torch.nn.Identity())
+
+
+def test_save_heals_a_crash_between_its_renames(tmp_path: Path) -> None:
+    """A crash after the old checkpoint moved aside and before the new one moved in."""
+    es = EdgeSleep(small_mlp(), wake=WakeConfig(train="all"))
+    es.learn(torch.randn(8, 8), torch.randint(0, 3, (8,)))
+    es.save(tmp_path / "ckpt")
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")  # what the crash leaves
+    back = EdgeSleep.load(tmp_path / "ckpt", small_mlp())  # load finds the previous checkpoint
+    x = torch.randn(4, 8)
+    assert torch.equal(back.logits(x), es.logits(x))
+    es.save(tmp_path / "ckpt")  # and the next save succeeds and cleans up
+    assert (tmp_path / "ckpt" / "state.pt").exists() and not (tmp_path / ".ckpt.old").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]

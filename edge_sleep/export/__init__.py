@@ -20,14 +20,13 @@ a program from Python with its files verified and its inputs checked.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from edge_sleep.adapters import lora_modules
+from edge_sleep.atomic import atomic_directory
 from edge_sleep.errors import CallOrderError, InputError
 from edge_sleep.export.consolidate import ConsolidateProgram, load_consolidate, to_consolidate_program
 from edge_sleep.export.infer import ProgramFiles, inference_form, to_infer_program
@@ -149,10 +148,7 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         max_replay=max_replay if train else 0,
         adapters=adapter_names(es.model) if train else [],
     )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         for name, quantized in (("infer", False), ("infer_int8", True)):
             if quantized and not int8:
                 continue
@@ -179,13 +175,4 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
             manifest.add_file(tmp, "model.onnx", to_onnx(model, x, max_batch=max_batch))
             manifest.programs["onnx"] = {"onnx": "model.onnx"}
         manifest.write(tmp)
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
