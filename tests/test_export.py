@@ -19,6 +19,7 @@ from edge_sleep.bench.datasets import permuted_mnist
 from edge_sleep.bench.pmnist import mlp
 from edge_sleep.errors import CallOrderError, EdgeSleepError, ExportError, FormatVersionError, InputError
 from edge_sleep.export import export_onnx, export_programs, load_program, read_manifest
+from edge_sleep.export.manifest import sha256_of
 
 pytestmark = pytest.mark.export
 
@@ -173,7 +174,7 @@ def test_a_pte_that_executorch_refuses_is_an_export_error(exported: Exported, tm
     bad = _copy(exported.first, tmp_path / "bad")
     (bad / "infer.pte").write_bytes(b"\0" * 64)
     m = read_manifest(bad)
-    m.files["infer.pte"] = {"sha256": __import__("hashlib").sha256(b"\0" * 64).hexdigest(), "bytes": 64}
+    m.files["infer.pte"] = {"sha256": sha256_of(b"\0" * 64), "bytes": 64}
     m.write(bad)
     with pytest.raises(ExportError, match=r"could not load .*infer\.pte"):
         load_program(bad)

@@ -29,6 +29,7 @@ import torch
 from edge_sleep.errors import ExportError, InputError
 from edge_sleep.export.manifest import Manifest
 from edge_sleep.store import ReplayBatch
+from edge_sleep.wake import all_finite
 
 if TYPE_CHECKING:
     from edge_sleep.config import WakeConfig
@@ -39,8 +40,7 @@ __all__ = ["ExecuTorchEngine"]
 
 def _clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
     """Scale ``grads`` in place to global L2 norm ``max_norm`` (torch's formula); the norm before."""
-    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-        if grads else 0.0
+    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     if max_norm is not None and math.isfinite(norm):
         coef = min(1.0, max_norm / (norm + 1e-6))
         for g in grads:
@@ -86,7 +86,7 @@ class ExecuTorchEngine:
                 if before.files[name]["sha256"] != manifest.files[name]["sha256"]:
                     raise ExportError(f"re-exporting after a night changed {name}; only the .ptd files may "
                                       "change. This is a bug in edge-sleep: please report it.")
-        manifest.verify(self.directory)
+        manifest.verify(self.directory, ["train.pte", "train.ptd"])  # load_program checks infer's
         try:
             module = _load_for_executorch(str(self.directory / "train.pte"),
                                           data_path=str(self.directory / "train.ptd"))
@@ -152,7 +152,7 @@ class ExecuTorchEngine:
             return losses, x, logits
         before = {n: p.clone() for n, p in self._params.items()}
         self._optimizer.step(grads)
-        if not all(bool(torch.isfinite(p).all()) for p in self._params.values()):
+        if not all_finite(list(self._params.values())):
             for n, p in self._params.items():
                 p.copy_(before[n])
             losses["skipped"] = "non-finite weights"

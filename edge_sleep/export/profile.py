@@ -16,6 +16,7 @@ import torch
 
 from edge_sleep.errors import ExportError, InputError
 from edge_sleep.export.manifest import read_manifest
+from edge_sleep.export.runner import inference_files
 
 __all__ = ["profile_program", "format_profile", "resolve_program"]
 
@@ -50,15 +51,12 @@ def profile_program(directory: str | Path, name: str = "infer", *, runs: int = 5
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    files = manifest.programs.get(name)
-    if files is None or "ptd" not in files or name == "train":
-        known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
-        raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
+    files = inference_files(directory, manifest, name)
     if not isinstance(runs, int) or runs < 1:
         raise InputError(f"runs={runs!r}; expected an integer >= 1.")
     if not isinstance(batch, int) or not 1 <= batch <= manifest.max_batch:
         raise InputError(f"batch={batch!r}; the program takes 1 to {manifest.max_batch}.")
-    manifest.verify(directory, [f for k, f in files.items()])
+    manifest.verify(directory, list(files.values()))
     g = torch.Generator().manual_seed(seed)
     shape = (batch, *manifest.input_shape)
     x = (torch.rand(shape, generator=g) if manifest.input_dtype == "float32"

@@ -15,7 +15,7 @@ import torch
 from edge_sleep.errors import ExportError, InputError
 from edge_sleep.export.manifest import Manifest, read_manifest
 
-__all__ = ["ExportedProgram", "load_program"]
+__all__ = ["ExportedProgram", "load_program", "inference_files"]
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
@@ -64,6 +64,21 @@ class ExportedProgram:
         return self._method.execute([x.contiguous()])[0]
 
 
+def inference_files(directory: Path, manifest: Manifest, name: str) -> dict[str, str]:
+    """The files of inference program ``name`` in ``manifest``.
+
+    Raises:
+        ExportError: ``name`` is ``train`` (driven by the engine) or not an inference program.
+    """
+    known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
+    if name == "train" and "train" in manifest.programs:
+        raise ExportError("load_program() runs the inference programs; train.pte is driven by "
+                          "EdgeSleep(..., engine='executorch') (edge_sleep.export.engine).")
+    if name not in known:
+        raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
+    return manifest.programs[name]
+
+
 def load_program(directory: str | Path, name: str = "infer") -> ExportedProgram:
     """Load the program ``name`` of an export folder after checking its files against the manifest.
 
@@ -73,10 +88,5 @@ def load_program(directory: str | Path, name: str = "infer") -> ExportedProgram:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
-    known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
-    if name == "train" and "train" in manifest.programs:
-        raise ExportError("load_program() runs the inference programs; train.pte is driven by "
-                          "EdgeSleep(..., engine='executorch') (edge_sleep.export.engine).")
-    if name not in known:
-        raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
+    inference_files(directory, manifest, name)
     return ExportedProgram(directory, manifest, name)
