@@ -18,6 +18,7 @@ __all__ = [
     "CorruptRecordError",
     "CallOrderError",
     "ExportError",
+    "NativeKernelError",
     "check_format_version",
 ]
 
@@ -65,6 +66,10 @@ class CallOrderError(EdgeSleepError, RuntimeError):
 
 class ExportError(EdgeSleepError, RuntimeError):
     """An exported program, its weights or its manifest is missing, damaged or mismatched."""
+
+
+class NativeKernelError(EdgeSleepError, RuntimeError):
+    """The compiled kernel was asked for where it could not be built or loaded."""
 
 
 def check_format_version(owner: str, version: object, supported: int) -> None:

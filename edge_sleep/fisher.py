@@ -7,7 +7,10 @@ time, so peak extra memory is one group's per-sample gradients for one chunk).
 
 :func:`fisher_sums` uses ``torch.func`` (``vmap`` of ``grad``); :func:`fisher_sums_loop` is the
 plain per-sample backward loop it is tested against, and the fallback for models ``vmap``
-cannot trace.
+cannot trace. :func:`fisher_sums_streamed` is the bounded-memory form: one sample at a time, and
+each parameter's gradient squared into its sum the moment backward produces it and then freed, so
+at most one tensor's gradient and one sample's activations exist at once, whatever the model's
+size, at the cost of a forward and a backward per sample (as the loop).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from edge_sleep.modelio import logits_of
 
-__all__ = ["LossFn", "Piece", "fisher_sums", "fisher_sums_loop", "split_groups"]
+__all__ = ["LossFn", "Piece", "fisher_sums", "fisher_sums_loop", "fisher_sums_streamed", "split_groups"]
 
 # (logits (1, C), label (1,), target logits (1, C) or None) -> scalar loss of one sample
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -170,4 +173,65 @@ def fisher_sums_loop(
         for n, g in zip(names, grads):
             if g is not None:
                 sums[n] += g.detach().pow(2)
+    return sums
+
+
+def fisher_sums_streamed(
+    model: nn.Module,
+    names: Sequence[str],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    loss_fn: LossFn,
+    sums: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The same sums as :func:`fisher_sums`, in bounded memory: one sample and one tensor at a time.
+
+    Each sample runs one forward and one backward. A hook on every chosen parameter
+    (``register_post_accumulate_grad_hook``) adds the gradient's square into the parameter's sum
+    as soon as backward has it and drops the gradient, so the extra memory is one sample's
+    activations plus the largest single gradient, not the model's size. Parameters not in
+    ``names`` get no gradient during the call; every parameter's ``requires_grad`` and ``.grad``
+    are as before afterwards.
+
+    Args:
+        model, names, x, y, target, loss_fn: as :func:`fisher_sums`.
+        sums: accumulate into these tensors (shaped like the parameters, float32) instead of new
+            zeros, so a caller can keep one buffer for a whole night.
+
+    Returns:
+        ``{name: sum_i g_i^2}``; divide by ``N``.
+    """
+    params = dict(model.named_parameters())
+    chosen = set(names)
+    if sums is None:
+        sums = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    saved = {n: (p.requires_grad, p.grad) for n, p in params.items()}
+    hooks = []
+
+    def square_into(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            if g is not None:
+                sums[name].addcmul_(g, g)
+            p.grad = None
+
+        return hook
+
+    try:
+        for n, p in params.items():
+            p.grad = None
+            p.requires_grad_(n in chosen)
+            if n in chosen:
+                hooks.append(p.register_post_accumulate_grad_hook(square_into(n)))
+        for i in range(x.shape[0]):
+            out = logits_of(model(x[i : i + 1]))
+            loss = loss_fn(out, y[i : i + 1], None if target is None else target[i : i + 1])
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+        for n, p in params.items():
+            p.requires_grad_(saved[n][0])
+            p.grad = saved[n][1]
     return sums

@@ -31,7 +31,7 @@ from torch import nn
 from edge_sleep.config import SleepConfig
 from edge_sleep.errors import check_format_version
 from edge_sleep.fisher import fisher_sums, fisher_sums_loop
-from edge_sleep.kernels import consolidate, kth_smallest, prune_count, significance, smallest_mask
+from edge_sleep.kernels import consolidate_, prune_count
 from edge_sleep.store import ReplayStore
 from edge_sleep.wake import Anchor, all_finite, effective_weights
 
@@ -173,25 +173,21 @@ def consolidate_weights_(
     masks: dict[str, torch.Tensor],
     config: SleepConfig,
 ) -> tuple[int, int]:
-    """Phase 2 on each weight matrix: significance, O(n) thresholds, prune and strengthen.
+    """Phase 2 on each weight matrix: significance, exact O(n) thresholds, prune and strengthen.
 
-    Updates ``weights`` and ``masks`` in place. Returns ``(pruned, strengthened)`` counts.
+    Updates ``weights`` and ``masks`` in place through the fused kernel
+    (:func:`edge_sleep.kernels.consolidate_`). Returns ``(pruned, strengthened)`` counts.
     """
     pruned = strengthened = 0
     for n, w in weights.items():
         mask = masks.setdefault(n, torch.ones_like(w, dtype=torch.bool))
-        s = significance(fisher[n], w)
-        already = int((~mask).sum())
-        k = prune_count(w.numel(), already, config.prune_frac, config.sparsity_cap)
-        new_mask = mask & ~smallest_mask(s, w, mask, k)
+        k = prune_count(w.numel(), int(w.numel() - mask.sum()), config.prune_frac, config.sparsity_cap)
         q = int(config.strengthen_frac * w.numel())
-        strong = (kth_smallest(s, w.numel() - q) if q > 0 and config.strengthen_eta > 0
-                  else torch.tensor(float("inf")))
-        new_w = consolidate(w, s, new_mask, strengthen_thr=strong, eta=config.strengthen_eta)
-        pruned += int(mask.sum()) - int(new_mask.sum())
-        strengthened += int((new_mask & (s > strong)).sum())
-        w.copy_(new_w)
-        masks[n] = new_mask
+        rank = w.numel() - q if q > 0 and config.strengthen_eta > 0 else None
+        done = consolidate_(w, fisher[n].to(w.dtype).contiguous(), mask, prune=k, strengthen_rank=rank,
+                            eta=config.strengthen_eta)
+        pruned += done.pruned
+        strengthened += done.strengthened
     return pruned, strengthened
 
 

@@ -238,8 +238,7 @@ def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: py
 def test_consolidate_pte_prunes_and_strengthens_like_the_torch_night(exported: Exported) -> None:
     from edge_sleep.config import SleepConfig
     from edge_sleep.export import load_consolidate
-    from edge_sleep.export.consolidate import prune_key
-    from edge_sleep.kernels import kth_smallest, prune_count, significance
+    from edge_sleep.kernels import prune_count, significance
     from edge_sleep.sleep import consolidate_weights_
 
     program = load_consolidate(exported.first)
@@ -252,14 +251,15 @@ def test_consolidate_pte_prunes_and_strengthens_like_the_torch_night(exported: E
         assert (~keep).any(), "the fixture's night pruned some weights already"
         weights, masks = {name: w.clone()}, {name: keep.clone()}
         consolidate_weights_(weights, {name: f}, masks, cfg)
-        s = significance(f, w)
         k = prune_count(w.numel(), int((~keep).sum()), cfg.prune_frac, cfg.sparsity_cap)
-        key = prune_key(s, w, keep, k)
-        if name == "0.weight":  # pixels that are always 0: thousands of weights tie at s = 0
-            assert int((s[keep] == key[0]).sum()) > k
-        strong = kth_smallest(s, w.numel() - int(cfg.strengthen_frac * w.numel()))
-        new_w, new_keep, sig = program(w, f, keep, key, strong, cfg.strengthen_eta)
-        assert torch.equal(new_keep, masks[name]) and torch.equal(sig, s)
-        assert (new_w - weights[name]).abs().max().item() <= 1e-6
+        if name == "0.weight":  # pixels that are always 0: thousands of live weights tie at s = 0
+            s = significance(f, w)
+            assert int((s[keep] == 0).sum()) > k > 0
+        rank = w.numel() - int(cfg.strengthen_frac * w.numel())
+        new_w, new_keep, pruned, strong = program(w, f, keep, prune=k, strengthen_rank=rank, eta=cfg.strengthen_eta)
+        assert torch.equal(new_keep, masks[name]) and torch.equal(new_w, weights[name])
+        assert pruned == k and strong > 0
     with pytest.raises(InputError, match="expected one shape"):
-        program(torch.zeros(3), torch.zeros(4), torch.ones(3, dtype=torch.bool), (0.0, 0.0, 0), 1.0, 0.1)
+        program(torch.zeros(3), torch.zeros(4), torch.ones(3, dtype=torch.bool), prune=1, strengthen_rank=None, eta=0.1)
+    with pytest.raises(InputError, match=">= 0"):
+        program(torch.ones(3), -torch.ones(3), torch.ones(3, dtype=torch.bool), prune=1, strengthen_rank=None, eta=0.1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_sleep.fisher import fisher_sums, fisher_sums_loop, split_groups
+from edge_sleep.fisher import fisher_sums, fisher_sums_loop, fisher_sums_streamed, split_groups
 from tests.conftest import small_mlp
 
 
@@ -36,11 +36,41 @@ def test_chunked_equals_unchunked_equals_a_hand_written_loop(chunk: int, groups:
     names = [n for n, _ in model.named_parameters()]
     got = fisher_sums(model, names, x, y, t, loss_fn, chunk=chunk, groups=groups)
     loop = fisher_sums_loop(model, names, x, y, t, loss_fn)
+    streamed = fisher_sums_streamed(model, names, x, y, t, loss_fn)
     hand = explicit_fisher_sums(model, x, y, t)
     for n in names:
         assert hand[n].abs().sum() > 0  # an all-zero Fisher cannot pass
         torch.testing.assert_close(got[n], hand[n], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(loop[n], hand[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(streamed[n], hand[n], rtol=1e-5, atol=1e-7)
+
+
+def test_streamed_fisher_holds_one_gradient_at_a_time_and_leaves_the_model_as_it_was() -> None:
+    model = small_mlp()
+    x, y = torch.randn(9, 8), torch.randint(0, 3, (9,))
+    names = ["0.weight", "2.bias"]  # a subset: the others get no gradient during the call
+    model[0].bias.requires_grad_(False)
+    earlier = torch.ones_like(model[2].weight)
+    model[2].weight.grad = earlier
+    seen: list[int] = []
+    live = {n: p for n, p in model.named_parameters()}
+
+    def count(_: torch.Tensor) -> None:  # after each gradient: how many .grad tensors exist
+        seen.append(sum(p.grad is not None for p in live.values()))
+
+    hooks = [p.register_post_accumulate_grad_hook(count) for n, p in live.items() if n in names]
+    got = fisher_sums_streamed(model, names, x, y, None, loss_fn)
+    for h in hooks:
+        h.remove()
+    want = fisher_sums_loop(model, names, x, y, None, loss_fn)
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-7)
+    assert seen and max(seen) <= 1  # never more than the gradient just produced
+    assert model[2].weight.grad is earlier and model[0].weight.grad is None
+    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    buffer = {n: torch.zeros_like(live[n]) for n in names}  # accumulates into a caller's buffer
+    out = fisher_sums_streamed(model, names, x, y, None, loss_fn, sums=buffer)
+    assert out is buffer and torch.allclose(buffer["0.weight"], want["0.weight"], rtol=1e-5, atol=1e-7)
 
 
 def test_per_sample_fisher_exceeds_the_squared_mean_gradient() -> None:

@@ -33,3 +33,20 @@ def test_readme_latency_table_is_what_the_benchmark_wrote() -> None:
         assert f"| {label} |{cells}" in text, label
     assert f"{result['infer']['pte_speedup_vs_torch']:.1f}x faster than eager torch" in text
     assert f"{result['train_step']['pte_us']:,.0f} µs through `train.pte`" in text
+
+
+def test_readme_kernel_table_is_what_the_benchmark_wrote() -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("kernels_bench", README.parent / "benchmarks" / "kernels.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((README.parent / "benchmarks" / "results" / "kernels.json").read_text())
+    text = README.read_text()
+    assert bench.markdown_table(result) in text
+    t = result["targets"]
+    assert f"at most {t['max_kernel_over_copy_at_1e7_plus']:.2f}x a\n`clone`" in text
+    assert f"at least {t['min_sort_over_kernel_at_1e7_plus']:.1f}x faster than the sort" in text
+    assert f"{t['max_kernel_over_copy_into_at_1e7_plus']:.1f}x; the histogram" in text

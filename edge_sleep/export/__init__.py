@@ -6,8 +6,8 @@
 - ``infer_int8.pte`` + ``weights_int8.ptd``: PT2E int8 (per-channel weights, dynamic activations);
 - ``train.pte`` + ``train.ptd``: the wake step (loss and the adapters' gradients) and the live
   logits, for a model with LoRA adapters (:mod:`edge_sleep.export.train`);
-- ``consolidate.pte``: the night's prune / strengthen kernel for one weight matrix, given its
-  thresholds (:mod:`edge_sleep.export.consolidate`);
+- ``consolidate.pte``: the night's Phase 2 for one weight matrix, exact selection of the prune and
+  strengthen thresholds included (:mod:`edge_sleep.export.consolidate`);
 - ``model.onnx``: the same graph for ONNX Runtime, checked with ``onnx.checker``;
 - ``manifest.json``: SHA-256 of every file, the input shape and dtype, the model fingerprint the
   replay store uses, the LoRA rank and targets.
@@ -113,8 +113,8 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         max_batch: the largest batch the programs accept.
         max_replay: the largest replay batch ``train.pte`` accepts (default: the wake config's
             ``replay_batch``, at least 4).
-        consolidate: also write ``consolidate.pte``, the night's Phase 2 kernel given its
-            thresholds (:mod:`edge_sleep.export.consolidate`).
+        consolidate: also write ``consolidate.pte``, the night's Phase 2 kernel
+            (:mod:`edge_sleep.export.consolidate`).
         etrecord: also write ``infer.etrecord`` (and ``infer_int8.etrecord``), which
             ``edge-sleep profile`` uses to name the operators it times.
 

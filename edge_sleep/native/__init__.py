@@ -1,0 +1,587 @@
+"""The fused consolidation kernel in C, for NumPy arrays and PyTorch CPU tensors (zero copy).
+
+``consolidate.c`` is compiled on first use with the system's C compiler (``$CC``, else ``cc``)
+into a per-user cache (``$EDGE_SLEEP_CACHE``, else ``~/.cache/edge-sleep``), named by a hash of
+the source and the flags, and loaded with :mod:`ctypes`. Nothing is compiled at install time and
+no Python headers are needed. Where no compiler works, :func:`available` is ``False`` and
+:func:`edge_sleep.kernels.consolidate_` uses its pure-PyTorch form (same results, slower);
+``EDGE_SLEEP_NATIVE=0`` forces that.
+
+How a call finds its exact thresholds (the k-th smallest live key ``(s, |w|, index)`` to prune
+below, and the rank-th smallest ``s`` to strengthen above), in two passes over the tensor:
+
+1. A sample of up to 65,536 weights (runs of 32 at fixed random places) gives each threshold a bracket
+   of keys that holds it with high probability.
+2. The bracket pass reads ``F``, ``w`` and the mask once: it counts the weights below each
+   bracket, marks those inside in a bitmap (an eighth of a byte a weight) and, where few are
+   expected, copies their keys out. The exact thresholds then come from the marked weights alone:
+   a partition of the copied keys, or histograms of the marked weights' keys. When the prune
+   bracket is a single key (the threshold sits in a run of ties, such as every ``s = 0``), the
+   pass also histograms the marked weights' ``|w|``, the first digit of the tie-break.
+3. The apply pass prunes, strengthens and updates the mask in place, branch-free.
+
+If a bracket misses (an unlucky sample), radix passes over the whole tensor find that threshold
+instead (a histogram of 16-bit digits per pass): linear whatever the values, exact either way.
+The significance, an index or any full-size temporary are never materialized. The tensor is
+split into one contiguous slice per thread; :mod:`ctypes` releases the GIL during each call, so
+plain Python threads run the slices in parallel.
+
+Example:
+    >>> import numpy as np
+    >>> w = np.array([1.0, -2.0, 0.1, 3.0], dtype=np.float32)
+    >>> mask = np.ones(4, dtype=bool)
+    >>> r = consolidate_(w, np.ones(4, dtype=np.float32), mask, prune=1, strengthen_rank=3, eta=0.5)
+    >>> w.tolist(), mask.tolist(), (r.pruned, r.strengthened)
+    ([1.0, -2.0, 0.0, 4.5], [True, True, False, True], (1, 1))
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_sleep.errors import InputError, NativeKernelError
+
+__all__ = ["available", "consolidate_", "ConsolidateResult", "library_path"]
+
+_SOURCE = Path(__file__).with_name("consolidate.c")
+_FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing"]
+_NONE = 0xFFFFFFFF  # a prefix no key has
+_NO_INDEX = np.iinfo(np.int64).max
+_CANDIDATES_FOR_16_BITS = 1 << 18  # from this many marked weights on, selections among them use 16-bit digits
+_SAMPLE = 1 << 16  # weights sampled to bracket the thresholds
+_MIN_SLICE = 1 << 20  # weights a thread gets at least (below that, handing work over costs more)
+_KEYS_BYTES_PER_WEIGHT = 0.25  # room for copied-out keys, per selection, at most this much a weight
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_failed: str | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+@dataclass(frozen=True)
+class ConsolidateResult:
+    """What one call did: counts, and the thresholds it found (as the keys the apply pass used).
+
+    ``prune_key`` is ``(s, |w|, flat index)`` of the last pruned weight, ``None`` when nothing was
+    pruned; ``strengthen_above`` is the significance weights had to exceed to be strengthened
+    (``inf``: none).
+    """
+
+    pruned: int
+    strengthened: int
+    prune_key: tuple[float, float, int] | None
+    strengthen_above: float
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("EDGE_SLEEP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "edge-sleep")
+    return Path(root) / "native"
+
+
+def library_path() -> Path:
+    """Where the compiled kernel is (or would be) cached for this source, compiler and flags."""
+    cc = os.environ.get("CC", "cc")
+    tag = hashlib.sha256(_SOURCE.read_bytes() + " ".join([cc, *_FLAGS, sys.platform]).encode()).hexdigest()[:16]
+    return _cache_dir() / f"consolidate-{tag}.so"
+
+
+def _build(path: Path) -> None:
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise OSError(f"no C compiler {cc!r} on PATH")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise OSError(f"{cc} failed: {done.stderr.strip()[:500]}")
+        os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _failed
+    if _lib is not None or _failed is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _failed is not None:
+            return _lib
+        if os.environ.get("EDGE_SLEEP_NATIVE", "1") == "0":
+            _failed = "EDGE_SLEEP_NATIVE=0"
+            return None
+        path = library_path()
+        try:
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            _failed = str(e)
+            return None
+        p, i64, u32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32
+        c_int = ctypes.c_int
+        lib.es_hist_first.argtypes = [p, p, p, i64, c_int, p]
+        lib.es_hist_first.restype = i64
+        lib.es_hist_next.argtypes = [p, p, p, i64, c_int, u32, u32, c_int, u32, p, p, p]
+        lib.es_hist_next.restype = None
+        lib.es_keep_key.argtypes = [p, p, p, i64, u32, c_int, p]
+        lib.es_keep_key.restype = i64
+        lib.es_hist_mag_at.argtypes = [p, p, i64, c_int, u32, c_int, u32, p]
+        lib.es_hist_mag_at.restype = None
+        lib.es_nth_mag_at.argtypes = [p, p, i64, u32, i64, p]
+        lib.es_nth_mag_at.restype = i64
+        lib.es_count_live.argtypes = [p, i64]
+        lib.es_count_live.restype = i64
+        lib.es_bracket.argtypes = [p, p, p, i64, u32, u32, u32, u32, p, p, p, p, i64, p, i64, p]
+        lib.es_bracket.restype = None
+        lib.es_hist_key_at.argtypes = [p, p, p, i64, c_int, u32, c_int, u32, p]
+        lib.es_hist_key_at.restype = None
+        lib.es_apply.argtypes = [p, p, p, i64, u32, u32, u32, ctypes.c_float, p]
+        lib.es_apply.restype = None
+        _lib = lib
+        return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used here (it is built on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is ``False`` (``None`` when it is not)."""
+    _load()
+    return _failed
+
+
+def _threads(threads: int | None) -> int:
+    if threads is not None:
+        return max(1, int(threads))
+    try:
+        import torch
+
+        return max(1, torch.get_num_threads())
+    except ImportError:  # pragma: no cover - torch is a dependency; NumPy callers may lack it one day
+        return max(1, os.cpu_count() or 1)
+
+
+def _run(bounds: list[tuple[int, int]], fn: Any) -> list[Any]:
+    """Call ``fn(j, start, stop)`` for every slice ``j`` in parallel (each thread one slice)."""
+    global _pool, _pool_size
+    t = len(bounds)
+    if t == 1:
+        return [fn(0, *bounds[0])]
+    with _lock:
+        if _pool is None or _pool_size < t:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(t, thread_name_prefix="edge-sleep-kernel"), t
+        pool = _pool
+    return list(pool.map(lambda jb: fn(jb[0], *jb[1]), enumerate(bounds)))
+
+
+def _break_ties_among(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, int]],
+                      candidates: list[np.ndarray], marked: int, key: int, k: int,
+                      mag_first: np.ndarray | None = None) -> tuple[int, int]:
+    """The prune key's |w| and index parts: the k-th (|w|, index) among live weights with this key.
+
+    ``candidates`` are, per slice, bitmaps of the live weights in the key's last bin (marked by
+    the last histogram pass); they are first narrowed to the key itself, in place, which also
+    gives the histogram of |w|'s first digit (16-bit digits for ``marked`` of at least
+    ``_CANDIDATES_FOR_16_BITS``, else 11-bit ones). ``mag_first``, when given, is that first
+    histogram already (16-bit digits; every marked weight has the key). Slices run in parallel.
+    Returns ``(mag bits, flat index or _NO_INDEX)``.
+    """
+    digits: tuple[int, ...]
+    if mag_first is not None:
+        digits = (16, 16)
+        first = mag_first
+    else:
+        digits = (16, 16) if marked >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
+        buf = np.zeros((len(bounds), 1 << digits[0]), np.uint32)
+
+        def keep(j: int, a: int, b: int) -> None:
+            lib.es_keep_key(pw + 4 * a, pf + 4 * a, candidates[j].ctypes.data, candidates[j].size, key,
+                            32 - digits[0], buf[j].ctypes.data)
+
+        _run(bounds, keep)
+        first = buf.sum(axis=0, dtype=np.int64)
+    shift = 32 - digits[0]
+    sel = _Selection(first, k)
+    for d in digits[1:]:
+        buf = np.zeros((len(bounds), 1 << d), np.uint32)
+        prefix = sel.prefix
+
+        def part(j: int, a: int, b: int) -> None:
+            lib.es_hist_mag_at(pw + 4 * a, candidates[j].ctypes.data, candidates[j].size, shift, prefix, shift - d,
+                               (1 << d) - 1, buf[j].ctypes.data)
+
+        _run(bounds, part)
+        sel.refine(buf.sum(axis=0, dtype=np.int64), d)
+        shift -= d
+    if sel.tied <= sel.k:
+        return sel.prefix, _NO_INDEX
+    r = sel.k  # ties in both: the r-th of them in flat order is the last one pruned
+    for (a, _), c in zip(bounds, candidates):
+        count = ctypes.c_int64(0)
+        at = lib.es_nth_mag_at(pw + 4 * a, c.ctypes.data, c.size, sel.prefix, r, ctypes.byref(count))
+        if at >= 0:
+            return sel.prefix, a + int(at)
+        r -= count.value
+    raise AssertionError("unreachable: the histograms counted more ties than the candidates hold")
+
+def _written(*arrays: Any) -> None:
+    """Tell autograd that torch tensors changed behind its back (their version counters)."""
+    for a in arrays:
+        if not isinstance(a, np.ndarray):
+            import torch
+
+            torch.autograd.graph.increment_version(a)
+
+
+def _pointer(a: Any) -> tuple[int, int, bool, str, tuple[int, ...], Any]:
+    """(address, numel, contiguous, dtype name, shape, device) of a NumPy array or a torch tensor."""
+    if isinstance(a, np.ndarray):
+        return a.ctypes.data, a.size, bool(a.flags.c_contiguous), str(a.dtype), a.shape, "cpu"
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        name = {torch.float32: "float32", torch.bool: "bool"}.get(a.dtype, str(a.dtype))
+        return a.data_ptr(), a.numel(), a.is_contiguous(), name, tuple(a.shape), a.device.type
+    raise InputError(f"expected a NumPy array or a torch tensor, got {type(a).__name__}")
+
+
+class _Selection:
+    """A radix selection of the k-th smallest key, one digit at a time.
+
+    ``prefix`` is the key's digits found so far, ``k`` the rank still wanted among the keys with
+    that prefix, ``below`` how many keys lie under the prefix, ``tied`` how many share it.
+    """
+
+    def __init__(self, hist: np.ndarray, k: int) -> None:
+        self.prefix, self.below, self.k, self.tied = 0, 0, k, 0
+        self.refine(hist, 0)
+
+    @classmethod
+    def known(cls, key: int, k: int, tied: int) -> _Selection:
+        """A finished selection: the key, the rank wanted among the ``tied`` weights that have it."""
+        sel = cls.__new__(cls)
+        sel.prefix, sel.below, sel.k, sel.tied = key, 0, k, tied
+        return sel
+
+    def refine(self, hist: np.ndarray, bits: int) -> None:
+        cum = np.cumsum(hist, dtype=np.int64)
+        b = int(np.searchsorted(cum, self.k, side="left"))
+        under = int(cum[b - 1]) if b else 0
+        self.prefix = (self.prefix << bits) | b
+        self.below += under
+        self.k -= under
+        self.tied = int(hist[b])
+
+
+def _views(pw: int, pf: int, pm: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy views (no copy) of the weight, Fisher and mask memory."""
+    def view(address: int, ctype: Any, dtype: Any) -> np.ndarray:
+        return np.ctypeslib.as_array((ctype * n).from_address(address)).view(dtype)
+
+    return view(pw, ctypes.c_float, np.float32), view(pf, ctypes.c_float, np.float32), view(pm, ctypes.c_uint8, np.bool_)
+
+
+def keys_of(s: np.ndarray) -> np.ndarray:
+    """The C kernel's unsigned order keys of float32 values (``-0`` as ``+0``), in NumPy."""
+    u = s.astype(np.float32, copy=False).view(np.uint32).copy()
+    u[s == 0] = 0
+    neg = (u >> np.uint32(31)).astype(bool)
+    return np.where(neg, ~u, u | np.uint32(0x80000000))
+
+
+def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: int, rank: int | None,
+              n: int) -> tuple[int, int, int, int, int, int]:
+    """Key brackets ``(lo_p, hi_p, lo_s, hi_s)`` that hold the k-th live key and the rank-th key
+    with high probability, from a sample of up to ``_SAMPLE`` weights (one in 64, at least 1,024;
+    all of them when fewer), and the
+    number of weights each is expected to hold.
+
+    A bracket spans the estimated rank plus or minus eight standard deviations of a sample
+    quantile (four, doubled because neighbours in a run are alike) and four more; an empty one
+    (``lo > hi``) stands for a selection not wanted. If the
+    rank falls outside the bracket after all, the caller runs the radix passes instead: the
+    result is exact either way, only the time differs.
+    """
+    w, f, mask = views
+    size = min(_SAMPLE, max(n // 64, 1024))  # its temporaries stay under a byte a weight
+    if n <= size:
+        idx = np.arange(n)
+    else:  # runs of 32 at random places (cheap to read), fixed by n so that runs repeat
+        starts = np.sort(np.random.default_rng(n).integers(0, n - 32, size // 32))
+        idx = (starts[:, None] + np.arange(32)).reshape(-1)
+    ws = w[idx]
+    keys = keys_of(f[idx] * ws * ws)
+    alive = mask[idx]
+
+    def bracket(sample: np.ndarray, want: int, population: int) -> tuple[int, int]:
+        m = sample.size
+        if m == 0 or population == 0:
+            return 0, 0xFFFFFFFF  # nothing to estimate from: mark everything
+        q = min(max(want / population, 0.0), 1.0)
+        spread = 8.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
+        ordered = np.sort(sample)
+        lo_i, hi_i = math.floor(q * m - spread) - 1, math.ceil(q * m + spread) - 1
+        lo = int(ordered[lo_i]) if lo_i >= 0 else 0
+        hi = int(ordered[hi_i]) if hi_i < m else 0xFFFFFFFF
+        return lo, hi
+
+    def expected(sample: np.ndarray, lo: int, hi: int, population: int) -> int:
+        return int(np.count_nonzero((sample >= lo) & (sample <= hi)) / max(sample.size, 1) * population) + 1
+
+    lo_p, hi_p = bracket(keys[alive], k, live) if k else (1, 0)
+    lo_s, hi_s = bracket(keys, rank, n) if rank is not None else (1, 0)
+    return (lo_p, hi_p, lo_s, hi_s, expected(keys[alive], lo_p, hi_p, live) if k else 0,
+            expected(keys, lo_s, hi_s, n) if rank is not None else 0)
+
+
+def _select_keys(keys: list[np.ndarray], counts: np.ndarray, k: int) -> _Selection:
+    """The k-th smallest of the keys the bracket pass copied out (``counts[j]`` in slice j)."""
+    allk = np.concatenate([kk[: int(c)] for kk, c in zip(keys, counts)])
+    key = int(np.partition(allk, k - 1)[k - 1])
+    below = int(np.count_nonzero(allk < key))
+    return _Selection.known(key, k - below, int(np.count_nonzero(allk == key)))
+
+
+def _select_marked(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, int]], bitmaps: list[np.ndarray],
+                   count: int, k: int) -> _Selection:
+    """The k-th smallest key among the marked weights (``count`` of them), digit by digit."""
+    digits = (16, 16) if count >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
+    shift, sel = 32, None
+    for d in digits:
+        buf = np.zeros((len(bounds), 1 << d), np.uint32)
+        prefix = 0 if sel is None else sel.prefix
+
+        def part(j: int, a: int, b: int) -> None:
+            lib.es_hist_key_at(pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, shift, prefix,
+                               shift - d, (1 << d) - 1, buf[j].ctypes.data)
+
+        _run(bounds, part)
+        h = buf.sum(axis=0, dtype=np.int64)
+        if sel is None:
+            sel = _Selection(h, k)
+        else:
+            sel.refine(h, d)
+        shift -= d
+    assert sel is not None
+    return sel
+
+
+def _select_by_passes(lib: ctypes.CDLL, pw: int, pf: int, pm: int, bounds: list[tuple[int, int]], n: int, k: int,
+                      rank: int | None) -> tuple[_Selection | None, _Selection | None, list[np.ndarray] | None, int]:
+    """Radix selection by passes over the whole tensor (a histogram per digit): the k-th live key
+    (``k`` 0: none) and the rank-th key (``None``: none), both in each pass. The last pass marks
+    the live weights of the prune bin. Returns ``(prune selection, strengthening selection, marked
+    bitmaps, how many are marked)``. Linear whatever the values; used when a sampled bracket missed.
+    """
+    t = len(bounds)
+    digits = _digits(n, t)
+    shift = 32 - digits[0]
+    packed = np.zeros((t, 1 << digits[0]), np.uint64)
+    _run(bounds, lambda j, a, b: lib.es_hist_first(pw + 4 * a, pf + 4 * a, pm + a, b - a, shift,
+                                                   packed[j].ctypes.data))
+    h_all = (packed & np.uint64(0xFFFFFFFF)).sum(axis=0, dtype=np.int64)
+    h_alive = (packed >> np.uint64(32)).sum(axis=0, dtype=np.int64)
+    sel_p = _Selection(h_alive, k) if k else None
+    sel_s = _Selection(h_all, rank) if rank is not None else None
+    candidates: list[np.ndarray] | None = None
+    marked = 0
+    for level, d in enumerate(digits[1:], start=1):
+        dshift = shift - d
+        if level == len(digits) - 1 and sel_p is not None:
+            marked = sel_p.tied  # live weights in the prune bin, marked by this last pass
+            candidates = [np.zeros((b - a + 63) // 64, np.uint64) for a, b in bounds]
+        buf = np.zeros((t, 2, (1 << d) + 8), np.uint32)  # 8 spare slots (see es_hist_next)
+        p_prefix = _NONE if sel_p is None else sel_p.prefix
+        s_prefix = _NONE if sel_s is None else sel_s.prefix
+
+        def next_digit(j: int, a: int, b: int) -> None:
+            lib.es_hist_next(pw + 4 * a, pf + 4 * a, pm + a, b - a, shift, p_prefix, s_prefix, dshift, (1 << d) - 1,
+                             None if candidates is None else candidates[j].ctypes.data,
+                             buf[j, 0].ctypes.data, buf[j, 1].ctypes.data)
+
+        _run(bounds, next_digit)
+        nxt = buf[:, :, : 1 << d].sum(axis=0, dtype=np.int64)
+        if sel_p is not None:
+            sel_p.refine(nxt[0], d)
+        if sel_s is not None:
+            sel_s.refine(nxt[1], d)
+        shift = dshift
+    return sel_p, sel_s, candidates, marked
+
+
+def _digits(n: int, threads: int) -> tuple[int, ...]:
+    """Digit widths of the radix selection: 16 + 16 bits (two passes) where the histograms cost
+    under a byte a weight, else 11 + 11 + 10 (three passes, 16 KiB of histograms a thread)."""
+    per_thread = (1 << 16) * 8 + 2 * (1 << 16) * 4
+    return (16, 16) if per_thread * threads <= n else (11, 11, 10)
+
+
+def _float_of(key: int) -> float:
+    u = key ^ 0x80000000 if key & 0x80000000 else ~key & 0xFFFFFFFF
+    return float(np.array([u], dtype=np.uint32).view(np.float32)[0])
+
+
+def consolidate_(weight: Any, fisher: Any, mask: Any, *, prune: int, strengthen_rank: int | None,
+                 eta: float, threads: int | None = None) -> ConsolidateResult:
+    """Phase 2 on one tensor, in place: prune ``prune`` live weights, strengthen the top ones.
+
+    The pruned weights are the ``prune`` live ones (``mask`` true) of smallest significance
+    ``s = F * w * w``, ties broken by the smaller ``|w|`` and then the lower flat index, so exactly
+    ``min(prune, live)`` go whatever the ties. A kept weight whose ``s`` exceeds the
+    ``strengthen_rank``-th smallest ``s`` of the whole tensor (1-based; ``None``: no strengthening)
+    is multiplied by ``1 + eta``. Pruned weights and their mask entries become 0.
+
+    Args:
+        weight: float32, contiguous, CPU (NumPy array or torch tensor); updated in place.
+        fisher: float32, same shape; read only.
+        mask: bool, same shape; updated in place.
+        prune: how many live weights to prune (clamped to the live count).
+        strengthen_rank: the rank of the strengthening threshold, in ``[1, numel]``.
+        eta: strengthening factor.
+        threads: threads to use (default: ``torch.get_num_threads()``).
+
+    Raises:
+        InputError: wrong type, dtype, shape, device or layout, or a NaN significance; nothing
+            is changed then.
+        NativeKernelError: the compiled kernel is not available (see :func:`unavailable_reason`).
+    """
+    lib = _load()
+    if lib is None:
+        raise NativeKernelError(f"the compiled consolidation kernel is not available ({_failed}). Fix: install "
+                                "a C compiler (or set CC), or call edge_sleep.kernels.consolidate_, which "
+                                "falls back to PyTorch")
+    pw, n, cw, dw, sw, devw = _pointer(weight)
+    pf, nf, cf, df, sf, devf = _pointer(fisher)
+    pm, nm, cm, dm, sm, devm = _pointer(mask)
+    for name, dt, want in (("weight", dw, "float32"), ("fisher", df, "float32"), ("mask", dm, "bool")):
+        if dt != want:
+            raise InputError(f"{name} has dtype {dt}; expected {want}. Convert it, or use "
+                             "edge_sleep.kernels.consolidate_, which takes any float dtype")
+    if not (sw == sf == sm):
+        raise InputError(f"weight {sw}, fisher {sf} and mask {sm} must have one shape")
+    if not (cw and cf and cm):
+        raise InputError("weight, fisher and mask must be contiguous; call .contiguous() first "
+                         "(the kernel updates weight and mask in place)")
+    if not (devw == devf == devm == "cpu"):
+        raise InputError(f"the compiled kernel runs on CPU tensors, got {devw}/{devf}/{devm}; "
+                         "use edge_sleep.kernels.consolidate_ on other devices")
+    if n == 0:
+        return ConsolidateResult(0, 0, None, float("inf"))
+    t = max(1, min(_threads(threads), n // _MIN_SLICE or 1))
+    bounds = [(n * j // t, n * (j + 1) // t) for j in range(t)]
+
+    live_parts = np.zeros(t, np.int64)
+    _run(bounds, lambda j, a, b: live_parts.__setitem__(j, lib.es_count_live(pm + a, b - a)))
+    live = int(live_parts.sum())
+    k = min(max(int(prune), 0), live)
+    rank = None if strengthen_rank is None or eta == 0 else min(max(int(strengthen_rank), 1), n)
+
+    # brackets from a sample, then one pass that counts below them and marks the weights inside
+    views = _views(pw, pf, pm, n)
+    lo_p, hi_p, lo_s, hi_s, est_p, est_s = _brackets(views, k, live, rank, n)
+    bits_p = [np.empty((b - a + 63) // 64, np.uint64) for a, b in bounds]
+    bits_s = [np.empty((b - a + 63) // 64, np.uint64) for a, b in bounds]
+    counts = np.zeros((t, 5), np.int64)
+    one_key = k > 0 and lo_p == hi_p
+    h_mag = np.zeros((t, 1 << 16), np.uint32) if one_key else None
+    # the marked weights' keys too, where few are expected (room for three times the estimate)
+    cap_p = 0 if one_key or not k else min(n, 3 * est_p // t + 4096)
+    cap_s = 0 if rank is None else min(n, 3 * est_s // t + 4096)
+    budget = _KEYS_BYTES_PER_WEIGHT * n
+    keys_p = [np.empty(cap_p, np.uint32) for _ in bounds] if cap_p and cap_p * 4 * t <= budget else None
+    keys_s = [np.empty(cap_s, np.uint32) for _ in bounds] if cap_s and cap_s * 4 * t <= budget else None
+    _run(bounds, lambda j, a, b: lib.es_bracket(pw + 4 * a, pf + 4 * a, pm + a, b - a, lo_p, hi_p, lo_s, hi_s,
+                                                bits_p[j].ctypes.data, bits_s[j].ctypes.data,
+                                                None if h_mag is None else h_mag[j].ctypes.data,
+                                                None if keys_p is None else keys_p[j].ctypes.data, cap_p,
+                                                None if keys_s is None else keys_s[j].ctypes.data, cap_s,
+                                                counts[j].ctypes.data))
+    per_slice = counts.copy()
+    below_p, in_p, below_s, in_s, nans = (int(c) for c in counts.sum(axis=0))
+    if nans:
+        raise InputError(f"{nans} significances F * w^2 are NaN; the Fisher and the weights must be "
+                         "finite (nothing was changed)")
+    sel_p: _Selection | None = None
+    sel_s: _Selection | None = None
+    candidates: list[np.ndarray] | None = bits_p
+    marked = in_p
+    mag_first: np.ndarray | None = None
+    if k and below_p < k <= below_p + in_p:  # the k-th live key is among the marked weights
+        if one_key:  # all of them share it
+            sel_p = _Selection.known(lo_p, k - below_p, in_p)
+            assert h_mag is not None
+            mag_first = h_mag.sum(axis=0, dtype=np.int64)
+        elif keys_p is not None and all(per_slice[j, 1] <= cap_p for j in range(t)):
+            sel_p = _select_keys(keys_p, per_slice[:, 1], k - below_p)
+        else:
+            sel_p = _select_marked(lib, pw, pf, bounds, bits_p, in_p, k - below_p)
+    if rank is not None and below_s < rank <= below_s + in_s:
+        if keys_s is not None and all(per_slice[j, 3] <= cap_s for j in range(t)):
+            sel_s = _select_keys(keys_s, per_slice[:, 3], rank - below_s)
+        else:
+            sel_s = _select_marked(lib, pw, pf, bounds, bits_s, in_s, rank - below_s)
+    del bits_s
+    if (k and sel_p is None) or (rank is not None and sel_s is None):  # a bracket missed: radix passes
+        missed_p, missed_s, found_candidates, found_marked = _select_by_passes(
+            lib, pw, pf, pm, bounds, n, k if sel_p is None else 0, rank if sel_s is None else None)
+        if sel_p is None and k:
+            sel_p, candidates, marked = missed_p, found_candidates, found_marked
+        if sel_s is None and rank is not None:
+            sel_s = missed_s
+    p_key = None if sel_p is None else sel_p.prefix
+    s_key = None if sel_s is None else sel_s.prefix
+    p_mag, p_index = 0xFFFFFFFF, _NO_INDEX  # 0xFFFFFFFF: above every |w|, so no tie to split
+    if sel_p is not None and sel_p.tied > sel_p.k:
+        # ties at the prune key: select the remaining sel_p.k among them by |w|, then by position
+        assert candidates is not None
+        p_mag, p_index = _break_ties_among(lib, pw, pf, bounds, candidates, marked, sel_p.prefix, sel_p.k,
+                                           mag_first)
+
+    # the apply pass
+    if p_key is None:
+        p_key, p_mag, p_index = 0, 0, -1  # prune nothing: no key is below (0, 0)
+    s_eff = 0xFFFFFFFF if s_key is None else s_key  # no key is above 0xFFFFFFFF
+    scale = float(np.float32(1.0 + eta))
+    # weights tied in key and |w| are pruned up to flat index p_index: below it |w| <= p_mag is
+    # pruned (bound p_mag + 1), after it |w| < p_mag; 0xFFFFFFFF bounds every |w| (no tie to split)
+    split = min(max(p_index + 1, 0), n)
+    inclusive = p_mag + 1 if p_mag != 0xFFFFFFFF else p_mag
+
+    totals = np.zeros((t, 2), np.int64)
+
+    def apply(j: int, a: int, b: int) -> None:
+        for lo_i, hi_i, bound in ((a, min(b, split), inclusive), (max(a, split), b, p_mag)):
+            if hi_i > lo_i:
+                lib.es_apply(pw + 4 * lo_i, pf + 4 * lo_i, pm + lo_i, hi_i - lo_i, p_key, bound, s_eff, scale,
+                             totals[j].ctypes.data)
+
+    _run(bounds, apply)
+    totals = totals.sum(axis=0)
+    _written(weight, mask)
+    key = None
+    if totals[0]:
+        mag = float(np.array([p_mag], np.uint32).view(np.float32)[0]) if p_mag != 0xFFFFFFFF else float("inf")
+        key = (_float_of(p_key), mag, int(p_index) if p_index != _NO_INDEX else n - 1)
+    above = float("inf") if s_eff == 0xFFFFFFFF else _float_of(s_key)  # type: ignore[arg-type]
+    return ConsolidateResult(int(totals[0]), int(totals[1]), key, above)
