@@ -108,6 +108,12 @@ class SleepConfig:
         fisher_chunk: micro-batch size of the per-sample gradient computation.
         fisher_param_groups: number of parameter groups the Fisher is computed over, one group
             at a time (bounds the extra memory to one group).
+        memory_budget_mb: extra memory the Fisher's per-sample gradients may take (beyond the
+            model and the Fisher's own sums). ``None``: use ``fisher_chunk`` and
+            ``fisher_param_groups`` as given. Set, the night keeps them if their estimate fits
+            and otherwise streams one sample and one tensor's gradient at a time
+            (:func:`edge_sleep.fisher.plan_fisher`); below even that, ``sleep`` refuses before
+            changing anything. The report says which was used and the peak measured.
         prune_frac: fraction ``p`` of each weight matrix's still-alive weights pruned per night.
             Off by default: on the P-MNIST benchmark pruning 1% a night (to 18% sparsity) cost
             accuracy (row ``ssr_prune``); turn it on for a smaller model.
@@ -130,6 +136,7 @@ class SleepConfig:
     fisher_batch: int = 32
     fisher_chunk: int = 32
     fisher_param_groups: int = 1
+    memory_budget_mb: float | None = None
     prune_frac: float = 0.0
     sparsity_cap: float = 0.2
     strengthen_frac: float = 0.01
@@ -155,6 +162,8 @@ class SleepConfig:
         _posint(p, "fisher_batch", self.fisher_batch)
         _posint(p, "fisher_chunk", self.fisher_chunk)
         _posint(p, "fisher_param_groups", self.fisher_param_groups)
+        if self.memory_budget_mb is not None:
+            _pos(p, "memory_budget_mb", self.memory_budget_mb)
         _frac(p, "prune_frac", self.prune_frac)
         _frac(p, "sparsity_cap", self.sparsity_cap)
         if self.sparsity_cap >= 1.0:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ from torch.func import functional_call, grad, vmap
 
 from edge_sleep.modelio import logits_of
 
-__all__ = ["LossFn", "Piece", "fisher_sums", "fisher_sums_loop", "fisher_sums_streamed", "split_groups"]
+__all__ = ["LossFn", "Piece", "FisherPlan", "fisher_sums", "fisher_sums_loop", "fisher_sums_streamed",
+           "plan_fisher", "split_groups"]
 
 # (logits (1, C), label (1,), target logits (1, C) or None) -> scalar loss of one sample
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -235,3 +237,58 @@ def fisher_sums_streamed(
             p.requires_grad_(saved[n][0])
             p.grad = saved[n][1]
     return sums
+
+
+@dataclass(frozen=True)
+class FisherPlan:
+    """How a night computes its per-sample gradients, and the extra memory that is expected to take.
+
+    ``method`` is ``"vmap"`` (:func:`fisher_sums`: ``chunk`` samples at once, ``groups`` groups of
+    parameters one after another) or ``"streamed"`` (:func:`fisher_sums_streamed`: one sample and
+    one tensor at a time). ``planned_bytes`` excludes the model-sized accumulator of the sums,
+    which every method fills.
+    """
+
+    method: str
+    chunk: int
+    groups: int
+    planned_bytes: int
+
+    def describe(self) -> str:
+        if self.method == "streamed":
+            return "streamed: one sample, one tensor's gradient at a time"
+        return f"vmap: {self.chunk} samples at once, {self.groups} parameter group(s)"
+
+
+def plan_fisher(param_bytes: Sequence[int], activation_bytes: int, *, chunk: int, groups: int,
+                budget_bytes: int | None) -> FisherPlan:
+    """Choose how to compute the Fisher within ``budget_bytes`` of extra memory (pure).
+
+    The configured ``vmap`` plan holds ``chunk`` samples' gradients of one parameter group (about
+    ``total / groups``), their squares and ``chunk`` samples' activations; the streamed plan holds
+    the largest single gradient and one sample's activations. Without a budget the configured plan
+    is used; with one, the configured plan if it fits, else the streamed one (the least memory any
+    per-sample Fisher can take here).
+
+    Raises:
+        ValueError: not even the streamed plan fits the budget (the message says what it needs).
+
+    Example:
+        >>> plan_fisher([400, 100], 50, chunk=8, groups=1, budget_bytes=None).method
+        'vmap'
+        >>> plan_fisher([400, 100], 50, chunk=8, groups=1, budget_bytes=1000).describe()
+        "streamed: one sample, one tensor's gradient at a time"
+    """
+    total = sum(param_bytes)
+    per_group = math.ceil(total / max(1, groups))
+    vmap_bytes = 2 * chunk * per_group + chunk * activation_bytes
+    configured = FisherPlan("vmap", chunk, groups, vmap_bytes)
+    if budget_bytes is None or vmap_bytes <= budget_bytes:
+        return configured
+    streamed = FisherPlan("streamed", 1, len(param_bytes), max(param_bytes, default=0) + activation_bytes)
+    if streamed.planned_bytes <= budget_bytes:
+        return streamed
+    raise ValueError(f"a memory budget of {budget_bytes / 2**20:.1f} MB is below the least a per-sample "
+                     f"Fisher needs here, {streamed.planned_bytes / 2**20:.1f} MB (the largest gradient, "
+                     f"{max(param_bytes, default=0) / 2**20:.1f} MB, plus one sample's activations, "
+                     f"{activation_bytes / 2**20:.1f} MB)")

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.config import SleepConfig
-from edge_sleep.errors import check_format_version
-from edge_sleep.fisher import fisher_sums, fisher_sums_loop
+from edge_sleep.errors import ConfigError, check_format_version
+from edge_sleep.fisher import FisherPlan, fisher_sums, fisher_sums_loop, fisher_sums_streamed, plan_fisher
 from edge_sleep.kernels import consolidate_, prune_count
+from edge_sleep.memory import ResidentPeak, saved_activation_bytes
 from edge_sleep.store import ReplayStore
 from edge_sleep.wake import Anchor, all_finite, effective_weights
 
@@ -138,6 +139,13 @@ class SleepReport:
         aborted: ``None``, or why the night was abandoned (a non-finite loss, gradient, weight
             or Fisher). The weights are then restored to where this call started, nothing is
             pruned or anchored, and the next ``sleep`` call starts a new night.
+        fisher_method: how the per-sample gradients were computed
+            (:meth:`edge_sleep.fisher.FisherPlan.describe`); empty when no Fisher step ran.
+        fisher_planned_mb: the plan's estimate of their extra memory (with a
+            ``memory_budget_mb``; else ``None``).
+        fisher_peak_mb: the largest growth of the resident set measured during one Fisher
+            step (:class:`edge_sleep.memory.ResidentPeak`; ``None`` where Linux's counters are
+            not available).
     """
 
     steps: int
@@ -151,6 +159,9 @@ class SleepReport:
     strengthened: int
     seconds: float
     aborted: str | None = None
+    fisher_method: str = ""
+    fisher_planned_mb: float | None = None
+    fisher_peak_mb: float | None = None
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
@@ -251,10 +262,16 @@ def run_sleep(
     head = _Head(replay_forward, model)
     head_names = [f"model.{n}" for n in params]  # the same tensors, named through the wrapper
     use_vmap = True
+    plan: FisherPlan | None = None
+    peak_bytes: int | None = None
     try:
         # Phase 1: replay with consolidation noise, accumulating the Fisher at the end
         while state.step < state.total_steps:
             batch = store.sample(config.batch_size).to(device)
+            if plan is None:  # before the first step, so a budget too small refuses with nothing changed
+                noise.enabled = False
+                plan = _plan(head, head_names, (batch.x, batch.y, batch.logits), fisher_loss, config)
+                noise.enabled = True
             logits = replay_forward(batch.x)
             loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
             optimizer.zero_grad(set_to_none=True)
@@ -276,27 +293,44 @@ def run_sleep(
                 state.loss_first = loss_last
             if state.step >= fisher_from:
                 noise.enabled = False
+                optimizer.zero_grad(set_to_none=True)  # the step's gradients: a model's worth of memory
                 k = min(config.fisher_batch, batch.y.shape[0])
                 fb = (batch.x[:k], batch.y[:k], None if batch.logits is None else batch.logits[:k])
+                assert plan is not None
                 sums = None
-                if use_vmap:
-                    try:
-                        sums = fisher_sums(head, head_names, *fb, fisher_loss, chunk=config.fisher_chunk,
-                                           groups=config.fisher_param_groups)
-                    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
-                        # a model torch.func cannot trace: the plain per-sample loop is exact, slower
-                        warnings.warn(f"per-sample gradients by torch.func failed ({type(e).__name__}: "
-                                      f"{str(e)[:200]}); using the exact per-sample loop tonight",
-                                      RuntimeWarning, stacklevel=2)
-                        use_vmap = False
-                if sums is None:
-                    sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
+                with ResidentPeak() as peak:
+                    if plan.method == "streamed":
+                        buffers = {hn: state.fisher_sums.setdefault(hn[len("model."):], torch.zeros_like(
+                            params[hn[len("model."):]], dtype=torch.float32)) for hn in head_names}
+                        # accumulates into the night's sums in place; checked below like the others
+                        sums = fisher_sums_streamed(head, head_names, *fb, fisher_loss, sums=buffers)
+                        accumulated = True
+                    else:
+                        accumulated = False
+                        if use_vmap:
+                            try:
+                                sums = fisher_sums(head, head_names, *fb, fisher_loss, chunk=plan.chunk,
+                                                   groups=plan.groups)
+                            except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+                                # a model torch.func cannot trace: the plain per-sample loop is exact, slower
+                                warnings.warn(f"per-sample gradients by torch.func failed ({type(e).__name__}: "
+                                              f"{str(e)[:200]}); using the exact per-sample loop tonight",
+                                              RuntimeWarning, stacklevel=2)
+                                use_vmap = False
+                        if sums is None:
+                            sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
+                if peak.extra_bytes is not None:
+                    peak_bytes = max(peak_bytes or 0, peak.extra_bytes)
                 if not all_finite(list(sums.values())):
                     return _abort(params, start_weights, state, steps_run, masks, start,
                                   f"non-finite Fisher at replay step {state.step + 1} of {state.total_steps}")
-                for hn, s in sums.items():
-                    n = hn[len("model."):]
-                    state.fisher_sums[n] = state.fisher_sums.get(n, 0) + s
+                if not accumulated:
+                    for hn, s in sums.items():
+                        n = hn[len("model."):]
+                        if n in state.fisher_sums:
+                            state.fisher_sums[n].add_(s)
+                        else:
+                            state.fisher_sums[n] = s
                 state.fisher_count += k
                 noise.enabled = True
             state.step += 1
@@ -308,7 +342,7 @@ def run_sleep(
                 state.optimizer = optimizer.state_dict()
                 return SleepReport(steps_run, state.total_steps, False, state.loss_first, loss_last,
                                    state.fisher_count, 0, mask_sparsity(masks), 0,
-                                   time.perf_counter() - start)
+                                   time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
     finally:
         noise.remove()
         for n, p in model.named_parameters():
@@ -317,7 +351,9 @@ def run_sleep(
     # Phase 2: significance, prune and strengthen
     pruned = strengthened = 0
     if state.fisher_count > 0:
-        fisher = {n: s / state.fisher_count for n, s in state.fisher_sums.items()}
+        fisher = state.fisher_sums  # averaged in place: no second model-sized copy
+        for s in fisher.values():
+            s.div_(state.fisher_count)
         weights = {n: params[n].data for n in prunable}
         pruned, strengthened = consolidate_weights_(weights, fisher, masks, config)
         # Protect: the next wake is anchored to tonight's weights, weighted by F
@@ -325,7 +361,7 @@ def run_sleep(
             anchor.update_(fisher, {n: w.detach() for n, w in effective_weights(model, list(params)).items()})
     return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
                        state.fisher_count, pruned, mask_sparsity(masks), strengthened,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
 
 
 @torch.no_grad()
@@ -348,3 +384,32 @@ class _Head(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+def _plan(head: nn.Module, names: list[str], batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+          loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+          config: SleepConfig) -> FisherPlan:
+    """The night's Fisher plan; with a memory budget, one sample's activations are measured first."""
+    params = dict(head.named_parameters())
+    sizes = [params[n].numel() * 4 for n in names]
+    if config.memory_budget_mb is None:
+        return plan_fisher(sizes, 0, chunk=config.fisher_chunk, groups=config.fisher_param_groups,
+                           budget_bytes=None)
+    x, y, t = batch
+    exclude = {p.untyped_storage().data_ptr() for p in params.values()}
+    act = saved_activation_bytes(lambda: loss(head(x[:1]), y[:1], None if t is None else t[:1]), exclude)
+    try:
+        return plan_fisher(sizes, act, chunk=config.fisher_chunk, groups=config.fisher_param_groups,
+                           budget_bytes=int(config.memory_budget_mb * 2**20))
+    except ValueError as e:
+        raise ConfigError("SleepConfig", [f"memory_budget_mb={config.memory_budget_mb!r}: {e}. Fix: raise "
+                                          "the budget, or sleep a smaller set of weights"]) from e
+
+
+def _fisher_info(plan: FisherPlan | None, peak_bytes: int | None,
+                 config: SleepConfig) -> tuple[str, float | None, float | None]:
+    """The report's ``fisher_method``, ``fisher_planned_mb`` and ``fisher_peak_mb``."""
+    if plan is None or peak_bytes is None and config.fisher_steps == 0:
+        return "", None, None
+    planned = None if config.memory_budget_mb is None else plan.planned_bytes / 2**20
+    return plan.describe(), planned, None if peak_bytes is None else peak_bytes / 2**20

@@ -50,3 +50,14 @@ def test_readme_kernel_table_is_what_the_benchmark_wrote() -> None:
     assert f"at most {t['max_kernel_over_copy_at_1e7_plus']:.2f}x a\n`clone`" in text
     assert f"at least {t['min_sort_over_kernel_at_1e7_plus']:.1f}x faster than the sort" in text
     assert f"{t['max_kernel_over_copy_into_at_1e7_plus']:.1f}x; the histogram" in text
+
+
+def test_readme_fisher_memory_figures_are_what_the_benchmark_wrote() -> None:
+    import json
+
+    r = json.loads((README.parent / "benchmarks" / "results" / "fisher_memory.json").read_text())
+    text = README.read_text()
+    assert f"| {r['unchunked_peak_mb']:,.0f} MB | {r['unchunked_samples_s']:.2f} |" in text
+    assert f"| {r['chunked_peak_mb']:,.0f} MB | {r['chunked_samples_s']:.2f} |" in text
+    assert f"Its measured peak is {r['chunked_peak_mb']:.0f} MB, {r['targets']['chunked_over_bound']:.2f}x the bound" in text
+    assert f"It is {r['targets']['unchunked_over_chunked']:.0f}x below the unchunked path" in text

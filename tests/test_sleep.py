@@ -10,6 +10,7 @@ from edge_sleep import EdgeSleep, SleepConfig, StoreConfig, WakeConfig
 from edge_sleep.bench.datasets import permuted_mnist
 from edge_sleep.bench.pmnist import evaluate, mlp
 from edge_sleep.bench.strategies import buffer_only_sleep
+from edge_sleep.errors import ConfigError
 from edge_sleep.fisher import fisher_sums_loop
 from edge_sleep.sleep import ConsolidationNoise, consolidate_weights_, replay_loss
 from edge_sleep.wake import effective_weights
@@ -138,6 +139,44 @@ def test_the_fisher_is_taken_on_the_clean_replay_loss(tmp_path: Path) -> None:
     clean = fisher_sums_loop(es.model, names, records.x, records.y, records.logits, loss)
     for n in names:
         torch.testing.assert_close(es.anchor.fisher[n], clean[n] / 24, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("budget_mb", [None, 0.005])
+def test_a_memory_budget_streams_the_fisher_and_gives_the_same_fisher(tmp_path: Path, budget_mb: float | None) -> None:
+    # the same night as above; a budget too small for the configured vmap (5 samples of every
+    # gradient) but enough for one sample and one tensor streams, with the same clean Fisher
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   store_config=StoreConfig(capacity_records=24),
+                   sleep=SleepConfig(min_steps=0, lr=1e-30, noise_std=50.0, batch_size=24, fisher_batch=24,
+                                     fisher_steps=3, fisher_chunk=5, memory_budget_mb=budget_mb))
+    feed(es, 3, seed=0, batch=8)
+    report = es.sleep(steps=3)
+    assert report.fisher_method.startswith("streamed" if budget_mb else "vmap")
+    assert (report.fisher_planned_mb is None) == (budget_mb is None)
+    if budget_mb is not None:
+        assert 0 < report.fisher_planned_mb <= budget_mb
+    assert report.fisher_peak_mb is None or report.fisher_peak_mb >= 0
+    records = es.store.read(torch.arange(24).numpy())
+
+    def loss(logits: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return replay_loss(logits, y, t, 1.0, es.sleep_config.distill_weight)
+
+    clean = fisher_sums_loop(es.model, list(es.anchor.fisher), records.x, records.y, records.logits, loss)
+    for n in es.anchor.fisher:
+        torch.testing.assert_close(es.anchor.fisher[n], clean[n] / 24, rtol=1e-4, atol=1e-9)
+
+
+def test_a_budget_below_the_streamed_fisher_refuses_before_the_night_changes_anything(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   sleep=SleepConfig(min_steps=0, memory_budget_mb=1e-6))
+    feed(es, 3, seed=0, batch=8)
+    before = {n: p.detach().clone() for n, p in es.model.named_parameters()}
+    with pytest.raises(ConfigError, match="memory_budget_mb=1e-06.*largest gradient"):
+        es.sleep(steps=3)
+    for n, p in es.model.named_parameters():
+        assert torch.equal(p, before[n])
+    with pytest.raises(ConfigError, match="memory_budget_mb"):
+        SleepConfig(memory_budget_mb=0)
 
 
 def test_strengthening_scales_exactly_the_most_significant_weights() -> None:
