@@ -300,8 +300,10 @@ def run_sleep(
                 sums = None
                 with ResidentPeak() as peak:
                     if plan.method == "streamed":
-                        buffers = {hn: state.fisher_sums.setdefault(hn[len("model."):], torch.zeros_like(
-                            params[hn[len("model."):]], dtype=torch.float32)) for hn in head_names}
+                        for n in params:
+                            if n not in state.fisher_sums:
+                                state.fisher_sums[n] = torch.zeros_like(params[n], dtype=torch.float32)
+                        buffers = {f"model.{n}": state.fisher_sums[n] for n in params}
                         # accumulates into the night's sums in place; checked below like the others
                         sums = fisher_sums_streamed(head, head_names, *fb, fisher_loss, sums=buffers)
                         accumulated = True

@@ -181,18 +181,21 @@ def _threads(threads: int | None) -> int:
 
 
 def _run(bounds: list[tuple[int, int]], fn: Any) -> list[Any]:
-    """Call ``fn(j, start, stop)`` for every slice ``j`` in parallel (each thread one slice)."""
+    """Call ``fn(j, start, stop)`` for every slice ``j`` in parallel: slice 0 on the calling thread,
+    the others on a pool (one hand-off fewer than pooling them all)."""
     global _pool, _pool_size
     t = len(bounds)
     if t == 1:
         return [fn(0, *bounds[0])]
     with _lock:
-        if _pool is None or _pool_size < t:
+        if _pool is None or _pool_size < t - 1:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(t, thread_name_prefix="edge-sleep-kernel"), t
+            _pool, _pool_size = ThreadPoolExecutor(t - 1, thread_name_prefix="edge-sleep-kernel"), t - 1
         pool = _pool
-    return list(pool.map(lambda jb: fn(jb[0], *jb[1]), enumerate(bounds)))
+    rest = [pool.submit(fn, j, *bounds[j]) for j in range(1, t)]
+    first = fn(0, *bounds[0])
+    return [first, *(f.result() for f in rest)]
 
 
 def _break_ties_among(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, int]],
