@@ -13,6 +13,7 @@ __all__ = [
     "InputError",
     "StoreError",
     "StorePathError",
+    "StoreBusyError",
     "FingerprintMismatchError",
     "FormatVersionError",
     "CorruptRecordError",
@@ -46,6 +47,10 @@ class StoreError(EdgeSleepError, RuntimeError):
 
 class StorePathError(StoreError, OSError):
     """The store's path cannot be created or written."""
+
+
+class StoreBusyError(StoreError):
+    """Another writer (a process, or another store object) holds the replay store."""
 
 
 class FingerprintMismatchError(StoreError):

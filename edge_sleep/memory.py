@@ -14,10 +14,12 @@ counts what it newly touched: the one-time costs of its first run too (measure a
 leave those out), and not what it got back from an earlier one.
 
 Example:
-    >>> import torch
-    >>> with ResidentPeak() as peak:  # 64 MB: above 32 MB, glibc maps fresh pages every time
-    ...     x = torch.ones(16_000_000)
-    >>> peak.extra_bytes is None or peak.extra_bytes >= 60_000_000
+    >>> import mmap
+    >>> with ResidentPeak() as peak:  # 64 MB of fresh anonymous pages, each touched once
+    ...     block = mmap.mmap(-1, 64 << 20)
+    ...     for offset in range(0, 64 << 20, 4096):
+    ...         block[offset] = 1
+    >>> peak.extra_bytes is None or peak.extra_bytes >= 60 << 20
     True
 """
 

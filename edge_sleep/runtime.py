@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +23,18 @@ from edge_sleep.modelio import activation_module_names, logits_of, model_fingerp
 from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
 from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights, wake_step
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialized(method: _F) -> _F:
+    """One call at a time per runtime: apps call it from UI threads and background workers."""
+    @functools.wraps(method)
+    def wrapper(self: EdgeSleep, *args: Any, **kwargs: Any) -> Any:
+        with self._call_lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 if TYPE_CHECKING:
     from edge_sleep.export.engine import ExecuTorchEngine
@@ -132,6 +147,7 @@ class EdgeSleep:
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
         self.sleep_state: SleepState | None = None
         self._optimizer = torch.optim.SGD(self._wake_params, lr=self.wake_config.lr)
+        self._call_lock = threading.RLock()
         self.engine = engine
         self._et: ExecuTorchEngine | None = None  # built on first use, rebuilt after each night
         self._et_stale = True
@@ -208,6 +224,7 @@ class EdgeSleep:
     def _replay_forward(self, latent: torch.Tensor) -> torch.Tensor:
         return logits_of(self._head(latent))
 
+    @_serialized
     def learn(self, x: torch.Tensor, y: torch.Tensor, *, stream: str = "") -> WakeStats:
         """One wake step on a labelled batch; the batch is offered to the replay store.
 
@@ -223,6 +240,8 @@ class EdgeSleep:
 
         Raises:
             InputError: bad shape, dtype, NaN/inf or label range; nothing is learned or stored.
+            StoreError: the batch could not be written (a closed or busy store, a full disk...);
+                the step is undone, so the weights and the store stay in step.
         """
         x = self._check_input(x)
         if self.num_classes is None:
@@ -243,6 +262,10 @@ class EdgeSleep:
             def penalty_fn() -> torch.Tensor:
                 weights = effective_weights(self.model, list(self.anchor.fisher))
                 return self.anchor.penalty(weights, cfg.anchor_lambda, cfg.lr)
+        # what the step changes, so that a failed write to the store undoes it (both or neither)
+        trainable = [p for g in self._optimizer.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in trainable]
+        optimizer_before = copy.deepcopy(self._optimizer.state_dict()) if self._optimizer.state else None
         if self.engine == "executorch":
             losses, latent, logits = self._executorch().step(self, x, y, r1, r2)
         else:
@@ -265,10 +288,21 @@ class EdgeSleep:
             apply_masks_(dict(self.model.named_parameters()), self.masks)
         stored = 0
         if self.wake_steps_since_sleep % cfg.store_every == 0:
-            stored = self.store.append(latent, y, logits, stream=stream)
+            try:
+                stored = self.store.append(latent, y, logits, stream=stream)
+            except BaseException:
+                with torch.no_grad():
+                    for p, b in zip(trainable, before):
+                        p.copy_(b)
+                if optimizer_before is not None:
+                    self._optimizer.load_state_dict(optimizer_before)
+                if self.engine == "executorch":
+                    self._executorch().undo_step(self.model)
+                raise
         self.wake_steps_since_sleep += 1
         return dataclasses.replace(stats, stored=stored)
 
+    @_serialized
     @torch.no_grad()
     def logits(self, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
         """Logits ``(B, C)`` in eval mode, computed in batches of ``batch_size``."""
@@ -294,6 +328,7 @@ class EdgeSleep:
         cfg = self.sleep_config
         return max(cfg.min_steps, round(cfg.steps_per_wake_step * self.wake_steps_since_sleep))
 
+    @_serialized
     def sleep(
         self,
         steps: int | None = None,
@@ -368,6 +403,7 @@ class EdgeSleep:
             module.set_mask_(self.masks.get(f"{name}.weight" if name else "weight"))
 
     # ----------------------------------------------------------------- state
+    @_serialized
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: weights, anchor, masks, sleep progress, generators."""
         return {
@@ -384,6 +420,7 @@ class EdgeSleep:
             "store": self.store.state_dict(),
         }
 
+    @_serialized
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output.
 
@@ -414,6 +451,7 @@ class EdgeSleep:
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
 
+    @_serialized
     def save(self, directory: str | Path) -> Path:
         """Write ``state.pt`` and ``config.json`` to ``directory`` atomically (all or nothing).
 

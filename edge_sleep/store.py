@@ -20,13 +20,17 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+import threading
 import time
+import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +45,26 @@ from edge_sleep.errors import (
     StorePathError,
     check_format_version,
 )
+from edge_sleep.locking import WriterLock
 from edge_sleep.quant import dequantize_rows, quantize_rows
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+# the store each database file has open in this process (a second one takes over from the first)
+_OPEN: dict[str, weakref.ref[ReplayStore]] = {}
+_OPEN_LOCK = threading.RLock()
+
+
+def _locked(method: _F) -> _F:
+    """Run a method under the store's lock, refusing a closed store with a clear error."""
+    @functools.wraps(method)
+    def wrapper(self: ReplayStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._closed is not None:
+                raise StoreError(f"the replay store {str(self.path)!r} is closed ({self._closed}). Fix: "
+                                 "use the store (or EdgeSleep) that has it open now, or open it again.")
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 __all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
 
@@ -106,24 +129,64 @@ class ReplayStore:
         self.path = Path(path)
         self.config = config or StoreConfig()
         self.rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
+        self._closed: str | None = None
+        self._writer = WriterLock(self.path) if str(path) != ":memory:" else None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._create_tables()
-        except (OSError, sqlite3.OperationalError) as e:
+        except OSError as e:
             raise StorePathError(
                 f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
                 "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
                 "files directory."
             ) from e
-        self._check_meta(fingerprint)
-        self._seen = int(self._meta("seen") or 0)
+        self._take_over()
+        try:
+            # any thread may use the connection: every use holds self._lock
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._create_tables()
+        except (OSError, sqlite3.OperationalError) as e:
+            self._release()
+            raise StorePathError(
+                f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
+                "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
+                "files directory."
+            ) from e
         self._layout_cache: dict[str, Any] | None = None
         self._labels: dict[int, int] = {}  # slot -> label
         self._mirror: dict[str, np.ndarray] = {}
-        self._load_mirror()
+        try:
+            self._check_meta(fingerprint)
+            self._seen = int(self._meta("seen") or 0)
+            self._load_mirror()
+        except BaseException:
+            self._release()  # (the checks close the database themselves)
+            raise
+
+    def _take_over(self) -> None:
+        """Become this file's one writer: close another store of this process that has it open
+        (it then refuses use, saying why), then take the file lock, which another process holds
+        only while it has the store open (:class:`StoreBusyError` otherwise)."""
+        if self._writer is None:
+            return
+        key = str(self.path.resolve())
+        with _OPEN_LOCK:
+            ref = _OPEN.get(key)
+            other = ref() if ref is not None else None
+            if other is not None and other is not self:
+                other._close(f"another ReplayStore in this process opened {str(self.path)!r}")
+            self._writer.acquire()
+            _OPEN[key] = weakref.ref(self)
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+        with _OPEN_LOCK:
+            key = str(self.path.resolve()) if self._writer is not None else None
+            if key is not None and (ref := _OPEN.get(key)) is not None and ref() is self:
+                del _OPEN[key]
 
     def _load_mirror(self) -> None:
         """Read every record into memory once, verifying its checksum.
@@ -216,6 +279,7 @@ class ReplayStore:
             self._db.close()
             raise
 
+    @_locked
     def bind(self, fingerprint: str | None) -> None:
         """Tie the store to a model fingerprint; refuse one written by another model.
 
@@ -235,6 +299,7 @@ class ReplayStore:
             self._set_meta("fingerprint", fingerprint)
 
     # ------------------------------------------------------------ properties
+    @_locked
     def __len__(self) -> int:
         return len(self._labels)
 
@@ -250,6 +315,7 @@ class ReplayStore:
             return int(self._mirror["label"].shape[0])
         return self._meta("capacity_records")
 
+    @_locked
     def bytes_used(self) -> int:
         """Bytes of record payload held (codes, logits and fixed overhead per record)."""
         row = self._db.execute(
@@ -257,6 +323,7 @@ class ReplayStore:
         ).fetchone()
         return int(row[0]) + _RECORD_OVERHEAD_BYTES * int(row[1])
 
+    @_locked
     def class_counts(self) -> dict[int, int]:
         """``{label: records}`` currently held."""
         counts: dict[int, int] = {}
@@ -282,6 +349,7 @@ class ReplayStore:
             )
         return known
 
+    @_locked
     def append(
         self,
         latents: torch.Tensor,
@@ -417,6 +485,7 @@ class ReplayStore:
         return victims[int(self.rng.integers(0, len(victims)))]
 
     # ----------------------------------------------------------------- reads
+    @_locked
     def sample(self, n: int, *, balanced: bool = False) -> ReplayBatch:
         """Draw ``min(n, len(self))`` records without replacement.
 
@@ -442,6 +511,7 @@ class ReplayStore:
             slots = self.rng.choice(slots_all, size=k, replace=False)
         return self.read(slots)
 
+    @_locked
     def read(self, slots: np.ndarray) -> ReplayBatch:
         """Decode the records at ``slots``, in that order."""
         layout, m = self._meta_layout(), self._mirror
@@ -462,10 +532,12 @@ class ReplayStore:
         return self._layout_cache
 
     # ----------------------------------------------------------------- state
+    @_locked
     def state_dict(self) -> dict[str, Any]:
         """The store's in-process state (its generator); the records live in the file."""
         return {"format_version": STORE_FORMAT_VERSION, "rng": self.rng.bit_generator.state}
 
+    @_locked
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output.
 
@@ -476,14 +548,27 @@ class ReplayStore:
         self.rng.bit_generator.state = state["rng"]
 
     def close(self) -> None:
-        """Save the stream length and close the database (records are already committed)."""
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._set_meta("seen", self._seen)
-            self._db.execute("COMMIT")
-        except sqlite3.ProgrammingError:  # already closed
-            return
-        self._db.close()
+        """Save the stream length, close the database and free the file for another writer.
+
+        Records are already committed. Safe from any thread, and more than once.
+        """
+        self._close("closed by close()")
+
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            if self._closed is not None:
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._set_meta("seen", self._seen)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            finally:
+                self._db.close()
+                self._closed = reason
+                self._release()
 
     def __enter__(self) -> ReplayStore:
         return self

@@ -65,6 +65,7 @@ class ExecuTorchEngine:
         self._train: Any = None
         self._infer: Any = None
         self._params: dict[str, torch.Tensor] = {}
+        self._before: dict[str, torch.Tensor] | None = None  # the adapters before the last step
         self._optimizer: Any = None
         self._lr: float | None = None
         self._moved = False
@@ -151,6 +152,7 @@ class ExecuTorchEngine:
             losses["skipped"] = "non-finite gradient"
             return losses, x, logits
         before = {n: p.clone() for n, p in self._params.items()}
+        self._before = before
         self._optimizer.step(grads)
         if not all_finite(list(self._params.values())):
             for n, p in self._params.items():
@@ -162,6 +164,16 @@ class ExecuTorchEngine:
         return losses, x, logits
 
     @torch.no_grad()
+    def undo_step(self, model: torch.nn.Module) -> None:
+        """Put the adapters back where the last step found them, in the program and in ``model``."""
+        before = self._before
+        if before is None:
+            return
+        for n, p in self._params.items():
+            p.copy_(before[n])
+        self._before = None
+        self.copy_adapters_to(model)
+
     def copy_adapters_to(self, model: torch.nn.Module) -> None:
         """Write the program's current adapters into ``model`` (names without the ``model.`` prefix)."""
         own = dict(model.named_parameters())
