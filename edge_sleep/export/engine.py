@@ -174,6 +174,7 @@ class ExecuTorchEngine:
         self._before = None
         self.copy_adapters_to(model)
 
+    @torch.no_grad()
     def copy_adapters_to(self, model: torch.nn.Module) -> None:
         """Write the program's current adapters into ``model`` (names without the ``model.`` prefix)."""
         own = dict(model.named_parameters())
