@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from edge_sleep import native
+from edge_sleep.memory import ResidentPeak
 from edge_sleep.kernels import (consolidate, consolidate_, consolidate_radix, kth_smallest, prune_count,
                                 significance, smallest_mask)
 
@@ -78,31 +79,21 @@ def median_s(fn: Callable[[], object], repeats: int, before: Callable[[], object
     return statistics.median(times[1:])
 
 
-def status_bytes(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (the peak since the last reset) of this process, in bytes."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def child_extra_bytes(n: int) -> None:
     """In a fresh process: the kernel's peak resident memory beyond what was resident before it.
 
-    Linux resets the peak (``VmHWM``) to the current resident set when 5 is written to
-    ``/proc/self/clear_refs``; the peak after the call minus the resident set before it is what the
-    call added at its worst moment.
+    :class:`edge_sleep.memory.ResidentPeak`: the peak resident set during the call (Linux's
+    ``VmHWM``, reset first) minus the resident set before it.
     """
     w, f, mask = night_like(1 << 18, 1)
     consolidate_(w, f, mask, prune=1, strengthen_rank=7, eta=ETA)  # load the library, start the threads
     w, f, mask = night_like(n)
     k, rank = counts(n, mask)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    before = status_bytes("VmRSS")
-    consolidate_(w, f, mask, prune=k, strengthen_rank=rank, eta=ETA)
-    print(json.dumps({"extra_bytes": max(0, status_bytes("VmHWM") - before)}))
+    with ResidentPeak() as peak:
+        consolidate_(w, f, mask, prune=k, strengthen_rank=rank, eta=ETA)
+    if peak.extra_bytes is None:
+        raise SystemExit("this benchmark reads Linux's /proc/self/status and /proc/self/clear_refs")
+    print(json.dumps({"extra_bytes": peak.extra_bytes}))
 
 
 def measure(n: int, repeats: int, controls: bool) -> dict[str, float | int]:

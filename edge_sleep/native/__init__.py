@@ -48,6 +48,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,27 +217,12 @@ def _break_ties_among(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int
         first = mag_first
     else:
         digits = (16, 16) if marked >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
-        buf = np.zeros((len(bounds), 1 << digits[0]), np.uint32)
-
-        def keep(j: int, a: int, b: int) -> None:
-            lib.es_keep_key(pw + 4 * a, pf + 4 * a, candidates[j].ctypes.data, candidates[j].size, key,
-                            32 - digits[0], buf[j].ctypes.data)
-
-        _run(bounds, keep)
-        first = buf.sum(axis=0, dtype=np.int64)
-    shift = 32 - digits[0]
-    sel = _Selection(first, k)
-    for d in digits[1:]:
-        buf = np.zeros((len(bounds), 1 << d), np.uint32)
-        prefix = sel.prefix
-
-        def part(j: int, a: int, b: int) -> None:
-            lib.es_hist_mag_at(pw + 4 * a, candidates[j].ctypes.data, candidates[j].size, shift, prefix, shift - d,
-                               (1 << d) - 1, buf[j].ctypes.data)
-
-        _run(bounds, part)
-        sel.refine(buf.sum(axis=0, dtype=np.int64), d)
-        shift -= d
+        first = _digit_histogram(bounds, digits[0], lambda j, a, out: lib.es_keep_key(
+            pw + 4 * a, pf + 4 * a, candidates[j].ctypes.data, candidates[j].size, key, 32 - digits[0], out))
+    sel = _select_digits(bounds, digits[1:], _Selection(first, k), 32 - digits[0],
+                         lambda j, a, shift, prefix, d, out: lib.es_hist_mag_at(
+                             pw + 4 * a, candidates[j].ctypes.data, candidates[j].size, shift, prefix, shift - d,
+                             (1 << d) - 1, out))
     if sel.tied <= sel.k:
         return sel.prefix, _NO_INDEX
     r = sel.k  # ties in both: the r-th of them in flat order is the last one pruned
@@ -370,23 +356,31 @@ def _select_marked(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, i
                    count: int, k: int) -> _Selection:
     """The k-th smallest key among the marked weights (``count`` of them), digit by digit."""
     digits = (16, 16) if count >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
-    shift, sel = 32, None
+    shift = 32 - digits[0]
+    first = _digit_histogram(bounds, digits[0], lambda j, a, out: lib.es_hist_key_at(
+        pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, 32, 0, shift, (1 << digits[0]) - 1, out))
+    return _select_digits(bounds, digits[1:], _Selection(first, k), shift,
+                          lambda j, a, shift, prefix, d, out: lib.es_hist_key_at(
+                              pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, shift, prefix,
+                              shift - d, (1 << d) - 1, out))
+
+
+def _digit_histogram(bounds: list[tuple[int, int]], bits: int, fill: Any) -> np.ndarray:
+    """One histogram of ``2**bits`` bins over all slices: ``fill(j, start, out_address)`` counts
+    slice ``j`` into its own array (in parallel); the arrays are summed."""
+    buf = np.zeros((len(bounds), 1 << bits), np.uint32)
+    _run(bounds, lambda j, a, b: fill(j, a, buf[j].ctypes.data))
+    return buf.sum(axis=0, dtype=np.int64)
+
+
+def _select_digits(bounds: list[tuple[int, int]], digits: Sequence[int], sel: _Selection, shift: int,
+                   hist: Any) -> _Selection:
+    """Refine ``sel`` by the next ``digits``, below bit ``shift``: for each, ``hist(j, start, shift,
+    prefix, bits, out_address)`` counts slice ``j``'s next digit among the values with that prefix."""
     for d in digits:
-        buf = np.zeros((len(bounds), 1 << d), np.uint32)
-        prefix = 0 if sel is None else sel.prefix
-
-        def part(j: int, a: int, b: int) -> None:
-            lib.es_hist_key_at(pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, shift, prefix,
-                               shift - d, (1 << d) - 1, buf[j].ctypes.data)
-
-        _run(bounds, part)
-        h = buf.sum(axis=0, dtype=np.int64)
-        if sel is None:
-            sel = _Selection(h, k)
-        else:
-            sel.refine(h, d)
+        prefix = sel.prefix
+        sel.refine(_digit_histogram(bounds, d, lambda j, a, out: hist(j, a, shift, prefix, d, out)), d)
         shift -= d
-    assert sel is not None
     return sel
 
 
