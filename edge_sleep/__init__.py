@@ -17,6 +17,7 @@ from edge_sleep.errors import (
     StorePathError,
 )
 from edge_sleep.runtime import EdgeSleep
+from edge_sleep.schedule import AdaptivePolicy, Decision, DeviceState, IdleAndCharging, SleepPolicy, SleepPressure
 from edge_sleep.sleep import SleepReport
 from edge_sleep.store import ReplayBatch, ReplayStore
 from edge_sleep.wake import WakeStats
@@ -32,6 +33,12 @@ __all__ = [
     "ReplayBatch",
     "WakeStats",
     "SleepReport",
+    "DeviceState",
+    "SleepPolicy",
+    "SleepPressure",
+    "Decision",
+    "IdleAndCharging",
+    "AdaptivePolicy",
     "EdgeSleepError",
     "ConfigError",
     "InputError",

@@ -7,6 +7,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,12 +49,15 @@ def _format_matrix(acc: np.ndarray) -> str:
 
 
 def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2000,
-             seed: int = 0, out: Path = Path("edge-sleep-demo.png")) -> dict[str, np.ndarray]:
-    """Permuted MNIST, short: the same stream learned three ways.
+             seed: int = 0, out: Path = Path("edge-sleep-demo.png"), profile: str = "galaxy-s24",
+             days: int = 2) -> dict[str, np.ndarray]:
+    """Permuted MNIST, short: the same stream learned three ways, then simulated days on a phone.
 
     1. all weights by day, no sleep; 2. the same day plus a nightly sleep; 3. the on-device
     path: a base first trained on task 1, LoRA adapters (rank 8) by day, a nightly sleep that
-    merges and consolidates them. No replay while awake in any of them.
+    merges and consolidates them. No replay while awake in any of them. Then the on-device path
+    lives ``days`` simulated days on ``profile`` (:mod:`edge_sleep.simulate.day`): learning while
+    the phone is used, sleeping when it charges; its timeline goes beside ``out``.
     """
     import torch
     from tqdm import tqdm
@@ -106,6 +110,22 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
         print(_format_matrix(acc))
     _plot_matrices(mats, out)
     print(f"\nwrote {out} ({time.perf_counter() - t0:.0f} s)")
+    if days > 0:
+        import shutil
+
+        from edge_sleep.simulate.day import SimulationConfig, simulate
+        from edge_sleep.simulate.profiles import load_profile
+
+        prof = load_profile(profile)
+        timeline = out.with_name(out.stem + "-timeline.png")
+        print(f"\nthe on-device path, {days} simulated day(s) on {prof.name}: learning while the phone is in use, "
+              "sleeping when it charges")
+        with tempfile.TemporaryDirectory() as d:
+            report = simulate(prof, Path(d), SimulationConfig(days=days, seed=seed, test_per_task=test_per_task,
+                                                              train_per_task=min(12000, train_per_task)))
+            shutil.copyfile(Path(d) / "timeline.png", timeline)
+        print(_format_days(report))
+        print(f"wrote {timeline} ({time.perf_counter() - t0:.0f} s in all)")
     return mats
 
 
@@ -115,15 +135,15 @@ def _model_factory(spec: str) -> object:
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise SystemExit(f"edge-sleep export: --model {spec!r}; expected MODULE:CALLABLE, e.g. "
+        raise SystemExit(f"edge-sleep: --model {spec!r}; expected MODULE:CALLABLE, e.g. "
                          "edge_sleep.bench.pmnist:mlp")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"edge-sleep export: cannot import --model {spec!r} ({e}). Fix: name an importable "
+        raise SystemExit(f"edge-sleep: cannot import --model {spec!r} ({e}). Fix: name an importable "
                          "module and a callable in it that returns the model.") from None
     if not callable(factory):
-        raise SystemExit(f"edge-sleep export: --model {spec!r} is not callable.")
+        raise SystemExit(f"edge-sleep: --model {spec!r} is not callable.")
     return factory
 
 
@@ -154,30 +174,98 @@ def run_export(checkpoint: Path, out: Path, model_spec: str, *, int8: bool = Tru
 
     model = _model_factory(model_spec)()  # type: ignore[operator]
     if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"edge-sleep export: --model {model_spec!r} returned a {type(model).__name__}; "
+        raise SystemExit(f"edge-sleep: --model {model_spec!r} returned a {type(model).__name__}; "
                          "expected an nn.Module.")
     t0 = time.perf_counter()
     try:
         es = EdgeSleep.load(checkpoint, model, store=":memory:")
         manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch, etrecord=etrecord)
     except EdgeSleepError as e:
-        raise SystemExit(f"edge-sleep export: {e}") from None
+        raise SystemExit(f"edge-sleep: {e}") from None
     for name, info in sorted(manifest.files.items()):
         print(f"{info['bytes']:>12,d}  {out / name}")
     print(f"exported {', '.join(sorted(manifest.programs))} in {time.perf_counter() - t0:.0f} s")
     return 0
 
 
+def _format_days(report: dict[str, Any]) -> str:
+    """The simulator's per-day table and its notes."""
+    def f(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{report['profile_name']} ({report['profile']}), {len(report['days'])} day(s), {report['policy']} "
+             f"policy, memory budget {report['memory_budget_mb']:.0f} MB",
+             f"{'day':>4s} {'accuracy':>9s} {'forget':>7s} {'wake':>5s} {'night':>6s} {'used':>5s} {'missed':>6s} "
+             f"{'preempt':>7s} {'night J':>8s} {'battery':>8s} {'peak MB':>8s}"]
+    for d in report["days"]:
+        lines.append(f"{d['day']:>4d} {f(d['accuracy'], '.3f'):>9s} {f(d['forgetting'], '.3f'):>7s} "
+                     f"{d['wake_steps']:>5d} {d['night_steps']:>6d} {d['windows_used']:>5d} {d['windows_missed']:>6d} "
+                     f"{d['windows_preempted']:>7d} {d['energy_j']:>8.1f} {f(d['battery_share'], '.3%'):>8s} "
+                     f"{f(d['peak_memory_mb'], '.0f'):>8s}")
+    lines += [f"note: {note}" for note in report["targets"]["notes"]]
+    return "\n".join(lines)
+
+
+def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, calibration: Path | None) -> int:
+    """``edge-sleep simulate``: one profile, ``days`` days; prints the per-day summary."""
+    import json
+
+    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.simulate.calibrate import Calibration
+    from edge_sleep.simulate.day import SimulationConfig, simulate
+    from edge_sleep.simulate.profiles import load_profile
+
+    try:
+        prof = load_profile(profile)
+        config = SimulationConfig(days=days, policy=policy, seed=seed)
+        cal = None
+        if calibration is not None:
+            raw = json.loads(calibration.read_text())
+            cal = Calibration(host_seconds=raw["host_seconds"], reference_seconds=raw["reference_seconds"],
+                              threads=raw.get("threads", 0))
+    except (EdgeSleepError, OSError, ValueError, KeyError) as e:
+        print(f"edge-sleep simulate: {e}", file=sys.stderr)
+        return 2
+    report = simulate(prof, out, config, calibration=cal)
+    print()
+    print(_format_days(report))
+    print(f"wrote {out / 'report.json'}, {out / 'timeline.png'} ({report['targets']['wall_s']:.0f} s)")
+    return 0
+
+
+def run_watch(checkpoint: Path, model_spec: str, policy: str, poll_s: float, min_idle_s: float,
+              polls: int | None) -> int:
+    """``edge-sleep watch``: poll the real probes and sleep the checkpoint when the policy allows."""
+    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.schedule import AdaptivePolicy, IdleAndCharging
+    from edge_sleep.watch import watch
+
+    factory = _model_factory(model_spec)
+    try:
+        device = IdleAndCharging(min_idle_s=min_idle_s)
+        chosen = device if policy == "fixed" else AdaptivePolicy(device=device)
+        watch(checkpoint, factory, policy=chosen, poll_s=poll_s, max_polls=polls,  # type: ignore[arg-type]
+              log=lambda line: print(line, flush=True))
+    except EdgeSleepError as e:
+        print(f"edge-sleep watch: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sleep", description="On-device continual learning with sleep.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="short Permuted-MNIST run: no sleep, sleep, adapters + sleep "
-                                       "(about 65 s on 2 cores)")
+    demo = sub.add_parser("demo", help="short Permuted-MNIST run: no sleep, sleep, adapters + sleep, then "
+                                       "simulated days on a phone profile (about 2 minutes on 2 cores)")
     demo.add_argument("--tasks", type=int, default=5)
     demo.add_argument("--train-per-task", type=int, default=20000)
     demo.add_argument("--test-per-task", type=int, default=2000)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("edge-sleep-demo.png"))
+    demo.add_argument("--profile", default="galaxy-s24", help="the device profile of the simulated days")
+    demo.add_argument("--days", type=int, default=2, help="simulated days on the profile (0: none)")
     sub.add_parser("bench", help="the Permuted-MNIST benchmark (benchmarks/pmnist.py); pass its flags after --",
                    add_help=False)
     export = sub.add_parser("export", help="write the ExecuTorch programs (infer.pte, infer_int8.pte, "
@@ -197,7 +285,33 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--runs", type=int, default=50)
     prof.add_argument("--batch", type=int, default=1)
     prof.add_argument("--top", type=int, default=25, help="how many of the slowest events to print")
+    sim = sub.add_parser("simulate", help="replay days of a device profile on a virtual clock: wake learning, "
+                                          "nights when the policy allows; writes report.json and timeline.png")
+    sim.add_argument("--profile", required=True,
+                     help="a profile name in device_profiles/ (e.g. galaxy-s24) or a path to a .toml file")
+    sim.add_argument("--days", type=int, default=3)
+    sim.add_argument("--out", type=Path, default=Path("simulation"))
+    sim.add_argument("--policy", choices=["fixed", "adaptive"], default="fixed",
+                     help="fixed: idle and charging, one replay step per wake step; adaptive: sleep pressure")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--calibration", type=Path, default=None,
+                     help="a JSON written by tools/calibrate.py (default: calibrate now, a few seconds)")
+    watch = sub.add_parser("watch", help="on a Linux device: poll battery, charging, idle and thermal state; "
+                                         "sleep the saved runtime when the policy allows")
+    watch.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
+    watch.add_argument("--model", default="edge_sleep.bench.pmnist:mlp",
+                       help="MODULE:CALLABLE returning a fresh model of the checkpoint's architecture")
+    watch.add_argument("--policy", choices=["fixed", "adaptive"], default="fixed")
+    watch.add_argument("--poll-s", type=float, default=60.0)
+    watch.add_argument("--min-idle-s", type=float, default=900.0)
+    watch.add_argument("--polls", type=int, default=None, help="stop after this many polls (default: never)")
     args, rest = parser.parse_known_args(argv)
+    if args.command in ("simulate", "watch") and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "simulate":
+        return run_simulate(args.profile, args.days, args.out, args.policy, args.seed, args.calibration)
+    if args.command == "watch":
+        return run_watch(args.checkpoint, args.model, args.policy, args.poll_s, args.min_idle_s, args.polls)
     if args.command == "profile":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -217,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("tasks", "train_per_task", "test_per_task"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
-        run_demo(args.tasks, args.train_per_task, args.test_per_task, args.seed, args.out)
+        if args.days < 0:
+            parser.error(f"--days={args.days}; expected an integer >= 0")
+        run_demo(args.tasks, args.train_per_task, args.test_per_task, args.seed, args.out, args.profile, args.days)
         return 0
     from edge_sleep.bench.pmnist import main as bench_main
 

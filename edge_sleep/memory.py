@@ -30,7 +30,7 @@ from types import TracebackType
 
 import torch
 
-__all__ = ["ResidentPeak", "saved_activation_bytes"]
+__all__ = ["ResidentPeak", "peak_resident_bytes", "resident_bytes", "saved_activation_bytes"]
 
 
 def _status_bytes(field: str) -> int | None:
@@ -42,6 +42,16 @@ def _status_bytes(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (``VmRSS``); ``None`` off Linux."""
+    return _status_bytes("VmRSS")
+
+
+def peak_resident_bytes() -> int | None:
+    """This process's peak resident set so far (``VmHWM``); ``None`` off Linux."""
+    return _status_bytes("VmHWM")
 
 
 class ResidentPeak:

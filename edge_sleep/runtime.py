@@ -316,6 +316,19 @@ class EdgeSleep:
         finally:
             self.model.train(was_training)
 
+    @_serialized
+    @torch.no_grad()
+    def record_logits(self, latents: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
+        """Logits ``(B, C)`` in eval mode of stored records' latents (``store.read(slots).x``)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            latents = latents.to(self.device)
+            return torch.cat([self._replay_forward(latents[i:i + batch_size])
+                              for i in range(0, latents.shape[0], batch_size)])
+        finally:
+            self.model.train(was_training)
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted class indices ``(B,)``."""
         return self.logits(x).argmax(dim=1)

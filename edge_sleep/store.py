@@ -316,6 +316,11 @@ class ReplayStore:
         return self._meta("capacity_records")
 
     @_locked
+    def slots(self) -> np.ndarray:
+        """The slots that hold a record now, sorted ``(len(self),)`` int64 (for :meth:`read`)."""
+        return np.sort(np.fromiter(self._labels.keys(), dtype=np.int64, count=len(self._labels)))
+
+    @_locked
     def bytes_used(self) -> int:
         """Bytes of record payload held (codes, logits and fixed overhead per record)."""
         row = self._db.execute(

@@ -61,3 +61,19 @@ def test_readme_fisher_memory_figures_are_what_the_benchmark_wrote() -> None:
     assert f"| {r['chunked_peak_mb']:,.0f} MB | {r['chunked_samples_s']:.2f} |" in text
     assert f"Its measured peak is {r['chunked_peak_mb']:.0f} MB, {r['targets']['chunked_over_bound']:.2f}x the bound" in text
     assert f"It is {r['targets']['unchunked_over_chunked']:.0f}x below the unchunked path" in text
+
+
+def test_readme_simulation_tables_are_what_the_benchmark_and_profiles_say() -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("simulate_bench", README.parent / "benchmarks" / "simulate.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((README.parent / "benchmarks" / "results" / "simulate.json").read_text())
+    text = README.read_text()
+    assert bench.markdown_table(result["summary"]) in text
+    assert bench.profile_table() in text
+    slowest = max(r["max_wall_s"] for r in result["summary"])
+    assert f"the slowest 3-day run took {slowest:.0f} s here" in text

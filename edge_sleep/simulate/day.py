@@ -1,0 +1,474 @@
+"""The day simulator: the real wake and sleep code on a virtual clock through a profile's day.
+
+``edge-sleep simulate --profile NAME --days N --out DIR`` (or :func:`simulate`):
+
+1. Setup: the demo's on-device path (the P-MNIST MLP trained on task 1 as the shipped base,
+   LoRA adapters by day, a 500-record store); the host is calibrated against the reference
+   machine (:mod:`edge_sleep.simulate.calibrate`) so measured compute becomes the device's time.
+2. The clock ticks (5 virtual minutes). Day ``d`` brings task ``d + 1``: in the profile's usage
+   windows the app learns ``learn_steps_per_usage_hour`` batches an hour (real ``learn`` calls).
+   Outside them, the policy sees a :class:`~edge_sleep.schedule.DeviceState` built from the day
+   (charging, battery, idle time, screen; thermal is not modelled and stays "nominal") and
+   decides. A night runs in a child process (:mod:`edge_sleep.simulate.night`) with the
+   profile's threads and memory budget, for at most the rest of the window; a night the window
+   cuts short is preempted and resumes in the next window.
+3. Energy: the profile's use / idle draw over time, plus ``power_active_w`` times the device
+   seconds of compute (wake steps and nights); the battery charges at ``charge_w`` on the
+   charger. Accuracy on every task seen so far is measured the morning after each night.
+4. Output: ``report.json``, ``timeline.png`` and ``decisions.log`` (each decision that changed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from edge_sleep.errors import ConfigError
+from edge_sleep.schedule import (
+    AdaptivePolicy,
+    DeviceState,
+    IdleAndCharging,
+    ProbeSet,
+    SleepPolicy,
+    SleepPressure,
+)
+from edge_sleep.simulate.calibrate import Calibration, calibrate
+from edge_sleep.simulate.night import OVER_BUDGET_EXIT, NightJob
+from edge_sleep.simulate.profiles import DeviceProfile
+
+__all__ = ["POLICIES", "SimulationConfig", "make_policy", "simulate"]
+
+POLICIES = ("fixed", "adaptive")
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """How a simulation runs (the profile says what device it runs on).
+
+    Attributes:
+        days: simulated days (each brings one new task).
+        policy: ``"fixed"`` (:class:`~edge_sleep.schedule.IdleAndCharging`, nights of 1 replay
+            step per wake step) or ``"adaptive"`` (:class:`~edge_sleep.schedule.AdaptivePolicy`).
+        seed: the task stream's and the model's seed.
+        batch: examples per wake step.
+        train_per_task / test_per_task: images per task (training stream / accuracy).
+        tick_s: the virtual clock's step.
+        buffer_records: the replay store's capacity.
+        probe_size: stored records in the adaptive policy's probe set.
+        model: ``MODULE:CALLABLE`` that builds the model (the child process imports it).
+    """
+
+    days: int = 3
+    policy: str = "fixed"
+    seed: int = 0
+    batch: int = 64
+    train_per_task: int = 12000
+    test_per_task: int = 1000
+    tick_s: float = 300.0
+    buffer_records: int = 500
+    probe_size: int = 256
+    model: str = "edge_sleep.bench.pmnist:mlp"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.days <= 60:
+            problems.append(f"days={self.days}; expected 1..60")
+        if self.policy not in POLICIES:
+            problems.append(f"policy={self.policy!r}; expected one of {POLICIES}")
+        if self.batch < 1 or self.train_per_task < self.batch or self.test_per_task < 1:
+            problems.append(f"batch={self.batch}, train_per_task={self.train_per_task}, test_per_task="
+                            f"{self.test_per_task}; expected 1 <= batch <= train_per_task, test_per_task >= 1")
+        if not 1.0 <= self.tick_s <= 3600.0:
+            problems.append(f"tick_s={self.tick_s}; expected 1..3600 seconds")
+        if problems:
+            raise ConfigError("SimulationConfig", problems)
+
+
+def make_policy(name: str) -> SleepPolicy:
+    """``"fixed"`` -> ``IdleAndCharging()`` (1:1 nights); ``"adaptive"`` -> ``AdaptivePolicy()``."""
+    if name == "fixed":
+        return IdleAndCharging()
+    if name == "adaptive":
+        return AdaptivePolicy()
+    raise ConfigError("simulate", [f"policy={name!r}; expected one of {POLICIES}"])
+
+
+def _device_conditions(policy: SleepPolicy) -> IdleAndCharging:
+    device = getattr(policy, "device", policy)
+    if not isinstance(device, IdleAndCharging):
+        raise ConfigError("simulate", [f"policy {type(policy).__name__} has no IdleAndCharging conditions"])
+    return device
+
+
+@dataclass
+class _Night:
+    day: int
+    start_h: float
+    end_h: float
+    steps: int
+    completed: bool
+    host_s: float
+    device_s: float
+    energy_j: float
+    peak_mb: float | None
+    failure: str | None = None
+
+
+@dataclass
+class _Window:
+    day: int
+    start_h: float
+    end_h: float | None = None
+    work_pending: bool = False
+    used: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+
+class _Trace:
+    """What the timeline plot and the report need, recorded tick by tick."""
+
+    def __init__(self) -> None:
+        self.hours: list[float] = []
+        self.battery: list[float | None] = []
+        self.charging: list[bool] = []
+        self.usage: list[bool] = []
+        self.accuracy: list[tuple[float, float]] = []
+
+
+def simulate(
+    profile: DeviceProfile,
+    out: Path | str,
+    config: SimulationConfig = SimulationConfig(),
+    *,
+    calibration: Calibration | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``config.days`` days of ``profile``; write ``report.json`` and ``timeline.png`` in ``out``.
+
+    Returns:
+        The report (also in ``out / "report.json"``); its keys include ``profile``, ``days`` (a
+        list with ``accuracy``, ``energy_j``, ``battery_share``, ``peak_memory_mb`` each) and
+        ``memory_budget_mb``; ``targets`` says whether the night fit the budget and the battery.
+    """
+    from tqdm import tqdm
+
+    from edge_sleep.bench.datasets import permuted_mnist
+    from edge_sleep.bench.metrics import forgetting
+    from edge_sleep.bench.pmnist import evaluate, pretrain
+    from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
+    from edge_sleep.runtime import EdgeSleep
+    from edge_sleep.simulate.timeline import plot_timeline
+
+    wall0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, min(profile.cores, os.cpu_count() or 1))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    cal = calibration or calibrate(threads=threads)
+    policy = make_policy(config.policy)
+    device = _device_conditions(policy)
+    day = profile.day
+    battery_j = profile.battery_wh * 3600.0
+    first_use_h = day.usage[0][0] if day.usage else 0.0
+    end_s = config.days * DAY_S + first_use_h * 3600.0  # through the last night, to the next morning
+
+    module_name, _, attr = config.model.partition(":")
+    import importlib
+
+    factory = getattr(importlib.import_module(module_name), attr)
+    tasks = permuted_mnist(config.days + 1, config.seed, train_per_task=config.train_per_task,
+                           test_per_task=config.test_per_task)
+    model = _build(factory, config.seed)
+    pretrain(model, tasks[0], lr=0.1)  # the base the app ships with
+
+    work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
+    ckpt = work / "ckpt"
+    wake_cfg = WakeConfig(train="adapters", lora_rank=8, lr=0.1, replay_batch=0)
+    sleep_cfg = SleepConfig(memory_budget_mb=profile.memory_budget_mb, check_every=5)  # wake promptly
+    es = EdgeSleep(model, store=work / "replay.db", store_config=StoreConfig(capacity_records=config.buffer_records),
+                   wake=wake_cfg, sleep=sleep_cfg, seed=config.seed)
+    probe = ProbeSet(config.probe_size, seed=config.seed)
+
+    n = config.days + 1
+    acc = np.full((n, n), np.nan)
+    acc[0, 0] = evaluate(es, tasks[0])
+    nights: list[_Night] = []
+    windows: list[_Window] = []
+    decisions: list[str] = []
+    trace = _Trace()
+    trace.accuracy.append((0.0, float(acc[0, 0])))
+    wake_steps = [0] * config.days
+    wake_device_s = [0.0] * config.days
+    batches: dict[int, Any] = {}
+    owed = 0.0
+    battery = day.start_battery_frac if profile.has_battery else None
+    min_battery = [1.0] * config.days
+    last_use_s = -DAY_S
+    busy_until = 0.0
+    blocked_until = 0.0
+    measured = 0
+    last_reason = ""
+    window: _Window | None = None
+    t = 0.0
+
+    def hour_of(ts: float) -> float:
+        return (ts % DAY_S) / 3600.0
+
+    def charging_at(ts: float) -> bool:
+        return (not profile.has_battery) or day.charging_at(hour_of(ts))
+
+    def usage_at(ts: float) -> bool:
+        return ts < config.days * DAY_S and day.in_usage(hour_of(ts))
+
+    def window_end(ts: float) -> float:
+        """When the charging-and-not-in-use stretch that holds ``ts`` ends (or the simulation)."""
+        cur = ts
+        while cur < end_s:
+            base = math.floor(cur / DAY_S) * DAY_S
+            nxt = base + day.next_change(hour_of(cur)) * 3600.0
+            if nxt <= cur:  # guard against float rounding at a boundary
+                nxt = cur + 1.0
+            cur = nxt
+            if cur >= end_s or usage_at(cur) or not charging_at(cur):
+                return min(cur, end_s)
+        return end_s
+
+    def night_day(ts: float) -> int:
+        """The day whose learning a night at ``ts`` consolidates (before the first use: yesterday's)."""
+        return min(config.days - 1, max(0, int((ts - first_use_h * 3600.0) // DAY_S)))
+
+    def measure(ts: float) -> None:
+        nonlocal measured
+        row = measured + 1
+        for j in range(row + 1):
+            acc[row, j] = evaluate(es, tasks[j])
+        trace.accuracy.append((ts / 3600.0, float(np.nanmean(acc[row, :row + 1]))))
+        measured += 1
+
+    def run_night(ts: float, steps: int | None, deadline: float) -> _Night:
+        nonlocal es
+        day_i = night_day(ts)
+        es.save(ckpt)
+        es.store.close()
+        job = NightJob(checkpoint=str(ckpt), model=config.model, result=str(work / "night.json"),
+                       threads=threads, memory_budget_mb=profile.memory_budget_mb,
+                       host_budget_s=cal.host_budget(deadline - ts, relative_speed=profile.relative_speed),
+                       steps=steps)
+        job.write(work / "job.json")
+        Path(job.result).unlink(missing_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-m", "edge_sleep.simulate.night", str(work / "job.json")],
+                              env=env, capture_output=True, text=True)
+        result: dict[str, Any] = json.loads(Path(job.result).read_text()) if Path(job.result).exists() else \
+            {"failure": "error", "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        es = EdgeSleep.load(ckpt, _build(factory, config.seed))
+        if result["failure"] is not None:
+            why = (f"over the memory budget: {result['peak_mb']:.0f} MB > {profile.memory_budget_mb:.0f} MB"
+                   if proc.returncode == OVER_BUDGET_EXIT or result["failure"] == "memory"
+                   else result.get("error", "failed"))
+            return _Night(day_i, ts / 3600.0, ts / 3600.0, 0, False, 0.0, 0.0, 0.0,
+                          result.get("peak_mb"), failure=why)
+        rep = result["report"]
+        dev_s = cal.device_seconds(result["host_s"], relative_speed=profile.relative_speed)
+        return _Night(day_i, ts / 3600.0, (ts + dev_s) / 3600.0, int(rep["steps"]), bool(rep["completed"]),
+                      float(result["host_s"]), dev_s, profile.power_active_w * dev_s, float(result["peak_mb"]))
+
+    total_ticks = int(math.ceil(end_s / config.tick_s))
+    bar = tqdm(total=total_ticks, desc=f"simulate {profile.key} ({config.policy})", unit="tick",
+               disable=not progress)
+    while t < end_s:
+        hour = hour_of(t)
+        day_i = min(int(t // DAY_S), config.days - 1)
+        # the morning after night d: measure every task seen so far, before the day's first use
+        if measured < config.days and t >= (measured + 1) * DAY_S + first_use_h * 3600.0 and t >= busy_until:
+            measure(t)
+        usage = usage_at(t)
+        charging = charging_at(t)
+        extra_w = 0.0
+        if usage and window is not None:  # the user picked the device up: the window is over
+            window.end_h = t / 3600.0
+            window = None
+        if usage and t >= busy_until:
+            owed += day.learn_steps_per_usage_hour * config.tick_s / 3600.0
+            task = tasks[day_i + 1]
+            t0 = time.perf_counter()
+            while owed >= 1.0:
+                owed -= 1.0
+                it = batches.get(day_i)
+                if it is None:
+                    it = batches[day_i] = _cycle(task, config.batch)
+                x, y = next(it)
+                es.learn(x, y, stream=task.name)
+                wake_steps[day_i] += 1
+            dev_s = cal.device_seconds(time.perf_counter() - t0, relative_speed=profile.relative_speed)
+            wake_device_s[day_i] += dev_s
+            extra_w += profile.power_active_w * dev_s / config.tick_s
+            last_use_s = t + config.tick_s
+        elif not usage:
+            state = DeviceState(charging=charging, battery_frac=battery, idle_s=max(0.0, t - last_use_s),
+                                thermal="nominal", screen_on=False)
+            why_not = device.device_allows(state)
+            if why_not is None and window is None:
+                window = _Window(night_day(t), t / 3600.0)
+                windows.append(window)
+            elif why_not is not None and window is not None:
+                window.end_h = t / 3600.0
+                window = None
+            if t >= busy_until and t >= blocked_until:
+                pending = es.sleep_state is not None
+                drop = probe.drop(es) if why_not is None and config.policy == "adaptive" else None
+                pressure = SleepPressure(wake_steps=es.wake_steps_since_sleep, accuracy_drop=drop,
+                                         pending_night=pending)
+                decision = policy.decide(state, pressure)
+                if window is not None and (pressure.wake_steps > 0 or pending):
+                    window.work_pending = True
+                    if not decision.sleep and decision.reason not in window.reasons:
+                        window.reasons.append(decision.reason)
+                if decision.reason != last_reason:
+                    decisions.append(f"day {day_i + 1} {hour:05.2f}h  {'SLEEP' if decision.sleep else 'wait '}  "
+                                     f"{decision.reason}  [{state.describe()}]")
+                    if log is not None:
+                        log(decisions[-1])
+                    last_reason = decision.reason
+                if decision.sleep:
+                    deadline = window_end(t)
+                    night = run_night(t, decision.steps, deadline)
+                    nights.append(night)
+                    if window is not None:
+                        window.used = night.failure is None
+                    if night.failure is not None:
+                        decisions.append(f"day {day_i + 1} {hour:05.2f}h  FAIL   {night.failure}")
+                        blocked_until = deadline  # not again in this window
+                    else:
+                        busy_until = t + night.device_s
+                        if night.completed:
+                            probe.refresh(es)
+        # power over this tick: the device's own draw, compute, and the charger
+        if battery is not None:
+            overlap = max(0.0, min(t + config.tick_s, busy_until) - t)
+            draw_w = (profile.power_use_w if usage else profile.power_idle_w) + extra_w \
+                + profile.power_active_w * overlap / config.tick_s
+            net_w = (profile.charge_w - draw_w) if charging and battery < 1.0 else (0.0 if charging else -draw_w)
+            battery = min(1.0, max(0.0, battery + net_w * config.tick_s / battery_j))
+            min_battery[day_i] = min(min_battery[day_i], battery)
+        trace.hours.append(t / 3600.0)
+        trace.battery.append(battery)
+        trace.charging.append(charging)
+        trace.usage.append(usage)
+        t += config.tick_s
+        bar.update(1)
+    bar.close()
+    while measured < config.days:  # the last morning
+        measure(t)
+    if window is not None:
+        window.end_h = end_s / 3600.0
+    es.store.close()
+
+    days_out: list[dict[str, Any]] = []
+    budget_fail = [x for x in nights if x.failure is not None and x.failure.startswith("over the memory")]
+    for d in range(config.days):
+        mine = [x for x in nights if x.day == d]
+        energy = sum(x.energy_j for x in mine)
+        row = acc[d + 1, : d + 2]
+        peaks = [x.peak_mb for x in mine if x.peak_mb is not None]
+        wins = [w for w in windows if w.day == d]
+        days_out.append({
+            "day": d + 1,
+            "accuracy": None if np.isnan(row).all() else float(np.nanmean(row)),
+            "accuracy_per_task": [None if np.isnan(v) else float(v) for v in row],
+            "forgetting": None if np.isnan(row).all() else float(forgetting(acc[: d + 2, : d + 2])),
+            "wake_steps": wake_steps[d],
+            "night_steps": sum(x.steps for x in mine),
+            "nights_completed": sum(x.completed for x in mine),
+            "windows_used": sum(w.used for w in wins),
+            "windows_missed": sum(w.work_pending and not w.used for w in wins),
+            "windows_preempted": sum(1 for x in mine if x.failure is None and not x.completed),
+            "missed_reasons": sorted({r for w in wins if w.work_pending and not w.used for r in w.reasons}),
+            "energy_j": energy,
+            "battery_share": energy / battery_j if battery_j > 0 else None,
+            "wake_energy_j": profile.power_active_w * wake_device_s[d],
+            "night_device_s": sum(x.device_s for x in mine),
+            "peak_memory_mb": max(peaks) if peaks else None,
+            "min_battery_frac": min_battery[d] if battery is not None else None,
+            "failures": [x.failure for x in mine if x.failure is not None],
+        })
+    wall_s = time.perf_counter() - wall0
+    shares = [d["battery_share"] for d in days_out if d["battery_share"] is not None]
+    peaks_all = [d["peak_memory_mb"] for d in days_out if d["peak_memory_mb"] is not None]
+    notes = []
+    if budget_fail:
+        notes.append(f"{len(budget_fail)} night(s) went over the {profile.memory_budget_mb:.0f} MB budget "
+                     "and were stopped: this profile cannot run the night as configured")
+    if not profile.has_battery:
+        notes.append("mains-powered: no battery, so no battery share (energy in joules still counts)")
+    if shares and max(shares) >= 0.02:
+        notes.append(f"a night took {max(shares):.1%} of the battery (target < 2%)")
+    if threads < profile.cores:
+        notes.append(f"the host has {os.cpu_count()} cores; the night ran on {threads} threads and its time "
+                     f"was scaled by the profile's relative speed ({profile.relative_speed})")
+    final = acc[config.days, : config.days + 1]
+    report = {
+        "profile": profile.key,
+        "profile_name": profile.name,
+        "policy": config.policy,
+        "config": asdict(config),
+        "memory_budget_mb": profile.memory_budget_mb,
+        "threads": threads,
+        "relative_speed": profile.relative_speed,
+        "calibration": cal.to_dict(),
+        "days": days_out,
+        "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in r] for r in acc],
+        "final_accuracy": None if np.isnan(final).all() else float(np.nanmean(final)),
+        "forgetting": float(forgetting(acc)) if not np.isnan(final).all() else None,
+        "energy_j_total": sum(x.energy_j for x in nights),
+        "nights": [asdict(x) for x in nights],
+        "targets": {
+            "wall_s": wall_s,
+            "under_10_min": wall_s < 600.0,
+            "fits_memory": not budget_fail and all(p <= profile.memory_budget_mb for p in peaks_all),
+            "energy_under_2pct": (max(shares) < 0.02) if shares else None,
+            "notes": notes,
+        },
+        "thermal": "not modelled (the simulated state is always 'nominal')",
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "decisions.log").write_text("\n".join(decisions) + "\n")
+    plot_timeline(trace.hours, trace.battery, trace.charging, trace.usage,
+                  [(x.start_h, x.end_h, x.completed) for x in nights if x.failure is None],
+                  trace.accuracy, out / "timeline.png",
+                  title=f"{profile.name}: {config.days} days, {config.policy} policy")
+    shutil.rmtree(work, ignore_errors=True)
+    torch.set_num_threads(threads_before)
+    return report
+
+
+def _build(factory: Callable[..., torch.nn.Module], seed: int) -> torch.nn.Module:
+    """``factory(seed)`` when it takes an argument (the demo's ``mlp`` does), else ``factory()``."""
+    import inspect
+
+    try:
+        takes_seed = len(inspect.signature(factory).parameters) > 0
+    except (TypeError, ValueError):
+        takes_seed = False
+    return factory(seed) if takes_seed else factory()
+
+
+def _cycle(task: Any, batch: int) -> Any:
+    while True:
+        yield from task.batches(batch)

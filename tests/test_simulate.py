@@ -1,0 +1,128 @@
+"""The day simulator on tiny profiles: report keys, energy, preemption, the memory budget, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_sleep.cli import main
+from edge_sleep.errors import ConfigError
+from edge_sleep.simulate.calibrate import Calibration
+from edge_sleep.simulate.day import SimulationConfig, simulate
+from edge_sleep.simulate.profiles import load_profile
+
+HARDWARE = {
+    "cores": 2, "memory_mb": 4096, "memory_budget_mb": 1024, "battery_wh": 10.0, "power_use_w": 2.0,
+    "power_idle_w": 0.05, "power_active_w": 4.0, "charge_w": 10.0, "relative_speed": 1.0,
+}
+# one use window at 06:00-07:00 (40 wake steps at 40 an hour), the charger 20:00-22:00 and 23:00-24:00
+DAY = {"usage": [[6.0, 7.0]], "charging": [[20.0, 22.0], [23.0, 24.0]], "start_battery_frac": 0.5,
+       "learn_steps_per_usage_hour": 40}
+# the host counts as exactly as fast as the reference machine: device seconds = host seconds
+SAME_SPEED = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=2)
+QUICK = SimulationConfig(days=1, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0)
+
+
+def write_profile(tmp_path: Path, steps_per_hour: int = 40, **hardware: float) -> Path:
+    hw = {**HARDWARE, **hardware}
+    lines = ['name = "Test phone"', 'kind = "phone"', "", "[hardware]"]
+    lines += [f'{k} = {{ value = {v}, source = "test" }}' for k, v in hw.items()]
+    lines += ["", "[day]", 'source = "test"'] + [f"{k} = {json.dumps(v)}" for k, v in
+                                                  {**DAY, "learn_steps_per_usage_hour": steps_per_hour}.items()]
+    path = tmp_path / "test-phone.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_day(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    tmp_path = tmp_path_factory.mktemp("day")
+    profile = load_profile(write_profile(tmp_path))
+    return tmp_path, simulate(profile, tmp_path / "out", QUICK, calibration=SAME_SPEED, progress=False)
+
+
+def test_a_simulated_day_reports_accuracy_energy_and_memory(one_day: tuple[Path, dict]) -> None:
+    tmp_path, report = one_day
+    assert set(report) >= {"profile", "days", "memory_budget_mb", "targets", "accuracy_matrix"}
+    assert report["profile"] == "test-phone" and report["memory_budget_mb"] == 1024
+    (day,) = report["days"]
+    assert day["wake_steps"] == 40 and day["night_steps"] == 50  # 1:1, at least min_steps
+    assert day["windows_used"] == 1 and day["windows_missed"] == 0 and day["nights_completed"] == 1
+    (night,) = report["nights"]
+    assert night["start_h"] == pytest.approx(20.0)
+    # energy is power times the device's compute time, and its share of a 10 Wh battery
+    assert day["energy_j"] == pytest.approx(4.0 * night["device_s"])
+    assert day["battery_share"] == pytest.approx(day["energy_j"] / 36000.0)
+    assert 0 < day["peak_memory_mb"] <= 1024 and report["targets"]["fits_memory"]
+    assert 0.0 <= day["accuracy"] <= 1.0 and len(day["accuracy_per_task"]) == 2
+    assert (tmp_path / "out" / "timeline.png").stat().st_size > 10_000
+    assert "SLEEP" in (tmp_path / "out" / "decisions.log").read_text()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["days"] == report["days"]
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("work-")]  # cleaned up
+
+
+def test_a_slow_device_is_preempted_and_resumes_in_the_next_window(
+        tmp_path: Path, one_day: tuple[Path, dict]) -> None:
+    # 200 wake steps, and a device so slow that the 2-hour window 20:00-22:00 holds about half of a
+    # 50-step night: the 200-step night is woken at its first check (every 5 steps) after the
+    # window ends and resumes in the 23:00 window
+    (night,) = one_day[1]["nights"]
+    speed = night["host_s"] / (2 * 7200.0)
+    profile = load_profile(write_profile(tmp_path, steps_per_hour=200, relative_speed=round(speed, 12)))
+    report = simulate(profile, tmp_path / "out", QUICK, calibration=SAME_SPEED, progress=False)
+    first, *rest = report["nights"]
+    # (its wake steps drained the battery, so the night waits for the charger to lift it over 15%)
+    assert 20.0 <= first["start_h"] < 21.0 and not first["completed"] and first["steps"] < 200
+    assert first["end_h"] >= 22.0 and rest and rest[0]["start_h"] >= max(23.0, first["end_h"])
+    assert report["days"][0]["windows_preempted"] >= 1
+    assert sum(n["steps"] for n in report["nights"]) <= 200
+
+
+def test_a_night_over_the_memory_budget_is_a_reported_failure(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, memory_budget_mb=1))
+    report = simulate(profile, tmp_path / "out", QUICK, calibration=SAME_SPEED, progress=False)
+    day = report["days"][0]
+    assert day["failures"] and day["failures"][0].startswith("over the memory budget")
+    assert not report["targets"]["fits_memory"]
+    assert any("budget" in note for note in report["targets"]["notes"])
+    assert day["nights_completed"] == 0 and day["night_steps"] == 0
+
+
+def test_simulation_config_reports_every_problem() -> None:
+    with pytest.raises(ConfigError) as e:
+        SimulationConfig(days=0, policy="sometimes", tick_s=0.1)
+    assert len(e.value.problems) == 3
+
+
+def test_cli_simulate_refuses_an_unknown_profile(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--profile", "no-such-phone", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-phone" in err and "galaxy-s24" in err
+
+
+def test_calibrate_tool_writes_what_simulate_reads(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "calibration.json"
+    run = subprocess.run([sys.executable, "tools/calibrate.py", "--repeats", "1", "--threads", "1", "--out", str(out)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    cal = json.loads(out.read_text())
+    assert cal["threads"] == 1 and cal["host_seconds"] > 0
+    assert cal["host_speed"] == pytest.approx(cal["reference_seconds"] / cal["host_seconds"])
+    assert "host_speed" in run.stdout
+    bad = subprocess.run([sys.executable, "tools/calibrate.py", "--repeats", "0"], cwd=root, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--repeats=0" in bad.stderr
+
+
+def test_calibration_scales_host_time_to_the_device() -> None:
+    cal = Calibration(host_seconds=0.4, reference_seconds=0.2)  # this host is half the reference's speed
+    assert cal.host_speed == 0.5
+    # a device twice the reference's speed does in 1 s what takes this host 4 s
+    assert cal.device_seconds(4.0, relative_speed=2.0) == pytest.approx(1.0)
+    assert cal.host_budget(1.0, relative_speed=2.0) == pytest.approx(4.0)

@@ -1,0 +1,42 @@
+"""Measure this host on the reference workload, so a profile's relative speed scales time correctly.
+
+    python tools/calibrate.py [--out calibration.json] [--repeats 5] [--threads N]
+
+prints this host's time on the workload and its speed against the reference machine
+(``edge_sleep.simulate.calibrate.REFERENCE_SECONDS``), and writes the JSON that
+``edge-sleep simulate --calibration FILE`` reads. On the reference machine itself, the printed
+``host_seconds`` is the value to put in ``REFERENCE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from edge_sleep.simulate.calibrate import REFERENCE_STEPS, calibrate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the calibration JSON here")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error(f"--repeats={args.repeats}, --threads={args.threads}; expected integers >= 1")
+    cal = calibrate(repeats=args.repeats, threads=args.threads)
+    print(f"reference workload ({REFERENCE_STEPS} MLP steps, {cal.threads} threads): {cal.host_seconds:.4f} s "
+          f"here, {cal.reference_seconds:.4f} s on the reference machine -> host_speed {cal.host_speed:.3f}")
+    if args.out is not None:
+        tmp = args.out.with_name(args.out.name + ".tmp")
+        tmp.write_text(json.dumps(cal.to_dict(), indent=2) + "\n")
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
