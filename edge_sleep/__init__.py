@@ -4,7 +4,7 @@ Learn by day through low-rank adapters and an on-disk replay store; consolidate 
 noisy replay, Fisher significance, pruning and strengthening.
 """
 
-from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
+from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig, WakeConfig
 from edge_sleep.errors import (
     CallOrderError,
     ConfigError,
@@ -29,6 +29,7 @@ __all__ = [
     "WakeConfig",
     "SleepConfig",
     "StoreConfig",
+    "PrivacyConfig",
     "ReplayStore",
     "ReplayBatch",
     "WakeStats",

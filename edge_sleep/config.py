@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from edge_sleep.errors import ConfigError
 
-__all__ = ["WakeConfig", "SleepConfig", "StoreConfig", "config_from_dict"]
+__all__ = ["WakeConfig", "SleepConfig", "StoreConfig", "PrivacyConfig", "config_from_dict"]
 
 
 def _check(owner: str, problems: list[str]) -> None:
@@ -202,6 +202,50 @@ class StoreConfig:
         if self.eviction not in ("reservoir", "class_balanced"):
             p.append(f"eviction={self.eviction!r}; expected 'reservoir' or 'class_balanced'")
         _check("StoreConfig", p)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Per-record differential privacy of what the replay store keeps (design.md section 4).
+
+    Each stored latent is clipped to L2 norm ``max_norm`` and gets Gaussian noise calibrated by
+    the analytic Gaussian mechanism to ``(epsilon, delta)`` for that record (sensitivity
+    ``2 * max_norm``: one example replaced by any other); the stored logits are the model's
+    output on the noised latent (post-processing). Labels optionally go through k-ary randomized
+    response (``label_epsilon``-DP). See :mod:`edge_sleep.privacy`.
+
+    Args:
+        epsilon: the stored latent's privacy loss; ``None`` stores latents as they are.
+        delta: the mechanism's failure probability (keep it below 1 / the records ever stored).
+        max_norm: the clipping norm ``C``, in the latent's units (choose it near a typical
+            latent's norm: smaller clips the signal, larger needs more noise).
+        label_epsilon: randomized response on labels; ``None`` stores labels as they are.
+        noise_seed: ``None`` draws noise from ``os.urandom``; an int seeds a generator instead
+            (repeatable, so not private: for tests; it warns).
+    """
+
+    epsilon: float | None = None
+    delta: float = 1e-5
+    max_norm: float = 1.0
+    label_epsilon: float | None = None
+    noise_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        for name in ("epsilon", "label_epsilon"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                p.append(f"{name}={v!r}; expected None or a finite number > 0")
+        if not 0 < self.delta < 1:
+            p.append(f"delta={self.delta}; expected 0 < delta < 1 (below 1 / the records ever stored)")
+        if not (math.isfinite(self.max_norm) and self.max_norm > 0):
+            p.append(f"max_norm={self.max_norm}; expected a finite number > 0 (near a typical latent's L2 norm)")
+        _check("PrivacyConfig", p)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything is privatized."""
+        return self.epsilon is not None or self.label_epsilon is not None
 
 
 def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:

@@ -17,9 +17,10 @@ from torch import nn
 
 from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, lora_modules, merge_lora_
 from edge_sleep.atomic import atomic_directory, previous_of
-from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig, config_from_dict
+from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig, WakeConfig, config_from_dict
 from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
+from edge_sleep.privacy import privatize
 from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
 from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights, wake_step
@@ -60,6 +61,8 @@ class EdgeSleep:
         engine: ``"torch"`` (eager) or ``"executorch"``: wake steps through the exported
             ``train.pte`` and predictions through ``infer.pte`` (:mod:`edge_sleep.export.engine`);
             needs ``WakeConfig(train="adapters")`` and no ``latent_layer``. The night runs on torch.
+        privacy: per-record differential privacy of what the store keeps
+            (:class:`~edge_sleep.config.PrivacyConfig`); ``store.privacy_report()`` states it.
 
     Example:
         >>> import torch
@@ -85,7 +88,10 @@ class EdgeSleep:
         sleep: SleepConfig | None = None,
         seed: int = 0,
         engine: str = "torch",
+        privacy: PrivacyConfig | None = None,
     ) -> None:
+        if privacy is not None and not isinstance(privacy, PrivacyConfig):
+            raise ConfigError("EdgeSleep", [f"privacy is a {type(privacy).__name__}; expected a PrivacyConfig or None"])
         if engine not in ("torch", "executorch"):
             raise ConfigError("EdgeSleep", [f"engine={engine!r}; expected 'torch' or 'executorch'"])
         if engine == "executorch":
@@ -102,6 +108,10 @@ class EdgeSleep:
             raise ConfigError("EdgeSleep", [f"model ({type(model).__name__}) has no parameters; expected a model "
                                             "with weights to learn"])
         self.model = model
+        self.privacy = privacy or PrivacyConfig()
+        # noise from os.urandom, unless a seed asks for repeatable (not private) noise in tests
+        self._privacy_generator = (None if self.privacy.noise_seed is None
+                                   else torch.Generator().manual_seed(self.privacy.noise_seed))
         self.wake_config = wake or WakeConfig()
         self.sleep_config = sleep or SleepConfig()
         self.seed = seed
@@ -244,6 +254,10 @@ class EdgeSleep:
                 the step is undone, so the weights and the store stay in step.
         """
         x = self._check_input(x)
+        if self.privacy.epsilon is not None and not x.is_floating_point() and self.store_config.latent_layer is None:
+            raise InputError(f"learn got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
+                             "expected float latents to noise. Fix: store a float hidden state with "
+                             "StoreConfig(latent_layer=...), or set epsilon=None (label privacy still applies).")
         if self.num_classes is None:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
@@ -289,7 +303,14 @@ class EdgeSleep:
         stored = 0
         if self.wake_steps_since_sleep % cfg.store_every == 0:
             try:
-                stored = self.store.append(latent, y, logits, stream=stream)
+                record = None
+                if self.privacy.enabled:  # what is stored is private; its logits are post-processing
+                    noised, y, record = privatize(latent, y, self.privacy, int(self.num_classes or 2),
+                                                  self._privacy_generator)
+                    if logits is not None and noised is not latent:
+                        logits = self.record_logits(noised)
+                    latent = noised
+                stored = self.store.append(latent, y, logits, stream=stream, privacy=record)
             except BaseException:
                 with torch.no_grad():
                     for p, b in zip(trainable, before):
@@ -481,6 +502,7 @@ class EdgeSleep:
                 "store_path": str(self.store.path.resolve()) if str(self.store.path) != ":memory:" else None,
                 "seed": self.seed,
                 "engine": self.engine,
+                "privacy": dataclasses.asdict(self.privacy),
             }
             (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         return directory
@@ -511,6 +533,7 @@ class EdgeSleep:
             sleep=config_from_dict(SleepConfig, meta["sleep"]),
             seed=meta["seed"],
             engine=meta.get("engine", "torch"),
+            privacy=config_from_dict(PrivacyConfig, meta.get("privacy", {})),
         )
         es.load_state_dict(torch.load(directory / "state.pt", weights_only=True))
         return es

@@ -46,6 +46,7 @@ from edge_sleep.errors import (
     check_format_version,
 )
 from edge_sleep.locking import WriterLock
+from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
 from edge_sleep.quant import dequantize_rows, quantize_rows
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -68,7 +69,9 @@ def _locked(method: _F) -> _F:
 
 __all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: each record keeps the privacy parameters it was written with
+_STATE_FORMAT_VERSION = 1
+_PRIVACY_COLUMNS = ("dp_epsilon", "dp_delta", "dp_max_norm", "dp_sigma", "label_epsilon")
 _RECORD_OVERHEAD_BYTES = 32  # id, slot, label, scale, zero point, checksum, time
 _FP16_MAX = 65504.0  # logits are stored as fp16, saturated to its finite range
 
@@ -245,11 +248,28 @@ class ReplayStore:
                 scale REAL NOT NULL,
                 zero_point INTEGER NOT NULL,
                 logits BLOB,
-                checksum INTEGER NOT NULL
+                checksum INTEGER NOT NULL,
+                dp_epsilon REAL,
+                dp_delta REAL,
+                dp_max_norm REAL,
+                dp_sigma REAL,
+                label_epsilon REAL
             );
             CREATE INDEX IF NOT EXISTS records_label ON records(label);
             """
         )
+
+    def _migrate(self, version: int) -> None:
+        """Bring a version-1 file to this version: add the privacy columns (NULL: none applied)."""
+        if version >= STORE_FORMAT_VERSION:
+            return
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
+        self._db.execute("BEGIN IMMEDIATE")
+        for col in _PRIVACY_COLUMNS:
+            if col not in have:
+                self._db.execute(f"ALTER TABLE records ADD COLUMN {col} REAL")
+        self._set_meta("format_version", STORE_FORMAT_VERSION)
+        self._db.execute("COMMIT")
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -274,6 +294,7 @@ class ReplayStore:
             return
         try:
             check_format_version(f"replay store {str(self.path)!r}", version, STORE_FORMAT_VERSION)
+            self._migrate(int(version))
             self.bind(fingerprint)
         except (FormatVersionError, FingerprintMismatchError):
             self._db.close()
@@ -314,6 +335,19 @@ class ReplayStore:
         if self._mirror:
             return int(self._mirror["label"].shape[0])
         return self._meta("capacity_records")
+
+    @_locked
+    def privacy_report(self) -> PrivacyReport:
+        """What protects the records held now, in numbers and words (``str(report)``).
+
+        Groups the records by the parameters each was written with and by stream; a stream's
+        records together are accounted with Opacus' RDP accountant.
+        """
+        rows = self._db.execute(
+            "SELECT " + ", ".join(_PRIVACY_COLUMNS) + ", stream, COUNT(*) FROM records GROUP BY "
+            + ", ".join(_PRIVACY_COLUMNS) + ", stream"
+        ).fetchall()
+        return summarize_privacy((RecordPrivacy(*r[:5]), r[5], int(r[6])) for r in rows)
 
     @_locked
     def slots(self) -> np.ndarray:
@@ -362,6 +396,7 @@ class ReplayStore:
         logits: torch.Tensor | None = None,
         *,
         stream: str = "",
+        privacy: RecordPrivacy | None = None,
     ) -> int:
         """Offer a batch to the store; each record is kept or dropped by the eviction policy.
 
@@ -370,6 +405,9 @@ class ReplayStore:
             labels: ``(N,)`` integer labels.
             logits: ``(N, C)`` logits to keep (fp16, saturated at +-65504), or ``None``.
             stream: a tag (task or stream name) kept with each record.
+            privacy: the mechanism already applied to this batch
+                (:func:`edge_sleep.privacy.privatize`), kept with each record for
+                :meth:`privacy_report`; ``None``: none.
 
         Returns:
             How many of the ``N`` records were written (a record may be written and then
@@ -427,16 +465,19 @@ class ReplayStore:
                   .to(torch.float16)]
         )
         now = time.time()
+        dp = privacy or RecordPrivacy()
+        dp_row = (dp.epsilon, dp.delta, dp.max_norm, dp.sigma, dp.label_epsilon)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             self._set_meta("layout", layout)
             self._set_meta("capacity_records", cap)
             self._db.executemany(
                 "INSERT OR REPLACE INTO records(slot, created_s, stream, label, codes, scale, "
-                "zero_point, logits, checksum) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "zero_point, logits, checksum, " + ", ".join(_PRIVACY_COLUMNS) + ") "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (slot, now, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j],
-                     _checksum(codes[j], logit_bytes[j], labels_l[i]))
+                     _checksum(codes[j], logit_bytes[j], labels_l[i]), *dp_row)
                     for j, (i, slot) in enumerate(chosen)
                 ],
             )
@@ -540,7 +581,7 @@ class ReplayStore:
     @_locked
     def state_dict(self) -> dict[str, Any]:
         """The store's in-process state (its generator); the records live in the file."""
-        return {"format_version": STORE_FORMAT_VERSION, "rng": self.rng.bit_generator.state}
+        return {"format_version": _STATE_FORMAT_VERSION, "rng": self.rng.bit_generator.state}
 
     @_locked
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -549,7 +590,7 @@ class ReplayStore:
         Raises:
             FormatVersionError: the state was written by a newer format version.
         """
-        check_format_version("ReplayStore state", state.get("format_version"), STORE_FORMAT_VERSION)
+        check_format_version("ReplayStore state", state.get("format_version"), _STATE_FORMAT_VERSION)
         self.rng.bit_generator.state = state["rng"]
 
     def close(self) -> None:

@@ -1,0 +1,351 @@
+"""Per-record differential privacy for the replay store: clipping, the analytic Gaussian
+mechanism, k-ary randomized response, and noise from a cryptographically secure source (pure).
+
+A stored record is one release of one example. Its latent ``x`` (a row of ``d`` floats) is
+clipped to L2 norm ``C`` (so replacing the example moves the clipped row by at most ``2C``: the
+sensitivity is ``2C`` under replacement) and gets ``N(0, sigma^2 I)`` noise, with ``sigma`` the
+smallest that makes the Gaussian mechanism ``(epsilon, delta)``-DP by the exact condition of
+Balle & Wang (2018, "Improving the Gaussian Mechanism for Differential Privacy: Analytical
+Calibration and Optimal Denoising", Theorem 8):
+
+    Phi(D / (2 s) - eps * s / D) - exp(eps) * Phi(-D / (2 s) - eps * s / D) <= delta
+
+with ``D`` the sensitivity and ``s = sigma``. This is tighter than the classic
+``sigma = D * sqrt(2 ln(1.25 / delta)) / eps`` (which holds only for ``eps < 1``). Labels may go
+through k-ary randomized response, ``epsilon``-DP on its own: keep the label with probability
+``e^eps / (e^eps + k - 1)``, else report one of the other ``k - 1`` uniformly.
+
+Noise comes from ``os.urandom`` (the operating system's CSPRNG) through the Box-Muller transform
+unless a ``torch.Generator`` is passed: that deterministic mode is for tests, and says so with a
+:class:`DeterministicNoiseWarning`.
+
+Example:
+    >>> sigma = analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=1.0)
+    >>> round(sigma, 3), sigma < classic_gaussian_sigma(1.0, 1e-5, 1.0)
+    (3.731, True)
+    >>> gaussian_delta(sigma, 1.0, 1.0) <= 1e-5
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from edge_sleep.config import PrivacyConfig
+from edge_sleep.errors import ConfigError
+
+__all__ = [
+    "DeterministicNoiseWarning",
+    "gaussian_delta",
+    "analytic_gaussian_sigma",
+    "classic_gaussian_sigma",
+    "clip_rows",
+    "secure_normal",
+    "gaussian_noise",
+    "rr_keep_probability",
+    "randomized_response",
+    "RecordPrivacy",
+    "record_privacy",
+    "privatize",
+    "PrivacyReport",
+    "summarize_privacy",
+    "compose_gaussian_epsilon",
+]
+
+
+class DeterministicNoiseWarning(UserWarning):
+    """Privacy noise drawn from a seeded generator: repeatable, so not private. Tests only."""
+
+
+def _phi(x: float) -> float:
+    """The standard normal CDF, accurate in both tails."""
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def gaussian_delta(sigma: float, epsilon: float, sensitivity: float) -> float:
+    """The smallest ``delta`` for which ``N(0, sigma^2)`` noise is ``(epsilon, delta)``-DP.
+
+    Args:
+        sigma: the noise's standard deviation (> 0).
+        epsilon: the privacy loss bound (>= 0).
+        sensitivity: the L2 sensitivity of the released vector (> 0).
+    """
+    a = sensitivity / (2.0 * sigma)
+    b = epsilon * sigma / sensitivity
+    # exp(eps) * Phi(-a - b) underflows gracefully; the difference is >= 0 up to rounding
+    return max(0.0, _phi(a - b) - math.exp(epsilon) * _phi(-a - b))
+
+
+def _check(epsilon: float, delta: float, sensitivity: float) -> None:
+    problems = []
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        problems.append(f"epsilon={epsilon}; expected a finite number > 0")
+    if not 0 < delta < 1:
+        problems.append(f"delta={delta}; expected 0 < delta < 1 (typically below 1 / the number of records)")
+    if not (math.isfinite(sensitivity) and sensitivity > 0):
+        problems.append(f"sensitivity={sensitivity}; expected a finite number > 0")
+    if problems:
+        raise ConfigError("Gaussian mechanism", problems)
+
+
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float, *, tol: float = 1e-12) -> float:
+    """The smallest ``sigma`` that makes the Gaussian mechanism ``(epsilon, delta)``-DP (exact).
+
+    ``gaussian_delta`` decreases in ``sigma``; bisection on it to relative precision ``tol``.
+
+    Raises:
+        ConfigError: ``epsilon <= 0``, ``delta`` outside ``(0, 1)`` or ``sensitivity <= 0``.
+    """
+    _check(epsilon, delta, sensitivity)
+    lo, hi = 1e-12 * sensitivity, sensitivity
+    while gaussian_delta(hi, epsilon, sensitivity) > delta:
+        lo, hi = hi, hi * 2.0
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        if gaussian_delta(mid, epsilon, sensitivity) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def classic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """Dwork and Roth's ``sensitivity * sqrt(2 ln(1.25 / delta)) / epsilon`` (valid for epsilon < 1)."""
+    _check(epsilon, delta, sensitivity)
+    return sensitivity * math.sqrt(2.0 * math.log(1.25 / delta)) / epsilon
+
+
+def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """Each row of ``x`` ``(B, d)`` scaled down to L2 norm at most ``max_norm`` (a new tensor).
+
+    >>> clip_rows(torch.tensor([[3.0, 4.0], [0.3, 0.4]]), 1.0)
+    tensor([[0.6000, 0.8000],
+            [0.3000, 0.4000]])
+    """
+    if not max_norm > 0:
+        raise ConfigError("clip_rows", [f"max_norm={max_norm}; expected > 0"])
+    norms = torch.linalg.vector_norm(x.float(), dim=1, keepdim=True)
+    scale = torch.clamp(max_norm / norms.clamp_min(1e-12), max=1.0)
+    return (x.float() * scale).to(x.dtype)
+
+
+def secure_normal(shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normal float32 samples from ``os.urandom`` (Box-Muller on 53-bit uniforms)."""
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(pairs, 2)
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
+    r = np.sqrt(-2.0 * np.log(u[:, 0]))
+    theta = 2.0 * np.pi * u[:, 1]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
+    return torch.from_numpy(z.astype(np.float32)).reshape(shape)
+
+
+def gaussian_noise(shape: tuple[int, ...], sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``N(0, sigma^2)`` noise of ``shape``: from the OS's CSPRNG, or from ``generator`` (tests; warns)."""
+    if generator is None:
+        return secure_normal(shape) * sigma
+    warnings.warn("privacy noise from a seeded torch.Generator is repeatable and gives no privacy; "
+                  "use it only in tests (pass no generator for noise from os.urandom)",
+                  DeterministicNoiseWarning, stacklevel=2)
+    return torch.randn(shape, generator=generator) * sigma
+
+
+def rr_keep_probability(epsilon: float, num_classes: int) -> float:
+    """Probability that k-ary randomized response keeps the true label: ``e^eps / (e^eps + k - 1)``."""
+    if not (math.isfinite(epsilon) and epsilon > 0) or num_classes < 2:
+        raise ConfigError("randomized response", [f"epsilon={epsilon}, num_classes={num_classes}; expected "
+                                                  "epsilon > 0 and at least 2 classes"])
+    return 1.0 / (1.0 + (num_classes - 1) * math.exp(-epsilon))
+
+
+def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-ary randomized response on ``labels`` ``(B,)`` int64: ``epsilon``-DP per label.
+
+    Each label is kept with :func:`rr_keep_probability`, else replaced by one of the other
+    ``num_classes - 1`` classes uniformly. Randomness from ``os.urandom`` unless ``generator``.
+    """
+    p_keep = rr_keep_probability(epsilon, num_classes)
+    b = labels.shape[0]
+    if generator is None:
+        raw = np.frombuffer(os.urandom(16 * b), dtype=np.uint64).reshape(b, 2) if b else np.zeros((0, 2), np.uint64)
+        u = torch.from_numpy((raw[:, 0] >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+        shift = torch.from_numpy((raw[:, 1] % np.uint64(num_classes - 1)).astype(np.int64)) + 1
+    else:
+        warnings.warn("randomized response from a seeded torch.Generator gives no privacy; tests only",
+                      DeterministicNoiseWarning, stacklevel=2)
+        u = torch.rand(b, generator=generator, dtype=torch.float64)
+        shift = torch.randint(1, num_classes, (b,), generator=generator)
+    flipped = (labels.long() + shift) % num_classes  # uniform over the other k - 1 classes
+    return torch.where(u < p_keep, labels.long(), flipped)
+
+
+@dataclass(frozen=True)
+class RecordPrivacy:
+    """What one record was written with (kept in the record's row). ``None``: not applied.
+
+    Attributes:
+        epsilon, delta: the latent's guarantee; max_norm: the clipping norm ``C``; sigma: the
+            noise's standard deviation per coordinate; label_epsilon: randomized response's.
+    """
+
+    epsilon: float | None = None
+    delta: float | None = None
+    max_norm: float | None = None
+    sigma: float | None = None
+    label_epsilon: float | None = None
+
+
+def record_privacy(config: PrivacyConfig) -> RecordPrivacy:
+    """The mechanism ``config`` asks for: ``sigma`` by the analytic Gaussian mechanism at
+    sensitivity ``2 * max_norm`` (one example replaced by any other)."""
+    if config.epsilon is None:
+        return RecordPrivacy(label_epsilon=config.label_epsilon)
+    sigma = analytic_gaussian_sigma(config.epsilon, config.delta, 2.0 * config.max_norm)
+    return RecordPrivacy(config.epsilon, config.delta, config.max_norm, sigma, config.label_epsilon)
+
+
+def privatize(
+    latents: torch.Tensor,
+    labels: torch.Tensor,
+    config: PrivacyConfig,
+    num_classes: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, RecordPrivacy]:
+    """Clip and noise each latent row, randomize each label, as ``config`` asks.
+
+    Args:
+        latents: ``(N, ...)`` float; each record flattened is one row.
+        labels: ``(N,)`` int64.
+        config: the mechanism's parameters.
+        num_classes: ``k`` of randomized response.
+        generator: a seeded generator (tests; warns), else noise from ``os.urandom``.
+
+    Returns:
+        ``(latents', labels', RecordPrivacy)``, new tensors of the same shapes on the same device.
+
+    Raises:
+        ConfigError: integer latents (token ids) with ``epsilon`` set: noise needs a float latent
+            (store a hidden state with ``StoreConfig(latent_layer=...)``).
+    """
+    params = record_privacy(config)
+    out_x, out_y = latents, labels
+    if params.sigma is not None:
+        if not latents.is_floating_point():
+            raise ConfigError("PrivacyConfig", [
+                f"epsilon={config.epsilon} with integer latents ({latents.dtype}); expected float latents to "
+                "noise. Fix: store a float hidden state with StoreConfig(latent_layer=...), or set epsilon=None"])
+        n = latents.shape[0]
+        flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), params.max_norm or 1.0)
+        flat = flat + gaussian_noise(tuple(flat.shape), params.sigma, generator)
+        out_x = flat.reshape(latents.shape).to(device=latents.device, dtype=latents.dtype)
+    if params.label_epsilon is not None:
+        out_y = randomized_response(labels.cpu(), num_classes, params.label_epsilon, generator).to(labels.device)
+    return out_x, out_y, params
+
+
+def compose_gaussian_epsilon(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` Gaussian releases of one person's data, each with noise
+    ``noise_multiplier`` times the sensitivity, at ``delta``: Opacus' RDP accountant."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(noise_multiplier, 1.0, releases)]
+    return float(accountant.get_epsilon(delta))
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What the store's records are protected by, in numbers (see :meth:`text`).
+
+    Attributes:
+        records: records held; private: of them, with a noised latent; labels_randomized: with
+            randomized labels; unprotected: with neither.
+        epsilon, delta: the largest per-record (epsilon, delta) of a noised latent (``None``
+            if none is noised); label_epsilon: the largest randomized response's epsilon.
+        record_epsilon: latent and label together (basic composition: the sum).
+        max_norm, sigma: the mechanism's clipping norm and noise (of the largest epsilon).
+        per_stream: stream tag -> ``(records, epsilon)``: the epsilon at ``delta`` of all the
+            stream's records together, if one person contributed them all (Opacus' RDP
+            accountant for the latents, plus the labels' epsilons summed).
+    """
+
+    records: int
+    private: int
+    labels_randomized: int
+    unprotected: int
+    epsilon: float | None
+    delta: float | None
+    label_epsilon: float | None
+    record_epsilon: float | None
+    max_norm: float | None
+    sigma: float | None
+    per_stream: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """The guarantee in words."""
+        if self.records == 0:
+            return "The replay store holds no records."
+        lines = [f"The replay store holds {self.records} records."]
+        if self.private:
+            lines.append(
+                f"{self.private} have a differentially private latent: clipped to L2 norm {self.max_norm:g} and "
+                f"noised with Gaussian sigma {self.sigma:.4g} per coordinate (the analytic Gaussian mechanism), so "
+                f"each is ({self.epsilon:g}, {self.delta:g})-DP: whether or not a given example was stored changes "
+                f"the probability of anything learned from it by a factor of at most e^{self.epsilon:g}, except "
+                f"with probability {self.delta:g}.")
+        if self.labels_randomized:
+            lines.append(f"{self.labels_randomized} have their label through k-ary randomized response "
+                         f"({self.label_epsilon:g}-DP).")
+        if self.record_epsilon is not None and self.private and self.labels_randomized:
+            lines.append(f"A whole record (latent and label) is ({self.record_epsilon:g}, {self.delta:g})-DP.")
+        if self.unprotected:
+            lines.append(f"{self.unprotected} records are stored without any privacy mechanism.")
+        for stream, (count, eps) in sorted(self.per_stream.items()):
+            if eps is not None and count > 1:
+                lines.append(f"Stream {stream!r}: {count} records; if one person gave them all, together they are "
+                             f"({eps:.3g}, {self.delta:g})-DP for that person (Opacus RDP accountant).")
+        lines.append("The guarantee covers what the store keeps (the latents, labels and the logits computed from "
+                     "the noised latents), not the model's weights, which were trained on the raw examples.")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.text()
+
+
+def summarize_privacy(rows: Iterable[tuple[RecordPrivacy, str, int]]) -> PrivacyReport:
+    """A :class:`PrivacyReport` from ``(params, stream, count)`` groups of records."""
+    groups = list(rows)
+    records = sum(c for _, _, c in groups)
+    private = sum(c for p, _, c in groups if p.sigma is not None)
+    labels = sum(c for p, _, c in groups if p.label_epsilon is not None)
+    unprotected = sum(c for p, _, c in groups if p.sigma is None and p.label_epsilon is None)
+    noised = [p for p, _, _ in groups if p.sigma is not None]
+    worst = max(noised, key=lambda p: p.epsilon or 0.0) if noised else None
+    label_eps = max((p.label_epsilon for p, _, _ in groups if p.label_epsilon is not None), default=None)
+    record_eps = None
+    if worst is not None or label_eps is not None:
+        record_eps = (worst.epsilon if worst is not None and worst.epsilon is not None else 0.0) + (label_eps or 0.0)
+    per_stream: dict[str, tuple[int, float | None]] = {}
+    for stream in sorted({s for _, s, _ in groups}):
+        mine = [(p, c) for p, s, c in groups if s == stream]
+        count = sum(c for _, c in mine)
+        eps: float | None = None
+        if worst is not None and all(p.sigma is not None for p, _ in mine):
+            # the least noise among the stream's records bounds them all
+            z = min((p.sigma or 0.0) / (2.0 * (p.max_norm or 1.0)) for p, _ in mine)
+            eps = compose_gaussian_epsilon(z, count, worst.delta or 1e-5)
+            eps += sum((p.label_epsilon or 0.0) * c for p, c in mine)
+        per_stream[stream] = (count, eps)
+    return PrivacyReport(records, private, labels, unprotected,
+                         None if worst is None else worst.epsilon, None if worst is None else worst.delta,
+                         label_eps, record_eps, None if worst is None else worst.max_norm,
+                         None if worst is None else worst.sigma, per_stream)
