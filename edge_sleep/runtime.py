@@ -117,6 +117,11 @@ class EdgeSleep:
         self.seed = seed
         store_config = store_config or (store.config if isinstance(store, ReplayStore) else StoreConfig())
         self.store_config = store_config
+        names = self.sleep_config.noise_layers
+        unknown = sorted(set(names or ()) - {n for n, _ in model.named_modules()})
+        if unknown:  # checked before the store opens or the model changes
+            raise ConfigError("SleepConfig", [f"noise_layers names {unknown} that the model does not "
+                                              "have; expected names from model.named_modules()"])
         self._encoder: nn.Module = nn.Identity()
         self._head: nn.Module = model
         if store_config.latent_layer is not None:
@@ -145,10 +150,6 @@ class EdgeSleep:
         self._anchored = [n for n in self._sleep_params if n.endswith(("weight", "bias"))]
         names = self.sleep_config.noise_layers
         self.noise_layers = activation_module_names(model) if names is None else list(names)
-        unknown = sorted(set(self.noise_layers) - {n for n, _ in model.named_modules()})
-        if unknown:
-            raise ConfigError("SleepConfig", [f"noise_layers names {unknown} that the model does not "
-                                              "have; expected names from model.named_modules()"])
         self.anchor = Anchor(self.sleep_config.anchor_decay)
         self.masks: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(seed)
@@ -472,6 +473,7 @@ class EdgeSleep:
         sleep_state = None if ss is None else SleepState.from_state_dict(ss)
         check_format_version("Anchor state", state["anchor"].get("format_version"), ANCHOR_FORMAT_VERSION)
         check_format_version("ReplayStore state", state["store"].get("format_version"), STORE_FORMAT_VERSION)
+        self._check_state_tensors(state)
         self.model.load_state_dict(state["model"])
         self.anchor.load_state_dict(state["anchor"])
         self.masks = dict(state["masks"])
@@ -484,6 +486,39 @@ class EdgeSleep:
         self._et_stale = True
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
+
+    def _check_state_tensors(self, state: dict[str, Any]) -> None:
+        """Every tensor of ``state`` has a name and shape this runtime knows (nothing is changed).
+
+        ``nn.Module.load_state_dict`` copies the tensors it can before it reports the others, so
+        a mismatch found there would leave the model half-loaded.
+
+        Raises:
+            ConfigError: unknown or missing names, or shapes that differ; all of them listed.
+        """
+        problems: list[str] = []
+        own = self.model.state_dict()
+        theirs = state["model"]
+        missing, unexpected = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        if missing:
+            problems.append(f"model weights missing from the state: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"model weights this model does not have: {unexpected[:5]}"
+                            f"{' ...' if len(unexpected) > 5 else ''}")
+        params = dict(self.model.named_parameters())
+        for where, tensors in (("model", theirs), ("masks", state["masks"]),
+                               ("anchor fisher", state["anchor"]["fisher"]),
+                               ("anchor reference", state["anchor"]["reference"])):
+            ref = own if where == "model" else params
+            for name, t in tensors.items():
+                if where != "model" and name not in ref:
+                    problems.append(f"{where} names {name!r}, which this model does not have")
+                elif name in ref and tuple(t.shape) != tuple(ref[name].shape):
+                    problems.append(f"{where} {name!r} has shape {tuple(t.shape)}; this model's is "
+                                    f"{tuple(ref[name].shape)}")
+        if problems:
+            raise ConfigError("EdgeSleep state", problems + [
+                "Fix: load the state into a model of the architecture (and WakeConfig) it was saved with"])
 
     @_serialized
     def save(self, directory: str | Path) -> Path:
@@ -525,15 +560,27 @@ class EdgeSleep:
                                  "expected a folder written by EdgeSleep.save(). Fix: check the path.")
         meta = json.loads((directory / "config.json").read_text())
         check_format_version(f"checkpoint {str(directory)!r}", meta.get("format_version"), RUNTIME_FORMAT_VERSION)
+        state = torch.load(directory / "state.pt", weights_only=True)
+        check_format_version("EdgeSleep state", state.get("format_version"), RUNTIME_FORMAT_VERSION)
+        store_config = config_from_dict(StoreConfig, meta["store_config"])
+        fingerprint = model_fingerprint(model, store_config.latent_layer)
+        if state["fingerprint"] != fingerprint:  # before the model gets adapters or the store opens
+            raise ConfigError("EdgeSleep.load", [
+                f"checkpoint {str(directory)!r} has fingerprint {state['fingerprint']!r}; this model's is "
+                f"{fingerprint!r}. Fix: pass a fresh model of the architecture the checkpoint was saved from"])
         es = cls(
             model,
             store=store if store is not None else meta["store_path"],
-            store_config=config_from_dict(StoreConfig, meta["store_config"]),
+            store_config=store_config,
             wake=config_from_dict(WakeConfig, meta["wake"]),
             sleep=config_from_dict(SleepConfig, meta["sleep"]),
             seed=meta["seed"],
             engine=meta.get("engine", "torch"),
             privacy=config_from_dict(PrivacyConfig, meta.get("privacy", {})),
         )
-        es.load_state_dict(torch.load(directory / "state.pt", weights_only=True))
+        try:
+            es.load_state_dict(state)
+        except BaseException:
+            es.store.close()  # the store is not left locked by a runtime the caller never got
+            raise
         return es

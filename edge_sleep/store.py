@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import functools
 import json
+import heapq
 import sqlite3
+import struct
 import threading
 import time
+import warnings
 import weakref
 import zlib
 from collections.abc import Callable
@@ -38,6 +41,7 @@ import torch
 from edge_sleep.config import StoreConfig
 from edge_sleep.errors import (
     CorruptRecordError,
+    EdgeSleepError,
     FingerprintMismatchError,
     FormatVersionError,
     InputError,
@@ -63,9 +67,27 @@ def _locked(method: _F) -> _F:
             if self._closed is not None:
                 raise StoreError(f"the replay store {str(self.path)!r} is closed ({self._closed}). Fix: "
                                  "use the store (or EdgeSleep) that has it open now, or open it again.")
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except (sqlite3.Error, json.JSONDecodeError) as e:
+                raise _storage_error(self.path, e) from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def _storage_error(path: Path, e: BaseException) -> StoreError:
+    """A storage failure as a :class:`StoreError` that names the file and the likely fix."""
+    text = str(e)
+    if isinstance(e, json.JSONDecodeError) or "malformed" in text or "not a database" in text:
+        fix = ("the file is damaged. Fix: restore it from a backup, or move it aside and start a new store "
+               "(its records cannot be read)")
+    elif "locked" in text or "busy" in text:
+        fix = "another connection holds the database. Fix: close the other process's store and retry"
+    elif "full" in text or "disk I/O" in text or "readonly" in text:
+        fix = "the disk refused the write. Fix: free space or check the folder's permissions, then retry"
+    else:
+        fix = "Fix: check the file and the folder, then retry"
+    return StoreError(f"replay store {str(path)!r}: {type(e).__name__}: {text}; {fix}.")
 
 __all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
 
@@ -98,11 +120,46 @@ class ReplayBatch:
                            None if self.logits is None else self.logits.to(device), self.slots)
 
 
-def _checksum(codes: bytes, logits: bytes | None, label: int) -> int:
+def _checksum_v1(codes: bytes, logits: bytes | None, label: int) -> int:
+    """Format 1's checksum (codes, logits, label): read only to migrate old files."""
     c = zlib.crc32(codes)
     if logits is not None:
         c = zlib.crc32(logits, c)
     return zlib.crc32(label.to_bytes(8, "little", signed=True), c)
+
+
+def _checksum(slot: int, stream: str, label: int, codes: bytes, scale: float, zero_point: int,
+              logits: bytes | None, privacy: tuple[float | None, ...]) -> int:
+    """CRC32 over every field of a record (slot, stream, label, codes, scale, zero point, logits,
+    privacy parameters), each length-prefixed so that no two records share an encoding."""
+    head = struct.pack("<qqdq", slot, label, scale, zero_point)
+    c = zlib.crc32(head)
+    for part in (stream.encode(), codes, b"\xff" if logits is None else logits):
+        c = zlib.crc32(struct.pack("<q", len(part)) + part, c)
+    return zlib.crc32(struct.pack("<5d", *(float("nan") if v is None else float(v) for v in privacy)), c)
+
+
+def _record_problem(row: tuple[Any, ...], cap: int, code_bytes: int, num_logits: int | None) -> str | None:
+    """Why a stored row cannot be trusted, or ``None``: types, ranges, blob lengths, checksum."""
+    slot, stream, label, codes, scale, zp, logits, checksum = row[:8]
+    privacy = tuple(row[8:13])
+    if not isinstance(slot, int) or not 0 <= slot < cap:
+        return f"slot {slot!r} outside 0..{cap - 1}"
+    if not isinstance(label, int) or label < 0:
+        return f"label {label!r} is not a class index"
+    if not isinstance(stream, str):
+        return "stream is not text"
+    if not isinstance(codes, bytes) or len(codes) != code_bytes:
+        return f"codes are {len(codes) if isinstance(codes, bytes) else type(codes).__name__} bytes, expected {code_bytes}"
+    if num_logits is not None and logits is not None and (not isinstance(logits, bytes) or len(logits) != 2 * num_logits):
+        return f"logits are not {2 * num_logits} bytes"
+    if not isinstance(scale, float) or not np.isfinite(scale) or scale <= 0 or not isinstance(zp, int):
+        return f"scale {scale!r} / zero point {zp!r} out of range"
+    if any(v is not None and not isinstance(v, (int, float)) for v in privacy):
+        return "privacy parameters are not numbers"
+    if not isinstance(checksum, int) or _checksum(slot, stream, label, codes, scale, zp, logits, privacy) != checksum:
+        return "checksum mismatch"
+    return None
 
 
 class ReplayStore:
@@ -150,7 +207,12 @@ class ReplayStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._create_tables()
-        except (OSError, sqlite3.OperationalError) as e:
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise self._cannot_open(e) from e
+            self._release()
+            raise _storage_error(self.path, e) from e
+        except OSError as e:
             self._release()
             raise StorePathError(
                 f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
@@ -160,13 +222,27 @@ class ReplayStore:
         self._layout_cache: dict[str, Any] | None = None
         self._labels: dict[int, int] = {}  # slot -> label
         self._mirror: dict[str, np.ndarray] = {}
+        self._free: list[int] | None = None  # a heap of the free slots below capacity
         try:
             self._check_meta(fingerprint)
             self._seen = int(self._meta("seen") or 0)
             self._load_mirror()
-        except BaseException:
-            self._release()  # (the checks close the database themselves)
+        except BaseException as e:
+            self._db.close()
+            self._release()
+            if isinstance(e, (sqlite3.Error, json.JSONDecodeError)):
+                raise _storage_error(self.path, e) from e
+            if isinstance(e, (TypeError, ValueError, KeyError)) and not isinstance(e, EdgeSleepError):
+                raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
+                                 f"{e}); the file is damaged. Fix: move it aside and start a new store.") from e
             raise
+
+    def _cannot_open(self, e: BaseException) -> StorePathError:
+        self._release()
+        return StorePathError(
+            f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
+            "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
+            "files directory.")
 
     def _take_over(self) -> None:
         """Become this file's one writer: close another store of this process that has it open
@@ -192,31 +268,70 @@ class ReplayStore:
                 del _OPEN[key]
 
     def _load_mirror(self) -> None:
-        """Read every record into memory once, verifying its checksum.
+        """Read every record into memory once, verifying it; quarantine the ones that fail.
 
         The database is the durable truth; the in-memory mirror (int8 codes, not floats) makes
         sampling a replay batch an array lookup instead of a query. One process owns a store.
+        A record whose checksum, slot, blob lengths or values do not hold is moved to the
+        ``quarantine`` table (kept for inspection, never replayed) with a ``RuntimeWarning``;
+        the others stay usable.
 
         Raises:
-            CorruptRecordError: a record's checksum does not match its contents.
+            StoreError: the store's own metadata (layout, capacity) cannot be read.
         """
         layout, cap = self._meta("layout"), self._meta("capacity_records")
-        self._labels, self._mirror = {}, {}
+        self._labels, self._mirror, self._free = {}, {}, None
         if layout is None or cap is None:
             return
+        try:
+            width = int(np.prod(layout["latent_shape"]))
+            kind = layout["latent_kind"]
+            num_logits = layout["num_logits"]
+            cap = int(cap)
+            if kind not in ("int8q", "int64") or cap < 1 or width < 1:
+                raise ValueError(f"latent_kind={kind!r}, capacity_records={cap}, width={width}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({e}); its records "
+                             "cannot be decoded. Fix: move the file aside and start a new store.") from None
         self._alloc_mirror(layout, cap)
+        code_bytes = width * (1 if kind == "int8q" else 8)
         rows = self._db.execute(
-            "SELECT slot, label, codes, scale, zero_point, logits, checksum FROM records"
-        ).fetchall()
-        for slot, label, codes, scale, zp, logits, checksum in rows:
-            if _checksum(codes, logits, label) != checksum:
-                self._db.close()
-                raise CorruptRecordError(
-                    f"record in slot {slot} of {str(self.path)!r} fails its checksum; the file was "
-                    "changed outside edge-sleep. Fix: delete that record "
-                    f"(DELETE FROM records WHERE slot={slot}) or the store."
-                )
+            "SELECT slot, stream, label, codes, scale, zero_point, logits, checksum, "
+            + ", ".join(_PRIVACY_COLUMNS) + " FROM records").fetchall()
+        bad: list[tuple[Any, str]] = []
+        for row in rows:
+            slot, stream, label, codes, scale, zp, logits, checksum = row[:8]
+            why = _record_problem(row, cap, code_bytes, num_logits)
+            if why is not None:
+                bad.append((slot, why))
+                continue
             self._put(slot, label, codes, scale, zp, logits)
+        if bad:
+            self._quarantine(bad)
+
+    def _quarantine(self, bad: list[tuple[Any, str]]) -> None:
+        """Move the records at ``bad``'s slots to the ``quarantine`` table, saying why."""
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("CREATE TABLE IF NOT EXISTS quarantine AS SELECT * FROM records WHERE 0")
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(quarantine)")}
+            for col, decl in (("reason", "TEXT"), ("quarantined_s", "REAL")):
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE quarantine ADD COLUMN {col} {decl}")
+            for slot, why in bad:
+                self._db.execute("INSERT INTO quarantine SELECT *, ?, ? FROM records WHERE slot IS ?",
+                                 (why, now, slot))
+                self._db.execute("DELETE FROM records WHERE slot IS ?", (slot,))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        shown = ", ".join(f"slot {slot!r}: {why}" for slot, why in bad[:5])
+        warnings.warn(
+            f"replay store {str(self.path)!r}: {len(bad)} damaged record(s) moved to its quarantine table "
+            f"({shown}{', ...' if len(bad) > 5 else ''}); the other {len(self._labels)} records are usable. "
+            "The file was changed outside edge-sleep or damaged on disk.", RuntimeWarning, stacklevel=3)
 
     def _alloc_mirror(self, layout: dict[str, Any], cap: int) -> None:
         width = int(np.prod(layout["latent_shape"]))
@@ -265,11 +380,24 @@ class ReplayStore:
             return
         have = {row[1] for row in self._db.execute("PRAGMA table_info(records)")}
         self._db.execute("BEGIN IMMEDIATE")
-        for col in _PRIVACY_COLUMNS:
-            if col not in have:
-                self._db.execute(f"ALTER TABLE records ADD COLUMN {col} REAL")
-        self._set_meta("format_version", STORE_FORMAT_VERSION)
-        self._db.execute("COMMIT")
+        try:
+            for col in _PRIVACY_COLUMNS:
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE records ADD COLUMN {col} REAL")
+            # format 1's checksum left out slot, stream, scale and zero point: a record that
+            # passes it gets one over every field; one that fails keeps it, and is quarantined
+            rows = self._db.execute("SELECT slot, stream, label, codes, scale, zero_point, logits, checksum "
+                                    "FROM records").fetchall()
+            for slot, stream, label, codes, scale, zp, logits, checksum in rows:
+                if isinstance(codes, bytes) and isinstance(label, int) and \
+                        _checksum_v1(codes, logits, label) == checksum:
+                    new = _checksum(slot, stream, label, codes, float(scale), int(zp), logits, (None,) * 5)
+                    self._db.execute("UPDATE records SET checksum=? WHERE slot=?", (new, slot))
+            self._set_meta("format_version", STORE_FORMAT_VERSION)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -440,6 +568,7 @@ class ReplayStore:
         cap = self.capacity_records or self._capacity_for(flat, logits)
         seen = self._seen
         before = dict(self._labels)
+        free_before = None if self._free is None else list(self._free)
         chosen: list[tuple[int, int]] = []  # (row, slot)
         for i in range(n):
             seen += 1
@@ -447,7 +576,12 @@ class ReplayStore:
             if slot is not None:
                 chosen.append((i, slot))
                 self._labels[slot] = labels_l[i]
-        if not chosen:  # nothing kept: no encoding, no write (seen is saved with the next write)
+        if not chosen:  # nothing kept: no encoding, but the count of offered records is durable
+            try:
+                self._set_meta("seen", seen)  # one autocommitted statement
+            except BaseException:
+                self._labels, self._free = before, free_before
+                raise
             self._seen = seen
             return 0
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
@@ -477,7 +611,8 @@ class ReplayStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (slot, now, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j],
-                     _checksum(codes[j], logit_bytes[j], labels_l[i]), *dp_row)
+                     _checksum(slot, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j], dp_row),
+                     *dp_row)
                     for j, (i, slot) in enumerate(chosen)
                 ],
             )
@@ -486,7 +621,7 @@ class ReplayStore:
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            self._labels = before
+            self._labels, self._free = before, free_before
             raise
         self._seen = seen
         self._layout_cache = layout
@@ -512,8 +647,10 @@ class ReplayStore:
 
     def _choose_slot(self, label: int, seen: int, cap: int) -> int | None:
         """The slot a new record goes to, or ``None`` to drop it."""
-        if len(self._labels) < cap:
-            return len(self._labels)
+        if len(self._labels) < cap:  # the lowest free slot (holes appear where records were quarantined)
+            if self._free is None:
+                self._free = sorted(set(range(cap)) - set(self._labels))  # sorted: already a heap
+            return heapq.heappop(self._free)
         if self.config.eviction == "reservoir":
             j = int(self.rng.integers(0, seen))
             return j if j < cap else None

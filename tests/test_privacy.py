@@ -200,9 +200,16 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
         CREATE TABLE r1 AS SELECT slot, created_s, stream, label, codes, scale, zero_point, logits, checksum
         FROM records; DROP TABLE records; ALTER TABLE r1 RENAME TO records;
         UPDATE meta SET value='1' WHERE key='format_version';""")
+    from edge_sleep.store import _checksum_v1  # what format 1 wrote
+
+    for slot, codes, logits, label in db.execute("SELECT slot, codes, logits, label FROM records").fetchall():
+        db.execute("UPDATE records SET checksum=? WHERE slot=?", (_checksum_v1(codes, logits, label), slot))
+    db.execute("UPDATE records SET label=9 WHERE slot=3")  # and one record damaged under format 1
+    db.commit()
     db.close()
-    store = ReplayStore(tmp_path / "old.db", StoreConfig(capacity_records=8))
-    assert len(store) == 4 and store.privacy_report().unprotected == 4
+    with pytest.warns(RuntimeWarning, match="1 damaged record"):
+        store = ReplayStore(tmp_path / "old.db", StoreConfig(capacity_records=8))
+    assert len(store) == 3 and store.privacy_report().unprotected == 3
     store.append(torch.rand(2, 3), torch.arange(2), privacy=RecordPrivacy(label_epsilon=1.0))
     assert store.privacy_report().labels_randomized == 2
     store.close()

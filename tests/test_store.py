@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import sqlite3
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,16 +108,59 @@ def test_bad_input_leaves_store_untouched(tmp_path: Path) -> None:
     torch.testing.assert_close(store.read(np.arange(5)).x, before.x)
 
 
-def test_corrupt_record_is_detected(tmp_path: Path) -> None:
-    store = make(tmp_path)
-    store.append(torch.rand(3, 3), torch.zeros(3, dtype=torch.long))
+@pytest.mark.parametrize("change", [
+    "label=7", "scale=scale*2", "zero_point=zero_point+1", "stream='other'", "slot=slot+100",
+    "codes=X'00'", "logits=X'0000'", "dp_epsilon=1.0", "checksum=checksum+1",
+])
+def test_a_damaged_record_is_quarantined_and_the_rest_stay_usable(tmp_path: Path, change: str) -> None:
+    store = make(tmp_path, capacity_records=8)
+    store.append(torch.rand(3, 3), torch.zeros(3, dtype=torch.long), torch.randn(3, 2), stream="s")
+    kept = store.read(np.array([0, 2]))
     store.close()
     db = sqlite3.connect(tmp_path / "r.db")
-    db.execute("UPDATE records SET label=7 WHERE slot=1")
+    db.execute(f"UPDATE records SET {change} WHERE slot=1")
     db.commit()
     db.close()
-    with pytest.raises(CorruptRecordError, match="slot 1"):
-        make(tmp_path)
+    with pytest.warns(RuntimeWarning, match="1 damaged record"):
+        store = make(tmp_path, capacity_records=8)
+    assert len(store) == 2 and sorted(store.slots().tolist()) == [0, 2]
+    torch.testing.assert_close(store.read(np.array([0, 2])).x, kept.x)
+    reason = sqlite3.connect(tmp_path / "r.db").execute("SELECT reason FROM quarantine").fetchall()
+    assert len(reason) == 1 and reason[0][0]
+    # the hole is reused: a new record takes slot 1 and replaces nothing
+    store.append(torch.rand(1, 3), torch.ones(1, dtype=torch.long), torch.randn(1, 2))
+    assert sorted(store.slots().tolist()) == [0, 1, 2]
+    torch.testing.assert_close(store.read(np.array([0, 2])).x, kept.x)
+    store.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # quarantined once: the next open is clean
+        assert len(make(tmp_path, capacity_records=8)) == 3
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncate", "empty_file", "bad_meta"])
+def test_a_damaged_file_is_a_store_error_never_a_raw_one(tmp_path: Path, damage: str) -> None:
+    store = make(tmp_path, capacity_records=8)
+    store.append(torch.rand(3, 3), torch.zeros(3, dtype=torch.long))
+    store.close()
+    path = tmp_path / "r.db"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "empty_file":
+        path.write_bytes(b"")
+    else:
+        db = sqlite3.connect(path)
+        db.execute("UPDATE meta SET value='{not json' WHERE key='layout'")
+        db.commit()
+        db.close()
+    if damage == "empty_file":  # SQLite treats an empty file as a new database: a new, empty store
+        assert len(make(tmp_path, capacity_records=8)) == 0
+        return
+    with pytest.raises(StoreError) as e:
+        make(tmp_path, capacity_records=8)
+    assert "Fix:" in str(e.value) and "r.db" in str(e.value)
+    make(tmp_path / "fresh", capacity_records=8).close()  # nothing left locked in this process
 
 
 def test_empty_store_cannot_be_sampled(tmp_path: Path) -> None:
@@ -159,3 +203,64 @@ def test_a_failure_mid_append_rolls_the_whole_batch_back(tmp_path: Path, monkeyp
     reopened = make(tmp_path, capacity_records=10)
     assert len(reopened) == 4 and reopened.seen == 4
     torch.testing.assert_close(reopened.read(np.arange(4)).x, before.x)
+
+
+def test_seen_is_durable_when_a_batch_keeps_no_record(tmp_path: Path) -> None:
+    """A crash right after a batch the reservoir dropped must not lose that batch's count."""
+    import sqlite3
+
+    store = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=2), seed=0)
+    store.append(torch.rand(2, 3), torch.arange(2))
+    dropped = 0
+    for _ in range(200):
+        if store.append(torch.rand(1, 3), torch.zeros(1, dtype=torch.long)) == 0:
+            dropped += 1
+            break
+    assert dropped == 1
+    # read by another connection, as a process that reopens the file after a crash would
+    on_disk = sqlite3.connect(tmp_path / "r.db").execute("SELECT value FROM meta WHERE key='seen'").fetchone()
+    assert int(on_disk[0]) == store.seen
+    store.close()
+
+
+def test_load_validates_the_state_before_changing_the_model(tmp_path: Path) -> None:
+    from edge_sleep import EdgeSleep, WakeConfig
+    from edge_sleep.errors import ConfigError
+    from tests.conftest import small_mlp
+
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="adapters", replay_batch=0))
+    es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
+    ckpt = es.save(tmp_path / "ckpt")
+    es.store.close()
+    # a model of another architecture: refused before adapters are attached or the store opens
+    other = small_mlp(hidden=32)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with pytest.raises(ConfigError, match="fingerprint"):
+        EdgeSleep.load(ckpt, other)
+    assert {n for n, _ in other.named_parameters()} == set(before)  # no lora_a / lora_b
+    assert all(p.requires_grad for p in other.parameters())
+    again = EdgeSleep.load(ckpt, small_mlp())  # the store was not left locked
+    # a state whose tensors do not fit: nothing is copied, every problem is listed
+    state = again.state_dict()
+    weights = {n: p.detach().clone() for n, p in again.model.named_parameters()}
+    bad = {**state, "model": {**state["model"], "0.weight": torch.zeros(5, 5)},
+           "masks": {"nope.weight": torch.ones(2, dtype=torch.bool)}}
+    bad["model"].pop("4.bias")
+    with pytest.raises(ConfigError) as e:
+        again.load_state_dict(bad)
+    assert len(e.value.problems) == 4  # missing, shape, unknown mask name, and the fix
+    assert all(torch.equal(weights[n], p) for n, p in again.model.named_parameters())
+    again.store.close()
+
+
+def test_bad_noise_layers_leave_the_model_and_store_untouched(tmp_path: Path) -> None:
+    from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
+    from edge_sleep.errors import ConfigError
+    from tests.conftest import small_mlp
+
+    model = small_mlp()
+    with pytest.raises(ConfigError, match="noise_layers"):
+        EdgeSleep(model, store=tmp_path / "r.db", wake=WakeConfig(train="adapters"),
+                  sleep=SleepConfig(noise_layers=("no_such_layer",)))
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+    assert not (tmp_path / "r.db").exists()
