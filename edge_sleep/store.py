@@ -201,6 +201,14 @@ class ReplayStore:
                 "files directory."
             ) from e
         self._take_over()
+        wal = Path(str(self.path) + "-wal")
+        if str(path) != ":memory:" and self.path.is_file() and self.path.stat().st_size == 0 \
+                and not (wal.is_file() and wal.stat().st_size > 0):
+            self._release()
+            raise StoreError(
+                f"replay store {str(self.path)!r} is an empty file (0 bytes): it was truncated, or a crash came "
+                "before its first write; nothing in it can be read. Fix: delete the file to start a new store "
+                "(or restore it from a backup).")
         try:
             # any thread may use the connection: every use holds self._lock
             self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
