@@ -14,6 +14,7 @@ __all__ = [
     "StoreError",
     "StorePathError",
     "StoreBusyError",
+    "StoreKeyError",
     "FingerprintMismatchError",
     "FormatVersionError",
     "CorruptRecordError",
@@ -51,6 +52,10 @@ class StorePathError(StoreError, OSError):
 
 class StoreBusyError(StoreError):
     """Another writer (a process, or another store object) holds the replay store."""
+
+
+class StoreKeyError(StoreError):
+    """The store is encrypted and the key is missing or wrong, or a sealed field was changed."""
 
 
 class FingerprintMismatchError(StoreError):

@@ -63,6 +63,8 @@ class EdgeSleep:
             needs ``WakeConfig(train="adapters")`` and no ``latent_layer``. The night runs on torch.
         privacy: per-record differential privacy of what the store keeps
             (:class:`~edge_sleep.config.PrivacyConfig`); ``store.privacy_report()`` states it.
+        store_key: encrypt the store at rest with this AES key (16, 24 or 32 bytes, from the
+            platform keystore); never saved by :meth:`save`, so pass it to :meth:`load` too.
 
     Example:
         >>> import torch
@@ -89,6 +91,7 @@ class EdgeSleep:
         seed: int = 0,
         engine: str = "torch",
         privacy: PrivacyConfig | None = None,
+        store_key: bytes | None = None,
     ) -> None:
         if privacy is not None and not isinstance(privacy, PrivacyConfig):
             raise ConfigError("EdgeSleep", [f"privacy is a {type(privacy).__name__}; expected a PrivacyConfig or None"])
@@ -132,7 +135,7 @@ class EdgeSleep:
             self.store = store
         else:
             path = ":memory:" if store is None else store
-            self.store = ReplayStore(path, store_config, fingerprint=fingerprint, seed=seed)
+            self.store = ReplayStore(path, store_config, fingerprint=fingerprint, seed=seed, key=store_key)
         self.fingerprint = fingerprint
 
         if self.wake_config.train == "adapters":
@@ -543,13 +546,15 @@ class EdgeSleep:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, model: nn.Module, *, store: ReplayStore | str | Path | None = None) -> EdgeSleep:
+    def load(cls, directory: str | Path, model: nn.Module, *, store: ReplayStore | str | Path | None = None,
+             store_key: bytes | None = None) -> EdgeSleep:
         """Rebuild a runtime saved by :meth:`save` around a fresh ``model`` of the same architecture.
 
         Args:
             directory: what :meth:`save` wrote.
             model: a new instance of the saved model's class (weights are overwritten).
             store: the replay store; default: the path recorded at save time.
+            store_key: the key of an encrypted store (not kept in the checkpoint).
         """
         directory = Path(directory)
         old = previous_of(directory)
@@ -577,6 +582,7 @@ class EdgeSleep:
             seed=meta["seed"],
             engine=meta.get("engine", "torch"),
             privacy=config_from_dict(PrivacyConfig, meta.get("privacy", {})),
+            store_key=store_key,
         )
         try:
             es.load_state_dict(state)

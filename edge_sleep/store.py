@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import heapq
 import sqlite3
 import struct
@@ -46,11 +47,13 @@ from edge_sleep.errors import (
     FormatVersionError,
     InputError,
     StoreError,
+    StoreKeyError,
     StorePathError,
     check_format_version,
 )
 from edge_sleep.locking import WriterLock
 from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
+from edge_sleep.seal import KEY_CHECK, Sealer
 from edge_sleep.quant import dequantize_rows, quantize_rows
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -69,7 +72,7 @@ def _locked(method: _F) -> _F:
                                  "use the store (or EdgeSleep) that has it open now, or open it again.")
             try:
                 return method(self, *args, **kwargs)
-            except (sqlite3.Error, json.JSONDecodeError) as e:
+            except (sqlite3.Error, json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise _storage_error(self.path, e) from e
 
     return wrapper  # type: ignore[return-value]
@@ -78,7 +81,7 @@ def _locked(method: _F) -> _F:
 def _storage_error(path: Path, e: BaseException) -> StoreError:
     """A storage failure as a :class:`StoreError` that names the file and the likely fix."""
     text = str(e)
-    if isinstance(e, json.JSONDecodeError) or "malformed" in text or "not a database" in text:
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)) or "malformed" in text or "not a database" in text:
         fix = ("the file is damaged. Fix: restore it from a backup, or move it aside and start a new store "
                "(its records cannot be read)")
     elif "locked" in text or "busy" in text:
@@ -94,6 +97,11 @@ __all__ = ["ReplayStore", "ReplayBatch", "STORE_FORMAT_VERSION"]
 STORE_FORMAT_VERSION = 2  # 2: each record keeps the privacy parameters it was written with
 _STATE_FORMAT_VERSION = 1
 _PRIVACY_COLUMNS = ("dp_epsilon", "dp_delta", "dp_max_norm", "dp_sigma", "label_epsilon")
+_COLUMNS = ("slot", "created_s", "stream", "label", "codes", "scale", "zero_point", "logits", "checksum",
+            *_PRIVACY_COLUMNS)
+# a replaced record is overwritten in place (no delete and re-insert of its row)
+_UPSERT = (f"INSERT INTO records({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+           f"ON CONFLICT(slot) DO UPDATE SET {', '.join(f'{c}=excluded.{c}' for c in _COLUMNS[1:])}")
 _RECORD_OVERHEAD_BYTES = 32  # id, slot, label, scale, zero point, checksum, time
 _FP16_MAX = 65504.0  # logits are stored as fp16, saturated to its finite range
 
@@ -128,38 +136,65 @@ def _checksum_v1(codes: bytes, logits: bytes | None, label: int) -> int:
     return zlib.crc32(label.to_bytes(8, "little", signed=True), c)
 
 
-def _checksum(slot: int, stream: str, label: int, codes: bytes, scale: float, zero_point: int,
-              logits: bytes | None, privacy: tuple[float | None, ...]) -> int:
+def _privacy_bytes(privacy: tuple[float | None, ...]) -> bytes:
+    return struct.pack("<5d", *(float("nan") if v is None else float(v) for v in privacy))
+
+
+def _checksum(slot: int, stream: str | bytes, label: int, codes: bytes, scale: float, zero_point: int,
+              logits: bytes | None, privacy: tuple[float | None, ...] | bytes) -> int:
     """CRC32 over every field of a record (slot, stream, label, codes, scale, zero point, logits,
     privacy parameters), each length-prefixed so that no two records share an encoding."""
     head = struct.pack("<qqdq", slot, label, scale, zero_point)
     c = zlib.crc32(head)
-    for part in (stream.encode(), codes, b"\xff" if logits is None else logits):
+    tag = stream.encode() if isinstance(stream, str) else b"\x00sealed" + stream
+    for part in (tag, codes, b"\xff" if logits is None else logits):
         c = zlib.crc32(struct.pack("<q", len(part)) + part, c)
-    return zlib.crc32(struct.pack("<5d", *(float("nan") if v is None else float(v) for v in privacy)), c)
+    return zlib.crc32(privacy if isinstance(privacy, bytes) else _privacy_bytes(privacy), c)
 
 
-def _record_problem(row: tuple[Any, ...], cap: int, code_bytes: int, num_logits: int | None) -> str | None:
-    """Why a stored row cannot be trusted, or ``None``: types, ranges, blob lengths, checksum."""
+def _row_bytes(a: np.ndarray) -> list[bytes]:
+    """Each row of a C-contiguous 2-D array as bytes, from one copy of the whole array."""
+    raw, width = a.tobytes(), a.shape[1] * a.itemsize
+    return [raw[k:k + width] for k in range(0, len(raw), width)]
+
+
+def _aad(slot: int, label: int, field: bytes) -> bytes:
+    """What a sealed field is bound to: its record's slot and label, and which field it is."""
+    return struct.pack("<qq", slot, label) + field
+
+
+def _decode_row(row: tuple[Any, ...], cap: int, code_bytes: int, num_logits: int | None,
+                sealer: Sealer | None) -> tuple[str | None, bytes, bytes | None]:
+    """``(problem, codes, logits)`` of a stored row: ``problem`` says why it cannot be trusted
+    (types, ranges, checksum, a sealed field that does not open, blob lengths), else ``None``."""
     slot, stream, label, codes, scale, zp, logits, checksum = row[:8]
     privacy = tuple(row[8:13])
     if not isinstance(slot, int) or not 0 <= slot < cap:
-        return f"slot {slot!r} outside 0..{cap - 1}"
+        return f"slot {slot!r} outside 0..{cap - 1}", b"", None
     if not isinstance(label, int) or label < 0:
-        return f"label {label!r} is not a class index"
-    if not isinstance(stream, str):
-        return "stream is not text"
-    if not isinstance(codes, bytes) or len(codes) != code_bytes:
-        return f"codes are {len(codes) if isinstance(codes, bytes) else type(codes).__name__} bytes, expected {code_bytes}"
-    if num_logits is not None and logits is not None and (not isinstance(logits, bytes) or len(logits) != 2 * num_logits):
-        return f"logits are not {2 * num_logits} bytes"
+        return f"label {label!r} is not a class index", b"", None
+    if not isinstance(stream, (bytes if sealer is not None else str)):
+        return "stream has the wrong type", b"", None
+    if not isinstance(codes, bytes) or (logits is not None and not isinstance(logits, bytes)):
+        return "codes or logits are not blobs", b"", None
     if not isinstance(scale, float) or not np.isfinite(scale) or scale <= 0 or not isinstance(zp, int):
-        return f"scale {scale!r} / zero point {zp!r} out of range"
+        return f"scale {scale!r} / zero point {zp!r} out of range", b"", None
     if any(v is not None and not isinstance(v, (int, float)) for v in privacy):
-        return "privacy parameters are not numbers"
+        return "privacy parameters are not numbers", b"", None
     if not isinstance(checksum, int) or _checksum(slot, stream, label, codes, scale, zp, logits, privacy) != checksum:
-        return "checksum mismatch"
-    return None
+        return "checksum mismatch", b"", None
+    if sealer is not None:
+        try:
+            codes = sealer.open(codes, _aad(slot, label, b"codes"))
+            logits = None if logits is None else sealer.open(logits, _aad(slot, label, b"logits"))
+            sealer.open(stream if isinstance(stream, bytes) else stream.encode(), _aad(slot, label, b"stream"))
+        except StoreKeyError:
+            return "a sealed field does not open", b"", None
+    if len(codes) != code_bytes:
+        return f"codes are {len(codes)} bytes, expected {code_bytes}", b"", None
+    if num_logits is not None and logits is not None and len(logits) != 2 * num_logits:
+        return f"logits are not {2 * num_logits} bytes", b"", None
+    return None, codes, logits
 
 
 class ReplayStore:
@@ -171,11 +206,14 @@ class ReplayStore:
         fingerprint: the model's fingerprint (:func:`edge_sleep.modelio.model_fingerprint`);
             a store written by another architecture is refused.
         seed: seed of the store's random generator (eviction and sampling).
+        key: encrypt the records at rest (AES-GCM, :mod:`edge_sleep.seal`): 16, 24 or 32 bytes
+            from the platform keystore. A store created with a key needs it every time.
 
     Raises:
         StorePathError: the path cannot be created or opened for writing.
         FormatVersionError: the file was written by a newer format version.
         FingerprintMismatchError: the file belongs to another model.
+        StoreKeyError: an encrypted store opened without its key, or with another key.
     """
 
     def __init__(
@@ -185,7 +223,9 @@ class ReplayStore:
         *,
         fingerprint: str | None = None,
         seed: int | None = None,
+        key: bytes | None = None,
     ) -> None:
+        self._sealer = None if key is None else Sealer(key)  # a bad key is refused before the file is touched
         self.path = Path(path)
         self.config = config or StoreConfig()
         self.rng = np.random.default_rng(seed)
@@ -210,13 +250,22 @@ class ReplayStore:
                 "before its first write; nothing in it can be read. Fix: delete the file to start a new store "
                 "(or restore it from a backup).")
         try:
+            if str(path) != ":memory:" and not self.path.exists():
+                # owner-only: SQLite gives its -wal and -shm files the database file's permissions
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             # any thread may use the connection: every use holds self._lock
             self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            # damaged text decodes with replacement characters (then fails its checksum), never raises
+            self._db.text_factory = lambda raw: raw.decode("utf-8", "replace")
+            self._db.execute("PRAGMA page_size=16384")  # a new file only: ~1 KB records waste less per page
+            self._db.execute("PRAGMA secure_delete=ON")  # deleted and replaced records are overwritten with zeros
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._create_tables()
-        except sqlite3.DatabaseError as e:
-            if isinstance(e, sqlite3.OperationalError):
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
+            if hasattr(self, "_db"):
+                self._db.close()
+            if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
                 raise self._cannot_open(e) from e
             self._release()
             raise _storage_error(self.path, e) from e
@@ -238,7 +287,7 @@ class ReplayStore:
         except BaseException as e:
             self._db.close()
             self._release()
-            if isinstance(e, (sqlite3.Error, json.JSONDecodeError)):
+            if isinstance(e, (sqlite3.Error, json.JSONDecodeError, UnicodeDecodeError)):
                 raise _storage_error(self.path, e) from e
             if isinstance(e, (TypeError, ValueError, KeyError)) and not isinstance(e, EdgeSleepError):
                 raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
@@ -308,12 +357,11 @@ class ReplayStore:
             + ", ".join(_PRIVACY_COLUMNS) + " FROM records").fetchall()
         bad: list[tuple[Any, str]] = []
         for row in rows:
-            slot, stream, label, codes, scale, zp, logits, checksum = row[:8]
-            why = _record_problem(row, cap, code_bytes, num_logits)
+            why, codes, logits = _decode_row(row, cap, code_bytes, num_logits, self._sealer)
             if why is not None:
-                bad.append((slot, why))
+                bad.append((row[0], why))
                 continue
-            self._put(slot, label, codes, scale, zp, logits)
+            self._put(row[0], row[2], codes, row[4], row[5], logits)
         if bad:
             self._quarantine(bad)
 
@@ -378,9 +426,31 @@ class ReplayStore:
                 dp_sigma REAL,
                 label_epsilon REAL
             );
-            CREATE INDEX IF NOT EXISTS records_label ON records(label);
             """
         )
+
+    def _check_key(self) -> None:
+        """The key opens the store's key check; an unencrypted store with records refuses a key."""
+        enc = self._meta("encryption")
+        if enc is None:
+            if self._sealer is None:
+                return
+            if self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
+                raise StoreKeyError(f"replay store {str(self.path)!r} is not encrypted and holds records; a key "
+                                    "was given. Fix: open it without a key, or start a new store with the key.")
+            self._set_meta("encryption", {"cipher": "AES-GCM",
+                                          "key_check": self._sealer.seal(KEY_CHECK, b"meta").hex()})
+            return
+        if self._sealer is None:
+            raise StoreKeyError(f"replay store {str(self.path)!r} is encrypted ({enc.get('cipher')}); no key was "
+                                "given. Fix: pass the key it was created with (key=..., from the platform keystore).")
+        try:
+            ok = self._sealer.open(bytes.fromhex(enc["key_check"]), b"meta") == KEY_CHECK
+        except (StoreKeyError, KeyError, ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise StoreKeyError(f"replay store {str(self.path)!r} does not open with this key. Fix: pass the key "
+                                "it was created with; without it its records cannot be read.")
 
     def _migrate(self, version: int) -> None:
         """Bring a version-1 file to this version: add the privacy columns (NULL: none applied)."""
@@ -426,13 +496,17 @@ class ReplayStore:
             self._set_meta("seen", 0)
             if fingerprint is not None:
                 self._set_meta("fingerprint", fingerprint)
+            if self._sealer is not None:
+                self._set_meta("encryption", {"cipher": "AES-GCM",
+                                              "key_check": self._sealer.seal(KEY_CHECK, b"meta").hex()})
             self._db.execute("COMMIT")
             return
         try:
             check_format_version(f"replay store {str(self.path)!r}", version, STORE_FORMAT_VERSION)
             self._migrate(int(version))
+            self._check_key()
             self.bind(fingerprint)
-        except (FormatVersionError, FingerprintMismatchError):
+        except (FormatVersionError, FingerprintMismatchError, StoreKeyError):
             self._db.close()
             raise
 
@@ -479,11 +553,14 @@ class ReplayStore:
         Groups the records by the parameters each was written with and by stream; a stream's
         records together are accounted with Opacus' RDP accountant.
         """
-        rows = self._db.execute(
-            "SELECT " + ", ".join(_PRIVACY_COLUMNS) + ", stream, COUNT(*) FROM records GROUP BY "
-            + ", ".join(_PRIVACY_COLUMNS) + ", stream"
-        ).fetchall()
-        return summarize_privacy((RecordPrivacy(*r[:5]), r[5], int(r[6])) for r in rows)
+        groups: dict[tuple[RecordPrivacy, str], int] = {}
+        for row in self._db.execute("SELECT " + ", ".join(_PRIVACY_COLUMNS) + ", stream, slot, label FROM records"):
+            stream = row[5]
+            if self._sealer is not None and isinstance(stream, bytes):
+                stream = self._sealer.open(stream, _aad(row[6], row[7], b"stream")).decode()
+            key = (RecordPrivacy(*row[:5]), str(stream))
+            groups[key] = groups.get(key, 0) + 1
+        return summarize_privacy((p, stream, n) for (p, stream), n in groups.items())
 
     @_locked
     def slots(self) -> np.ndarray:
@@ -595,31 +672,39 @@ class ReplayStore:
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
         if layout["latent_kind"] == "int8q":
             codes_t, scale_t, zp_t = quantize_rows(flat[rows])
-            codes = [r.numpy().tobytes() for r in codes_t]
+            codes_np = np.ascontiguousarray(codes_t.numpy())
             scales, zps = scale_t.tolist(), zp_t.tolist()
         else:
-            codes = [r.numpy().astype(np.int64).tobytes() for r in flat[rows]]
+            codes_np = np.ascontiguousarray(flat[rows].numpy().astype(np.int64))
             scales, zps = [1.0] * len(chosen), [0] * len(chosen)
-        logit_bytes: list[bytes | None] = (
-            [None] * len(chosen) if logits is None
+        codes = _row_bytes(codes_np)
+        logits_np = None if logits is None else np.ascontiguousarray(
             # saturated to fp16's range: a stored logit is never inf
-            else [r.numpy().tobytes() for r in logits.detach()[rows].cpu().clamp(-_FP16_MAX, _FP16_MAX)
-                  .to(torch.float16)]
-        )
+            logits.detach()[rows].cpu().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).numpy())
+        logit_bytes: list[bytes | None] = [None] * len(chosen) if logits_np is None else list(_row_bytes(logits_np))
         now = time.time()
+        stored_codes, stored_logits = codes, logit_bytes
+        streams: list[str | bytes] = [stream] * len(chosen)
+        if self._sealer is not None:
+            seal = self._sealer.seal
+            stored_codes = [seal(codes[j], _aad(slot, labels_l[i], b"codes")) for j, (i, slot) in enumerate(chosen)]
+            stored_logits = [None if (lb := logit_bytes[j]) is None else seal(lb, _aad(slot, labels_l[i], b"logits"))
+                             for j, (i, slot) in enumerate(chosen)]
+            streams = [seal(stream.encode(), _aad(slot, labels_l[i], b"stream")) for i, slot in chosen]
         dp = privacy or RecordPrivacy()
         dp_row = (dp.epsilon, dp.delta, dp.max_norm, dp.sigma, dp.label_epsilon)
+        dp_bytes = _privacy_bytes(dp_row)
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            self._set_meta("layout", layout)
-            self._set_meta("capacity_records", cap)
+            if not self._mirror:  # the first records fix the layout and the capacity
+                self._set_meta("layout", layout)
+                self._set_meta("capacity_records", cap)
             self._db.executemany(
-                "INSERT OR REPLACE INTO records(slot, created_s, stream, label, codes, scale, "
-                "zero_point, logits, checksum, " + ", ".join(_PRIVACY_COLUMNS) + ") "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _UPSERT,
                 [
-                    (slot, now, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j],
-                     _checksum(slot, stream, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j], dp_row),
+                    (slot, now, streams[j], labels_l[i], stored_codes[j], scales[j], zps[j], stored_logits[j],
+                     _checksum(slot, streams[j], labels_l[i], stored_codes[j], scales[j], zps[j], stored_logits[j],
+                               dp_bytes),
                      *dp_row)
                     for j, (i, slot) in enumerate(chosen)
                 ],
@@ -635,8 +720,16 @@ class ReplayStore:
         self._layout_cache = layout
         if not self._mirror:
             self._alloc_mirror(layout, cap)
-        for j, (i, slot) in enumerate(chosen):
-            self._put(slot, labels_l[i], codes[j], scales[j], zps[j], logit_bytes[j])
+        # the mirror in one go per array (a slot written twice in this batch keeps its last record)
+        slots = np.array([slot for _, slot in chosen], dtype=np.int64)
+        m = self._mirror
+        m["codes"][slots] = codes_np
+        m["scale"][slots], m["zero_point"][slots] = scales, zps
+        m["label"][slots] = [labels_l[i] for i, _ in chosen]
+        if logits_np is not None and "logits" in m:
+            m["logits"][slots] = logits_np
+        for i, slot in chosen:
+            self._labels[slot] = labels_l[i]
         return len(chosen)
 
     def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
@@ -738,6 +831,15 @@ class ReplayStore:
         check_format_version("ReplayStore state", state.get("format_version"), _STATE_FORMAT_VERSION)
         self.rng.bit_generator.state = state["rng"]
 
+    @_locked
+    def checkpoint(self) -> None:
+        """Move the write-ahead log into the database and truncate it to zero bytes.
+
+        With ``secure_delete`` on, a replaced or evicted record is then gone from both files.
+        :meth:`close` does this too.
+        """
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
     def close(self) -> None:
         """Save the stream length, close the database and free the file for another writer.
 
@@ -753,6 +855,7 @@ class ReplayStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 self._set_meta("seen", self._seen)
                 self._db.execute("COMMIT")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sqlite3.Error:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")

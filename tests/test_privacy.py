@@ -197,7 +197,10 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     store.close()
     db = sqlite3.connect(tmp_path / "old.db")  # make it look like a version-1 file
     db.executescript("""
-        CREATE TABLE r1 AS SELECT slot, created_s, stream, label, codes, scale, zero_point, logits, checksum
+        CREATE TABLE r1 (slot INTEGER PRIMARY KEY, created_s REAL NOT NULL, stream TEXT NOT NULL,
+            label INTEGER NOT NULL, codes BLOB NOT NULL, scale REAL NOT NULL, zero_point INTEGER NOT NULL,
+            logits BLOB, checksum INTEGER NOT NULL);
+        INSERT INTO r1 SELECT slot, created_s, stream, label, codes, scale, zero_point, logits, checksum
         FROM records; DROP TABLE records; ALTER TABLE r1 RENAME TO records;
         UPDATE meta SET value='1' WHERE key='format_version';""")
     from edge_sleep.store import _checksum_v1  # what format 1 wrote

@@ -77,3 +77,13 @@ def test_readme_simulation_tables_are_what_the_benchmark_and_profiles_say() -> N
     assert bench.profile_table() in text
     slowest = max(r["max_wall_s"] for r in result["summary"])
     assert f"the slowest 3-day run took {slowest:.0f} s here" in text
+
+
+def test_readme_store_figures_are_what_the_benchmark_wrote() -> None:
+    import json
+
+    r = json.loads((README.parent / "benchmarks" / "results" / "store.json").read_text())
+    text = " ".join(README.read_text().split())
+    assert f"{r['appends_per_s_batched']:,.0f} appends/s in batches of 128" in text
+    assert f"{r['appends_per_s_encrypted']:,.0f} appends/s ({r['encryption_cost_x']:.2f}x the plain time" in text
+    assert f"({r['size_ratio_vs_fp32']:.2f}x smaller" in text

@@ -1,0 +1,131 @@
+"""Encryption at rest: unreadable without the key, a wrong key is a clear error, files are the owner's."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_sleep import EdgeSleep, StoreConfig, WakeConfig
+from edge_sleep.errors import ConfigError, StoreKeyError
+from edge_sleep.store import ReplayStore, _checksum
+from tests.conftest import small_mlp
+
+KEY = bytes(range(32))
+PATTERN = 0x5EC12E75EC12E7  # a token id nothing else would write
+
+
+def all_bytes(path: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*") if p.is_file())
+
+
+def token_store(path: Path, key: bytes | None, **kw: object) -> ReplayStore:
+    return ReplayStore(path, StoreConfig(**kw), seed=0, key=key)  # type: ignore[arg-type]
+
+
+def test_records_are_unreadable_without_the_key(tmp_path: Path) -> None:
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=16)
+    x = torch.full((4, 6), PATTERN, dtype=torch.long)
+    store.append(x, torch.arange(4), torch.randn(4, 3), stream="alice-private-notes")
+    raw = all_bytes(tmp_path / "r.db")  # the database and its write-ahead log, as they are on disk
+    assert struct.pack("<q", PATTERN) not in raw and b"alice-private-notes" not in raw
+    store.close()
+    with pytest.raises(StoreKeyError, match="encrypted"):
+        token_store(tmp_path / "r.db", None)
+    with pytest.raises(StoreKeyError, match="does not open with this key"):
+        token_store(tmp_path / "r.db", bytes(32))
+    again = token_store(tmp_path / "r.db", KEY)
+    batch = again.read(again.slots())
+    assert torch.equal(batch.x, x) and batch.logits is not None
+    report = again.privacy_report()
+    assert report.per_stream["alice-private-notes"][0] == 4
+    again.close()
+
+
+def test_a_bad_key_is_refused_before_the_file_is_created(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="7 bytes"):
+        token_store(tmp_path / "r.db", b"short!!")
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_a_plain_store_with_records_refuses_a_key(tmp_path: Path) -> None:
+    store = token_store(tmp_path / "r.db", None, capacity_records=4)
+    store.append(torch.ones(2, 3, dtype=torch.long), torch.arange(2))
+    store.close()
+    with pytest.raises(StoreKeyError, match="not encrypted"):
+        token_store(tmp_path / "r.db", KEY)
+
+
+def test_a_ciphertext_moved_to_another_record_does_not_open(tmp_path: Path) -> None:
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=4)
+    store.append(torch.arange(12).reshape(2, 6), torch.tensor([0, 0]))
+    store.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    rows = {r[0]: r for r in db.execute("SELECT slot, stream, label, codes, scale, zero_point, logits FROM records")}
+    # swap the sealed codes of slots 0 and 1 and fix the checksums, as an attacker could
+    for slot, other in ((0, 1), (1, 0)):
+        _, stream, label, _, scale, zp, logits = rows[slot]
+        codes = rows[other][3]
+        db.execute("UPDATE records SET codes=?, checksum=? WHERE slot=?",
+                   (codes, _checksum(slot, stream, label, codes, scale, zp, logits, (None,) * 5), slot))
+    db.commit()
+    db.close()
+    with pytest.warns(RuntimeWarning, match="2 damaged record"):
+        store = token_store(tmp_path / "r.db", KEY, capacity_records=4)
+    assert len(store) == 0
+    store.close()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_store_files_are_the_owners_only(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        store = token_store(tmp_path / "r.db", KEY, capacity_records=4)
+        store.append(torch.ones(2, 3, dtype=torch.long), torch.arange(2))
+        files = [p for p in tmp_path.iterdir() if p.name.startswith("r.db")]
+        assert {p.name for p in files} >= {"r.db", "r.db-wal", "r.db-lock"}
+        for p in files:
+            assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, p.name
+        store.close()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_an_evicted_record_does_not_survive_a_checkpoint(tmp_path: Path, key: bytes | None) -> None:
+    store = token_store(tmp_path / "r.db", key, capacity_records=1)
+    secret = torch.full((1, 6), PATTERN, dtype=torch.long)
+    store.append(secret, torch.zeros(1, dtype=torch.long))
+    for i in range(500):  # until the reservoir replaces it
+        store.append(torch.full((1, 6), i, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        if int(store.read(np.array([0])).x[0, 0]) != PATTERN:
+            break
+    assert int(store.read(np.array([0])).x[0, 0]) != PATTERN
+    store.checkpoint()
+    assert struct.pack("<q", PATTERN) not in all_bytes(tmp_path / "r.db")
+    store.close()
+    assert struct.pack("<q", PATTERN) not in all_bytes(tmp_path / "r.db")
+
+
+def test_the_runtime_passes_the_key_and_never_saves_it(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all", replay_batch=0), store_key=KEY)
+    es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
+    ckpt = es.save(tmp_path / "ckpt")
+    es.store.close()
+    assert KEY not in b"".join(p.read_bytes() for p in ckpt.iterdir())
+    assert KEY.hex().encode() not in b"".join(p.read_bytes() for p in ckpt.iterdir())
+    with pytest.raises(StoreKeyError):
+        EdgeSleep.load(ckpt, small_mlp())
+    again = EdgeSleep.load(ckpt, small_mlp(), store_key=KEY)
+    assert len(again.store) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert again.sleep(steps=5).completed
+    again.store.close()
