@@ -140,6 +140,16 @@ class TraceEvent:
     screen_on: bool | None = None
 
 
+def _lookup_token(token: str, table: dict[str, bool], what: str) -> bool | None:
+    """``table``'s value for the cell (any case, spaces ignored); ``None`` for an empty cell."""
+    key = token.strip().lower()
+    if not key:
+        return None
+    if key not in table:
+        raise ValueError(f"unknown {what} token {token!r}")
+    return table[key]
+
+
 def parse_charging(token: str) -> bool | None:
     """One ``charging`` cell -> on the charger or not; ``None`` for an empty cell.
 
@@ -159,12 +169,7 @@ def parse_charging(token: str) -> bool | None:
         >>> parse_charging("Full"), parse_charging("discharging"), parse_charging(" ")
         (True, False, None)
     """
-    key = token.strip().lower()
-    if not key:
-        return None
-    if key not in _CHARGING_TOKENS:
-        raise ValueError(f"unknown charging token {token!r}")
-    return _CHARGING_TOKENS[key]
+    return _lookup_token(token, _CHARGING_TOKENS, "charging")
 
 
 def parse_screen(token: str) -> bool | None:
@@ -185,12 +190,7 @@ def parse_screen(token: str) -> bool | None:
         >>> parse_screen("ON"), parse_screen("0"), parse_screen("")
         (True, False, None)
     """
-    key = token.strip().lower()
-    if not key:
-        return None
-    if key not in _SCREEN_TOKENS:
-        raise ValueError(f"unknown screen token {token!r}")
-    return _SCREEN_TOKENS[key]
+    return _lookup_token(token, _SCREEN_TOKENS, "screen")
 
 
 def _parse_time(cell: str, path: Path, line: int) -> float:
