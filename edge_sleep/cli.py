@@ -130,21 +130,14 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
 
 
 def _model_factory(spec: str) -> object:
-    """``"package.module:callable"`` -> the callable (which returns a fresh model)."""
-    import importlib
+    """``"package.module:callable"`` -> the callable (which returns a fresh model); exits with the reason."""
+    from edge_sleep.errors import ConfigError
+    from edge_sleep.modelio import import_model_factory
 
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise SystemExit(f"edge-sleep: --model {spec!r}; expected MODULE:CALLABLE, e.g. "
-                         "edge_sleep.bench.pmnist:mlp")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"edge-sleep: cannot import --model {spec!r} ({e}). Fix: name an importable "
-                         "module and a callable in it that returns the model.") from None
-    if not callable(factory):
-        raise SystemExit(f"edge-sleep: --model {spec!r} is not callable.")
-    return factory
+        return import_model_factory(spec)
+    except ConfigError as e:
+        raise SystemExit(f"edge-sleep: --model: {e}") from None
 
 
 def run_profile(path: Path, *, runs: int = 50, batch: int = 1, top: int = 25) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 from edge_sleep.errors import ConfigError
 
 __all__ = [
+    "import_model_factory",
     "logits_of",
     "model_fingerprint",
     "activation_module_names",
@@ -87,3 +90,22 @@ def split_sequential(model: nn.Module, layer: str) -> tuple[nn.Sequential, nn.Se
     k = names.index(layer) + 1
     children = list(model.children())
     return nn.Sequential(*children[:k]), nn.Sequential(*children[k:])
+
+
+def import_model_factory(spec: str) -> Callable[..., nn.Module]:
+    """``"package.module:callable"`` -> that callable, which builds a fresh model.
+
+    Raises:
+        ConfigError: the spec is not ``MODULE:CALLABLE``, does not import, or names no callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError("model factory", [f"{spec!r}; expected MODULE:CALLABLE, e.g. edge_sleep.bench.pmnist:mlp"])
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError("model factory", [f"cannot import {spec!r} ({e}). Fix: name an importable module and a "
+                                            "callable in it that returns the model"]) from None
+    if not callable(factory):
+        raise ConfigError("model factory", [f"{spec!r} is a {type(factory).__name__}, not callable"])
+    return factory  # type: ignore[no-any-return]

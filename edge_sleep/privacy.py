@@ -136,12 +136,17 @@ def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (x.float() * scale).to(x.dtype)
 
 
+def _secure_uniform(*shape: int) -> np.ndarray:
+    """Uniform float64 samples in ``(0, 1)`` (never 0) from ``os.urandom``, 53 random bits each."""
+    raw = np.frombuffer(os.urandom(8 * math.prod(shape)), dtype=np.uint64).reshape(shape)
+    return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
 def secure_normal(shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normal float32 samples from ``os.urandom`` (Box-Muller on 53-bit uniforms)."""
     n = math.prod(shape)
     pairs = (n + 1) // 2
-    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(pairs, 2)
-    u = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)  # in (0, 1), never 0
+    u = _secure_uniform(pairs, 2)
     r = np.sqrt(-2.0 * np.log(u[:, 0]))
     theta = 2.0 * np.pi * u[:, 1]
     z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
@@ -176,9 +181,10 @@ def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
     p_keep = rr_keep_probability(epsilon, num_classes)
     b = labels.shape[0]
     if generator is None:
-        raw = np.frombuffer(os.urandom(16 * b), dtype=np.uint64).reshape(b, 2) if b else np.zeros((0, 2), np.uint64)
-        u = torch.from_numpy((raw[:, 0] >> np.uint64(11)).astype(np.float64) / float(1 << 53))
-        shift = torch.from_numpy((raw[:, 1] % np.uint64(num_classes - 1)).astype(np.int64)) + 1
+        u01 = _secure_uniform(b, 2)
+        u = torch.from_numpy(u01[:, 0])
+        # a uniform choice among the other k - 1 classes
+        shift = torch.from_numpy(np.minimum((u01[:, 1] * (num_classes - 1)).astype(np.int64), num_classes - 2)) + 1
     else:
         warnings.warn("randomized response from a seeded torch.Generator gives no privacy; tests only",
                       DeterministicNoiseWarning, stacklevel=2)

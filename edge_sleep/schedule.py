@@ -53,6 +53,7 @@ __all__ = [
     "SleepPolicy",
     "IdleAndCharging",
     "AdaptivePolicy",
+    "device_conditions",
     "ProbeSet",
 ]
 
@@ -329,7 +330,10 @@ class IdleAndCharging:
     def night_steps(self, pressure: SleepPressure) -> int:
         return max(self.min_steps, round(self.steps_per_wake_step * pressure.wake_steps))
 
-    def decide(self, state: DeviceState, pressure: SleepPressure) -> Decision:
+    def gate(self, state: DeviceState, pressure: SleepPressure) -> Decision | None:
+        """The decision every policy on these conditions shares, or ``None`` when a new night
+        may start and its length is the policy's to choose: no work, the device refuses, or a
+        preempted night to resume."""
         if pressure.wake_steps == 0 and not pressure.pending_night:
             return Decision(False, "nothing to consolidate (no wake steps since the last night)")
         why_not = self.device_allows(state)
@@ -337,6 +341,12 @@ class IdleAndCharging:
             return Decision(False, why_not)
         if pressure.pending_night:
             return Decision(True, "resume the preempted night")
+        return None
+
+    def decide(self, state: DeviceState, pressure: SleepPressure) -> Decision:
+        shared = self.gate(state, pressure)
+        if shared is not None:
+            return shared
         steps = self.night_steps(pressure)
         return Decision(True, f"idle and charging: {steps} steps for {pressure.wake_steps} wake steps", steps)
 
@@ -382,13 +392,9 @@ class AdaptivePolicy:
         return self.min_ratio + t * (self.max_ratio - self.min_ratio)
 
     def decide(self, state: DeviceState, pressure: SleepPressure) -> Decision:
-        if pressure.wake_steps == 0 and not pressure.pending_night:
-            return Decision(False, "nothing to consolidate (no wake steps since the last night)")
-        why_not = self.device.device_allows(state)
-        if why_not is not None:
-            return Decision(False, why_not)
-        if pressure.pending_night:
-            return Decision(True, "resume the preempted night")
+        shared = self.device.gate(state, pressure)
+        if shared is not None:
+            return shared
         drop = pressure.accuracy_drop
         if pressure.wake_steps < self.min_wake_steps and (drop is None or drop <= 0):
             return Decision(False, f"low pressure: {pressure.wake_steps} wake steps < {self.min_wake_steps} "
@@ -398,6 +404,13 @@ class AdaptivePolicy:
         shown = "unknown" if drop is None else f"{drop:+.3f}"
         return Decision(True, f"pressure: {pressure.wake_steps} wake steps, probe drop {shown} -> "
                               f"{ratio:.2f} x = {steps} steps", steps)
+
+
+def device_conditions(policy: SleepPolicy) -> IdleAndCharging | None:
+    """The device conditions a policy applies (the policy itself, or its ``device``), if any:
+    what a running night asks again between chunks to know when to wake up."""
+    device = getattr(policy, "device", policy)
+    return device if isinstance(device, IdleAndCharging) else None
 
 
 class ProbeSet:

@@ -21,9 +21,9 @@ Example:
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
-import heapq
 import sqlite3
 import struct
 import threading
@@ -41,7 +41,6 @@ import torch
 
 from edge_sleep.config import StoreConfig
 from edge_sleep.errors import (
-    CorruptRecordError,
     EdgeSleepError,
     FingerprintMismatchError,
     FormatVersionError,
@@ -76,6 +75,13 @@ def _locked(method: _F) -> _F:
                 raise _storage_error(self.path, e) from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def _path_error(path: Path, e: BaseException) -> StorePathError:
+    """The store's file or folder cannot be created or opened for writing."""
+    return StorePathError(
+        f"cannot open the replay store at {str(path)!r} ({e}); expected a writable file path. Fix: pass a "
+        "path in a folder this process can write, e.g. the app's files directory.")
 
 
 def _storage_error(path: Path, e: BaseException) -> StoreError:
@@ -235,11 +241,7 @@ class ReplayStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorePathError(
-                f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
-                "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
-                "files directory."
-            ) from e
+            raise _path_error(self.path, e) from e
         self._take_over()
         wal = Path(str(self.path) + "-wal")
         if str(path) != ":memory:" and self.path.is_file() and self.path.stat().st_size == 0 \
@@ -265,17 +267,13 @@ class ReplayStore:
         except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
             if hasattr(self, "_db"):
                 self._db.close()
-            if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
-                raise self._cannot_open(e) from e
             self._release()
+            if isinstance(e, sqlite3.OperationalError) and "malformed" not in str(e):
+                raise _path_error(self.path, e) from e
             raise _storage_error(self.path, e) from e
         except OSError as e:
             self._release()
-            raise StorePathError(
-                f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
-                "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
-                "files directory."
-            ) from e
+            raise _path_error(self.path, e) from e
         self._layout_cache: dict[str, Any] | None = None
         self._labels: dict[int, int] = {}  # slot -> label
         self._mirror: dict[str, np.ndarray] = {}
@@ -293,13 +291,6 @@ class ReplayStore:
                 raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
                                  f"{e}); the file is damaged. Fix: move it aside and start a new store.") from e
             raise
-
-    def _cannot_open(self, e: BaseException) -> StorePathError:
-        self._release()
-        return StorePathError(
-            f"cannot open the replay store at {str(self.path)!r} ({e}); expected a writable "
-            "file path. Fix: pass a path in a folder this process can write, e.g. the app's "
-            "files directory.")
 
     def _take_over(self) -> None:
         """Become this file's one writer: close another store of this process that has it open
@@ -429,6 +420,10 @@ class ReplayStore:
             """
         )
 
+    def _write_key_check(self, sealer: Sealer) -> None:
+        """Record that the store is encrypted, with a sealed constant that only its key opens."""
+        self._set_meta("encryption", {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex()})
+
     def _check_key(self) -> None:
         """The key opens the store's key check; an unencrypted store with records refuses a key."""
         enc = self._meta("encryption")
@@ -438,8 +433,7 @@ class ReplayStore:
             if self._db.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
                 raise StoreKeyError(f"replay store {str(self.path)!r} is not encrypted and holds records; a key "
                                     "was given. Fix: open it without a key, or start a new store with the key.")
-            self._set_meta("encryption", {"cipher": "AES-GCM",
-                                          "key_check": self._sealer.seal(KEY_CHECK, b"meta").hex()})
+            self._write_key_check(self._sealer)
             return
         if self._sealer is None:
             raise StoreKeyError(f"replay store {str(self.path)!r} is encrypted ({enc.get('cipher')}); no key was "
@@ -497,8 +491,7 @@ class ReplayStore:
             if fingerprint is not None:
                 self._set_meta("fingerprint", fingerprint)
             if self._sealer is not None:
-                self._set_meta("encryption", {"cipher": "AES-GCM",
-                                              "key_check": self._sealer.seal(KEY_CHECK, b"meta").hex()})
+                self._write_key_check(self._sealer)
             self._db.execute("COMMIT")
             return
         try:
@@ -728,8 +721,6 @@ class ReplayStore:
         m["label"][slots] = [labels_l[i] for i, _ in chosen]
         if logits_np is not None and "logits" in m:
             m["logits"][slots] = logits_np
-        for i, slot in chosen:
-            self._labels[slot] = labels_l[i]
         return len(chosen)
 
     def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
@@ -779,7 +770,6 @@ class ReplayStore:
 
         Raises:
             StoreError: the store is empty.
-            CorruptRecordError: a record's checksum does not match.
         """
         if not self._labels:
             raise StoreError(f"replay store {str(self.path)!r} is empty; call learn() (or append) "

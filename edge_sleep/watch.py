@@ -23,7 +23,14 @@ from typing import Any
 from torch import nn
 
 from edge_sleep.errors import StoreBusyError
-from edge_sleep.schedule import DeviceState, IdleAndCharging, ProbeSet, SleepPolicy, SleepPressure
+from edge_sleep.schedule import (
+    DeviceState,
+    IdleAndCharging,
+    ProbeSet,
+    SleepPolicy,
+    SleepPressure,
+    device_conditions,
+)
 
 __all__ = ["watch"]
 
@@ -70,8 +77,7 @@ def watch(
         raise ConfigError("watch", [f"poll_s={poll_s}; expected > 0 seconds"])
     policy = policy or IdleAndCharging()
     probe = probe or LinuxProbe()
-    device = getattr(policy, "device", policy)
-    allows = getattr(device, "device_allows", None)
+    device = device_conditions(policy)
     probe_set: ProbeSet | None = None
     history: list[dict[str, Any]] = []
     polls = 0
@@ -101,7 +107,7 @@ def watch(
                 f"[{entry['state']}]")
             if decision.sleep:
                 def should_stop() -> bool:
-                    return allows is not None and allows(probe()) is not None
+                    return device is not None and device.device_allows(probe()) is not None
 
                 report = es.sleep(steps=decision.steps, should_stop=should_stop)
                 es.save(checkpoint)

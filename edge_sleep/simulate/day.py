@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from edge_sleep.errors import ConfigError
+from edge_sleep.modelio import import_model_factory
 from edge_sleep.schedule import (
     AdaptivePolicy,
     DeviceState,
@@ -44,6 +45,7 @@ from edge_sleep.schedule import (
     ProbeSet,
     SleepPolicy,
     SleepPressure,
+    device_conditions,
 )
 from edge_sleep.simulate.calibrate import Calibration, calibrate
 from edge_sleep.simulate.night import OVER_BUDGET_EXIT, NightJob
@@ -105,13 +107,6 @@ def make_policy(name: str) -> SleepPolicy:
     if name == "adaptive":
         return AdaptivePolicy()
     raise ConfigError("simulate", [f"policy={name!r}; expected one of {POLICIES}"])
-
-
-def _device_conditions(policy: SleepPolicy) -> IdleAndCharging:
-    device = getattr(policy, "device", policy)
-    if not isinstance(device, IdleAndCharging):
-        raise ConfigError("simulate", [f"policy {type(policy).__name__} has no IdleAndCharging conditions"])
-    return device
 
 
 @dataclass
@@ -182,16 +177,15 @@ def simulate(
     torch.set_num_threads(threads)
     cal = calibration or calibrate(threads=threads)
     policy = make_policy(config.policy)
-    device = _device_conditions(policy)
+    device = device_conditions(policy)
+    if device is None:
+        raise ConfigError("simulate", [f"policy {type(policy).__name__} has no IdleAndCharging conditions"])
     day = profile.day
     battery_j = profile.battery_wh * 3600.0
     first_use_h = day.usage[0][0] if day.usage else 0.0
     end_s = config.days * DAY_S + first_use_h * 3600.0  # through the last night, to the next morning
 
-    module_name, _, attr = config.model.partition(":")
-    import importlib
-
-    factory = getattr(importlib.import_module(module_name), attr)
+    factory = import_model_factory(config.model)
     tasks = permuted_mnist(config.days + 1, config.seed, train_per_task=config.train_per_task,
                            test_per_task=config.test_per_task)
     model = _build(factory, config.seed)

@@ -83,13 +83,11 @@ def run_job(job: NightJob) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job.threads)
-    import importlib
-
     from edge_sleep.memory import peak_resident_bytes, resident_bytes
+    from edge_sleep.modelio import import_model_factory
     from edge_sleep.runtime import EdgeSleep
 
-    module_name, _, attr = job.model.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
+    factory = import_model_factory(job.model)
     baseline = resident_bytes() or 0
     peak = [baseline]
     stop = threading.Event()
