@@ -1,4 +1,4 @@
-"""Command line: ``edge-sleep demo``, ``bench``, ``export`` and ``profile``."""
+"""Command line: ``edge-sleep demo``, ``bench``, ``export``, ``profile``, ``simulate``, ``watch`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["main", "run_demo", "run_export", "run_profile"]
+__all__ = ["main", "run_audit", "run_demo", "run_export", "run_profile"]
 
 
 def _plot_matrices(mats: dict[str, np.ndarray], path: Path) -> None:
@@ -247,6 +247,75 @@ def run_watch(checkpoint: Path, model_spec: str, policy: str, poll_s: float, min
     return 0
 
 
+def _load_examples(path: Path, flag: str) -> tuple[Any, Any]:
+    """``(x, y)`` from a ``torch.save``d ``{"x": ..., "y": ...}`` or ``(x, y)``."""
+    import torch
+
+    from edge_sleep.errors import InputError
+
+    try:
+        obj = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise InputError(f"{flag} {str(path)!r} could not be read ({e}); expected a file written by "
+                         "torch.save({'x': x, 'y': y}, path).") from None
+    pair = (obj.get("x"), obj.get("y")) if isinstance(obj, dict) else tuple(obj) if isinstance(obj, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+        raise InputError(f"{flag} {str(path)!r} holds a {type(obj).__name__}; expected {{'x': tensor, 'y': tensor}} "
+                         "or (x, y). Fix: torch.save({'x': x, 'y': y}, path).")
+    return pair[0], pair[1]
+
+
+def run_audit(checkpoint: Path, model_spec: str, heldout: Path, members: Path | None, reference: Path | None,
+              out: Path | None, store_key_file: Path | None) -> int:
+    """``edge-sleep audit``: membership inference against a saved runtime (:mod:`edge_sleep.audit`)."""
+    import json
+
+    from edge_sleep.audit import audit
+    from edge_sleep.errors import EdgeSleepError, InputError
+    from edge_sleep.runtime import EdgeSleep
+
+    factory = _model_factory(model_spec)
+    opened: list[EdgeSleep] = []
+    try:
+        key = None if store_key_file is None else store_key_file.read_bytes()
+        es = EdgeSleep.load(checkpoint, factory(), store_key=key)  # type: ignore[operator]
+        opened.append(es)
+        nonmember = _load_examples(heldout, "--heldout")
+        if members is not None:
+            member = _load_examples(members, "--members")
+        else:
+            report = es.store.privacy_report()
+            if report.private or report.labels_randomized:
+                raise InputError(f"the store of {str(checkpoint)!r} holds {report.private} noised and "
+                                 f"{report.labels_randomized} label-randomized records; those are not the examples "
+                                 "an attacker would test. Fix: pass --members FILE with the raw examples behind them.")
+            if es.store_config.latent_layer is not None:
+                raise InputError(f"the store keeps hidden states of {es.store_config.latent_layer!r}, not model "
+                                 "inputs. Fix: pass --members FILE with the examples behind them.")
+            slots = es.store.slots()
+            if len(slots) < 2:
+                raise InputError(f"the store of {str(checkpoint)!r} holds {len(slots)} records; expected at least 2 "
+                                 "members. Fix: audit after learning, or pass --members FILE.")
+            batch = es.store.read(slots)
+            member = (batch.x, batch.y)
+        ref = None
+        if reference is not None:
+            ref = EdgeSleep.load(reference, factory(), store=":memory:")  # type: ignore[operator]
+            opened.append(ref)
+        result = audit(es, member, nonmember, reference=ref)
+    except (EdgeSleepError, OSError) as e:
+        print(f"edge-sleep audit: {e}", file=sys.stderr)
+        return 2
+    finally:
+        for runtime in opened:
+            runtime.store.close()
+    print(result.text())
+    if out is not None:
+        out.write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sleep", description="On-device continual learning with sleep.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -298,7 +367,27 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--poll-s", type=float, default=60.0)
     watch.add_argument("--min-idle-s", type=float, default=900.0)
     watch.add_argument("--polls", type=int, default=None, help="stop after this many polls (default: never)")
+    aud = sub.add_parser("audit", help="membership inference against a saved runtime: can the model tell the "
+                                       "store's examples from held-out ones? (ROC AUC, TPR at 1%% FPR)")
+    aud.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
+    aud.add_argument("--heldout", type=Path, required=True,
+                     help="non-members: torch.save({'x': x, 'y': y}) of held-out examples of the same distribution")
+    aud.add_argument("--members", type=Path, default=None,
+                     help="the examples behind the store's records, saved alike (default: the records themselves, "
+                          "for a store without privacy that keeps model inputs)")
+    aud.add_argument("--reference", type=Path, default=None,
+                     help="a checkpoint trained the same way without these members: calibrates the second attack "
+                          "(default: per-class calibration on half of --heldout)")
+    aud.add_argument("--model", default="edge_sleep.bench.pmnist:mlp",
+                     help="MODULE:CALLABLE returning a fresh model of the checkpoint's architecture")
+    aud.add_argument("--store-key-file", type=Path, default=None, help="the key of an encrypted store, raw bytes")
+    aud.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "audit":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_audit(args.checkpoint, args.model, args.heldout, args.members, args.reference, args.json,
+                         args.store_key_file)
     if args.command in ("simulate", "watch") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":

@@ -210,8 +210,9 @@ class PrivacyConfig:
 
     Each stored latent is clipped to L2 norm ``max_norm`` and gets Gaussian noise calibrated by
     the analytic Gaussian mechanism to ``(epsilon, delta)`` for that record (sensitivity
-    ``2 * max_norm``: one example replaced by any other); the stored logits are the model's
-    output on the noised latent (post-processing). Labels optionally go through k-ary randomized
+    ``2 * max_norm``: one example replaced by any other), then is projected back onto the ball of
+    radius ``max_norm``; the stored logits are the model's output on the noised latent (both
+    post-processing). Labels optionally go through k-ary randomized
     response (``label_epsilon``-DP). See :mod:`edge_sleep.privacy`.
 
     Args:

@@ -228,6 +228,10 @@ def privatize(
 ) -> tuple[torch.Tensor, torch.Tensor, RecordPrivacy]:
     """Clip and noise each latent row, randomize each label, as ``config`` asks.
 
+    Each row is clipped to L2 norm ``C = max_norm``, gets Gaussian noise of ``sigma`` per
+    coordinate, and is projected back onto the ball of radius ``C`` (post-processing: it changes
+    nothing in the guarantee, and keeps a stored record the size of a real one).
+
     Args:
         latents: ``(N, ...)`` float; each record flattened is one row.
         labels: ``(N,)`` int64.
@@ -251,7 +255,10 @@ def privatize(
                 "noise. Fix: store a float hidden state with StoreConfig(latent_layer=...), or set epsilon=None"])
         n = latents.shape[0]
         flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), params.max_norm or 1.0)
-        flat = flat + gaussian_noise(tuple(flat.shape), params.sigma, generator)
+        # projected back onto the ball of radius C: post-processing, so the guarantee is unchanged,
+        # and a stored record is never larger than a real one (noise of norm ~ sigma * sqrt(d)
+        # would otherwise make replay's gradients explode)
+        flat = clip_rows(flat + gaussian_noise(tuple(flat.shape), params.sigma, generator), params.max_norm or 1.0)
         out_x = flat.reshape(latents.shape).to(device=latents.device, dtype=latents.dtype)
     if params.label_epsilon is not None:
         out_y = randomized_response(labels.cpu(), num_classes, params.label_epsilon, generator).to(labels.device)

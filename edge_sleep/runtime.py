@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -304,7 +305,7 @@ class EdgeSleep:
             return stats
         if self.masks and cfg.train == "all":
             apply_masks_(dict(self.model.named_parameters()), self.masks)
-        stored = 0
+        where = None
         if self.wake_steps_since_sleep % cfg.store_every == 0:
             try:
                 record = None
@@ -314,7 +315,7 @@ class EdgeSleep:
                     if logits is not None and noised is not latent:
                         logits = self.record_logits(noised)
                     latent = noised
-                stored = self.store.append(latent, y, logits, stream=stream, privacy=record)
+                where = self.store.offer(latent, y, logits, stream=stream, privacy=record)
             except BaseException:
                 with torch.no_grad():
                     for p, b in zip(trainable, before):
@@ -325,7 +326,9 @@ class EdgeSleep:
                     self._executorch().undo_step(self.model)
                 raise
         self.wake_steps_since_sleep += 1
-        return dataclasses.replace(stats, stored=stored)
+        if where is None:
+            return stats
+        return dataclasses.replace(stats, stored=int(np.count_nonzero(where >= 0)), slots=tuple(where.tolist()))
 
     @_serialized
     @torch.no_grad()

@@ -113,6 +113,8 @@ class WakeStats:
         skipped: ``None`` when the step was taken; otherwise why it was undone (``"non-finite
             loss"``, ``"non-finite gradient"`` or ``"non-finite weights"``). A skipped step
             changes no weight and stores nothing.
+        slots: per example of the batch, the store slot it now occupies, or -1 where it was
+            not kept (:meth:`edge_sleep.store.ReplayStore.offer`); empty when nothing was offered.
     """
 
     loss: float
@@ -124,6 +126,7 @@ class WakeStats:
     grad_norm: float = 0.0
     replayed: int = 0
     skipped: str | None = None
+    slots: tuple[int, ...] = ()
 
 
 def wake_step(

@@ -123,7 +123,7 @@ def test_a_failed_write_undoes_the_step(tmp_path: Path, monkeypatch: pytest.Monk
     def locked(*args: object, **kwargs: object) -> int:
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(es.store, "append", locked)
+    monkeypatch.setattr(es.store, "offer", locked)
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
     for n, p in es.model.named_parameters():

@@ -15,7 +15,8 @@ import torch
 
 from edge_sleep import EdgeSleep, StoreConfig, WakeConfig
 from edge_sleep.errors import ConfigError, StoreKeyError
-from edge_sleep.store import ReplayStore, _checksum
+from edge_sleep.store import ReplayStore
+from edge_sleep.store.codec import checksum
 from tests.conftest import small_mlp
 
 KEY = bytes(range(32))
@@ -74,7 +75,7 @@ def test_a_ciphertext_moved_to_another_record_does_not_open(tmp_path: Path) -> N
         _, stream, label, _, scale, zp, logits = rows[slot]
         codes = rows[other][3]
         db.execute("UPDATE records SET codes=?, checksum=? WHERE slot=?",
-                   (codes, _checksum(slot, stream, label, codes, scale, zp, logits, (None,) * 5), slot))
+                   (codes, checksum(slot, stream, label, codes, scale, zp, logits, (None,) * 5), slot))
     db.commit()
     db.close()
     with pytest.warns(RuntimeWarning, match="2 damaged record"):

@@ -208,13 +208,13 @@ def test_state_dict_round_trip(tmp_path: Path) -> None:
 
 
 def test_a_failure_mid_append_rolls_the_whole_batch_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge_sleep.store as store_mod
+    import edge_sleep.store.replay as store_mod
 
     store = make(tmp_path, capacity_records=10)
     store.append(torch.rand(4, 3), torch.zeros(4, dtype=torch.long))
     before = store.read(np.arange(4))
     calls = {"n": 0}
-    real = store_mod._checksum
+    real = store_mod.checksum
 
     def failing(*args: object) -> int:
         calls["n"] += 1
@@ -222,7 +222,7 @@ def test_a_failure_mid_append_rolls_the_whole_batch_back(tmp_path: Path, monkeyp
             raise OSError("disk full")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_mod, "_checksum", failing)
+    monkeypatch.setattr(store_mod, "checksum", failing)
     with pytest.raises(OSError, match="disk full"):
         store.append(torch.rand(5, 3), torch.ones(5, dtype=torch.long))
     monkeypatch.undo()

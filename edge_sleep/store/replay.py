@@ -1,0 +1,569 @@
+"""``ReplayStore``: the records in SQLite, one writer, and an in-memory mirror for sampling.
+
+It ties the package's parts together: :mod:`~edge_sleep.store.codec` (a record's bytes),
+:mod:`~edge_sleep.store.database` (the file) and :mod:`~edge_sleep.store.policy` (eviction and
+sampling). Every public method holds the store's lock, so any thread may call it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from edge_sleep.config import StoreConfig
+from edge_sleep.errors import (
+    EdgeSleepError,
+    FingerprintMismatchError,
+    FormatVersionError,
+    InputError,
+    StoreError,
+    StoreKeyError,
+    check_format_version,
+)
+from edge_sleep.locking import WriterLock
+from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
+from edge_sleep.seal import Sealer
+from edge_sleep.store import database as sql
+from edge_sleep.store.codec import (
+    RECORD_OVERHEAD_BYTES,
+    ReplayBatch,
+    aad,
+    checksum,
+    decode_row,
+    decode_rows,
+    encode_rows,
+    privacy_bytes,
+    seal_rows,
+)
+from edge_sleep.store.policy import Slots
+
+__all__ = ["ReplayStore"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_STATE_FORMAT_VERSION = 1
+# the store each database file has open in this process (a second one takes over from the first)
+_OPEN: dict[str, weakref.ref[ReplayStore]] = {}
+_OPEN_LOCK = threading.RLock()
+
+
+def _locked(method: _F) -> _F:
+    """Run a method under the store's lock, refusing a closed store with a clear error."""
+    @functools.wraps(method)
+    def wrapper(self: ReplayStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._closed is not None:
+                raise StoreError(f"the replay store {str(self.path)!r} is closed ({self._closed}). Fix: "
+                                 "use the store (or EdgeSleep) that has it open now, or open it again.")
+            try:
+                return method(self, *args, **kwargs)
+            except sql.STORAGE_ERRORS as e:
+                raise sql.storage_error(self.path, e) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ReplayStore:
+    """Replay records in SQLite, with a byte capacity and reservoir/class-balanced eviction.
+
+    Args:
+        path: the database file; its folder is created if missing.
+        config: capacity, eviction, logits and latent layer.
+        fingerprint: the model's fingerprint (:func:`edge_sleep.modelio.model_fingerprint`);
+            a store written by another architecture is refused.
+        seed: seed of the store's random generator (eviction and sampling).
+        key: encrypt the records at rest (AES-GCM, :mod:`edge_sleep.seal`): 16, 24 or 32 bytes
+            from the platform keystore. A store created with a key needs it every time.
+
+    Raises:
+        StorePathError: the path cannot be created or opened for writing.
+        FormatVersionError: the file was written by a newer format version.
+        FingerprintMismatchError: the file belongs to another model.
+        StoreKeyError: an encrypted store opened without its key, or with another key.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        config: StoreConfig | None = None,
+        *,
+        fingerprint: str | None = None,
+        seed: int | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        self._sealer = None if key is None else Sealer(key)  # a bad key is refused before the file is touched
+        self.path = Path(path)
+        self.config = config or StoreConfig()
+        self.rng = np.random.default_rng(seed)
+        self._lock = threading.RLock()
+        self._closed: str | None = None
+        in_memory = str(path) == ":memory:"
+        self._writer = WriterLock(self.path) if not in_memory else None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise sql.path_error(self.path, e) from e
+        self._take_over()
+        try:
+            if not in_memory:
+                sql.check_not_empty(self.path)
+            self._db = sql.connect(self.path)
+        except BaseException:
+            self._release()
+            raise
+        self._layout_cache: dict[str, Any] | None = None
+        self._slots = Slots()
+        self._mirror: dict[str, np.ndarray] = {}
+        try:
+            self._check_meta(fingerprint)
+            self._seen = int(sql.get_meta(self._db, "seen") or 0)
+            self._load_mirror()
+        except BaseException as e:
+            self._db.close()
+            self._release()
+            if isinstance(e, sql.STORAGE_ERRORS):
+                raise sql.storage_error(self.path, e) from e
+            if isinstance(e, (TypeError, ValueError, KeyError)) and not isinstance(e, EdgeSleepError):
+                raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
+                                 f"{e}); the file is damaged. Fix: move it aside and start a new store.") from e
+            raise
+
+    # ------------------------------------------------------------- ownership
+    def _take_over(self) -> None:
+        """Become this file's one writer: close another store of this process that has it open
+        (it then refuses use, saying why), then take the file lock, which another process holds
+        only while it has the store open (:class:`StoreBusyError` otherwise)."""
+        if self._writer is None:
+            return
+        key = str(self.path.resolve())
+        with _OPEN_LOCK:
+            ref = _OPEN.get(key)
+            other = ref() if ref is not None else None
+            if other is not None and other is not self:
+                other._close(f"another ReplayStore in this process opened {str(self.path)!r}")
+            self._writer.acquire()
+            _OPEN[key] = weakref.ref(self)
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+        with _OPEN_LOCK:
+            key = str(self.path.resolve()) if self._writer is not None else None
+            if key is not None and (ref := _OPEN.get(key)) is not None and ref() is self:
+                del _OPEN[key]
+
+    # ----------------------------------------------------------------- setup
+    def _load_mirror(self) -> None:
+        """Read every record into memory once, verifying it; quarantine the ones that fail.
+
+        The database is the durable truth; the in-memory mirror (int8 codes, not floats) makes
+        sampling a replay batch an array lookup instead of a query. One process owns a store.
+        A record whose checksum, slot, blob lengths or values do not hold is moved to the
+        ``quarantine`` table (kept for inspection, never replayed) with a ``RuntimeWarning``;
+        the others stay usable.
+
+        Raises:
+            StoreError: the store's own metadata (layout, capacity) cannot be read.
+        """
+        layout, cap = sql.get_meta(self._db, "layout"), sql.get_meta(self._db, "capacity_records")
+        self._slots, self._mirror = Slots(), {}
+        if layout is None or cap is None:
+            return
+        try:
+            width = int(np.prod(layout["latent_shape"]))
+            kind = layout["latent_kind"]
+            num_logits = layout["num_logits"]
+            cap = int(cap)
+            if kind not in ("int8q", "int64") or cap < 1 or width < 1:
+                raise ValueError(f"latent_kind={kind!r}, capacity_records={cap}, width={width}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({e}); its records "
+                             "cannot be decoded. Fix: move the file aside and start a new store.") from None
+        self._alloc_mirror(layout, cap)
+        code_bytes = width * (1 if kind == "int8q" else 8)
+        bad: list[tuple[Any, str]] = []
+        for row in self._db.execute(sql.SELECT_RECORDS).fetchall():
+            why, codes, logits = decode_row(row, cap, code_bytes, num_logits, self._sealer)
+            if why is not None:
+                bad.append((row[0], why))
+                continue
+            self._put(row[0], row[2], codes, row[4], row[5], logits)
+        if bad:
+            sql.quarantine(self._db, bad)
+            shown = ", ".join(f"slot {slot!r}: {why}" for slot, why in bad[:5])
+            warnings.warn(
+                f"replay store {str(self.path)!r}: {len(bad)} damaged record(s) moved to its quarantine table "
+                f"({shown}{', ...' if len(bad) > 5 else ''}); the other {len(self._slots)} records are usable. "
+                "The file was changed outside edge-sleep or damaged on disk.", RuntimeWarning, stacklevel=3)
+
+    def _alloc_mirror(self, layout: dict[str, Any], cap: int) -> None:
+        width = int(np.prod(layout["latent_shape"]))
+        kind = np.int8 if layout["latent_kind"] == "int8q" else np.int64
+        self._mirror = {"codes": np.zeros((cap, width), dtype=kind), "scale": np.ones(cap, np.float32),
+                        "zero_point": np.zeros(cap, np.int32), "label": np.zeros(cap, np.int64)}
+        if layout["num_logits"] is not None:
+            self._mirror["logits"] = np.zeros((cap, layout["num_logits"]), np.float16)
+
+    def _put(self, slot: int, label: int, codes: bytes, scale: float, zp: int, logits: bytes | None) -> None:
+        m = self._mirror
+        m["codes"][slot] = np.frombuffer(codes, dtype=m["codes"].dtype)
+        m["scale"][slot], m["zero_point"][slot], m["label"][slot] = scale, zp, label
+        if logits is not None and "logits" in m:
+            m["logits"][slot] = np.frombuffer(logits, dtype=np.float16)
+        self._slots.put(slot, label)
+
+    def _check_meta(self, fingerprint: str | None) -> None:
+        db = self._db
+        version = sql.get_meta(db, "format_version")
+        if version is None:
+            with sql.transaction(db):
+                sql.set_meta(db, "format_version", sql.STORE_FORMAT_VERSION)
+                sql.set_meta(db, "config", asdict(self.config))
+                sql.set_meta(db, "seen", 0)
+                if fingerprint is not None:
+                    sql.set_meta(db, "fingerprint", fingerprint)
+                if self._sealer is not None:
+                    sql.write_key_check(db, self._sealer)
+            return
+        try:
+            check_format_version(f"replay store {str(self.path)!r}", version, sql.STORE_FORMAT_VERSION)
+            sql.migrate(db, int(version))
+            sql.check_key(db, self._sealer, self.path)
+            self.bind(fingerprint)
+        except (FormatVersionError, FingerprintMismatchError, StoreKeyError):
+            db.close()
+            raise
+
+    @_locked
+    def bind(self, fingerprint: str | None) -> None:
+        """Tie the store to a model fingerprint; refuse one written by another model.
+
+        Raises:
+            FingerprintMismatchError: the store already belongs to another fingerprint.
+        """
+        if fingerprint is None:
+            return
+        stored = sql.get_meta(self._db, "fingerprint")
+        if stored is not None and stored != fingerprint:
+            raise FingerprintMismatchError(
+                f"replay store {str(self.path)!r} was written by a model with fingerprint "
+                f"{stored!r}; this model's is {fingerprint!r}. Fix: use a new store path for this "
+                "model, or load the model the store belongs to."
+            )
+        if stored is None:
+            sql.set_meta(self._db, "fingerprint", fingerprint)
+
+    # ------------------------------------------------------------ properties
+    @_locked
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @property
+    def seen(self) -> int:
+        """How many records were ever offered to the store (the reservoir's stream length)."""
+        return self._seen
+
+    @property
+    def capacity_records(self) -> int | None:
+        """Records that fit the byte budget (known after the first append)."""
+        if self._mirror:
+            return int(self._mirror["label"].shape[0])
+        return sql.get_meta(self._db, "capacity_records")
+
+    @_locked
+    def privacy_report(self) -> PrivacyReport:
+        """What protects the records held now, in numbers and words (``str(report)``).
+
+        Groups the records by the parameters each was written with and by stream; a stream's
+        records together are accounted with Opacus' RDP accountant.
+        """
+        groups: dict[tuple[RecordPrivacy, str], int] = {}
+        columns = ", ".join(sql.PRIVACY_COLUMNS)
+        for row in self._db.execute(f"SELECT {columns}, stream, slot, label FROM records"):
+            stream = row[5]
+            if self._sealer is not None and isinstance(stream, bytes):
+                stream = self._sealer.open(stream, aad(row[6], row[7], b"stream")).decode()
+            key = (RecordPrivacy(*row[:5]), str(stream))
+            groups[key] = groups.get(key, 0) + 1
+        return summarize_privacy((p, stream, n) for (p, stream), n in groups.items())
+
+    @_locked
+    def slots(self) -> np.ndarray:
+        """The slots that hold a record now, sorted ``(len(self),)`` int64 (for :meth:`read`)."""
+        return self._slots.occupied()
+
+    @_locked
+    def bytes_used(self) -> int:
+        """Bytes of record payload held (codes, logits and fixed overhead per record)."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(LENGTH(codes) + COALESCE(LENGTH(logits), 0)), 0), COUNT(*) FROM records"
+        ).fetchone()
+        return int(row[0]) + RECORD_OVERHEAD_BYTES * int(row[1])
+
+    @_locked
+    def class_counts(self) -> dict[int, int]:
+        """``{label: records}`` currently held."""
+        return self._slots.class_counts()
+
+    # ---------------------------------------------------------------- writes
+    def _layout(self, latents: torch.Tensor, logits: torch.Tensor | None) -> dict[str, Any]:
+        layout = {
+            "latent_shape": list(latents.shape[1:]),
+            "latent_kind": "int64" if not latents.is_floating_point() else "int8q",
+            "num_logits": None if logits is None else int(logits.shape[1]),
+        }
+        known = self._meta_layout()
+        if known is None:
+            return layout
+        if known != layout:
+            raise InputError(
+                f"records of layout {layout} do not match the store's layout {known} "
+                f"({str(self.path)!r}). Fix: pass latents of shape {tuple(known['latent_shape'])} "
+                "or use a new store path."
+            )
+        return known
+
+    def append(
+        self,
+        latents: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        *,
+        stream: str = "",
+        privacy: RecordPrivacy | None = None,
+    ) -> int:
+        """Offer a batch to the store; each record is kept or dropped by the eviction policy.
+
+        The same as :meth:`offer`, returning how many of the ``N`` records were written (a
+        record may be written and then replaced by a later one of the same batch).
+        """
+        return self._write(latents, labels, logits, stream=stream, privacy=privacy)[0]
+
+    def offer(
+        self,
+        latents: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        *,
+        stream: str = "",
+        privacy: RecordPrivacy | None = None,
+    ) -> np.ndarray:
+        """Offer a batch to the store, as :meth:`append`, and say where each record went.
+
+        Returns:
+            ``(N,)`` int64: the slot that row ``i`` now occupies, or ``-1`` where it was dropped
+            (or replaced by a later row of the same batch). A slot is reused when its record is
+            evicted, so an app that keeps its own index of stored examples (an audit, a deletion
+            request) overwrites an entry when its slot comes back.
+        """
+        return self._write(latents, labels, logits, stream=stream, privacy=privacy)[1]
+
+    @_locked
+    def _write(
+        self,
+        latents: torch.Tensor,
+        labels: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        *,
+        stream: str = "",
+        privacy: RecordPrivacy | None = None,
+    ) -> tuple[int, np.ndarray]:
+        """Write the kept records of a batch in one transaction: ``(written, slot per row)``.
+
+        Args:
+            latents: ``(N, ...)`` float (quantized to int8) or integer (kept exactly).
+            labels: ``(N,)`` integer labels.
+            logits: ``(N, C)`` logits to keep (fp16, saturated at +-65504), or ``None``.
+            stream: a tag (task or stream name) kept with each record.
+            privacy: the mechanism already applied to this batch
+                (:func:`edge_sleep.privacy.privatize`), kept with each record for
+                :meth:`privacy_report`; ``None``: none.
+
+        Raises:
+            InputError: shapes disagree, values are not finite, or the layout differs from the
+                store's. Nothing is written then.
+        """
+        n = latents.shape[0]
+        if labels.shape != (n,) or (logits is not None and (logits.ndim != 2 or logits.shape[0] != n)):
+            raise InputError(
+                f"append got latents {tuple(latents.shape)}, labels {tuple(labels.shape)}, logits "
+                f"{None if logits is None else tuple(logits.shape)}; expected (N, ...), (N,), (N, C). "
+                "Fix: pass one label (and one logits row) per latent."
+            )
+        if latents.is_floating_point() and not torch.isfinite(latents).all():
+            raise InputError("append got non-finite latents (NaN or inf); expected finite values. "
+                             "Fix: drop or clean those rows before storing them.")
+        if logits is not None and not torch.isfinite(logits).all():
+            raise InputError("append got non-finite logits (NaN or inf); expected finite values. "
+                             "Fix: drop those rows, or pass logits=None.")
+        if self.config.store_logits is False:
+            logits = None
+        layout = self._layout(latents, logits)
+        if n == 0:
+            return 0, np.zeros(0, dtype=np.int64)
+        labels_l = [int(v) for v in labels.tolist()]
+        flat = latents.detach().reshape(n, -1).cpu()
+        cap = self.capacity_records or self._capacity_for(flat, logits)
+        seen = self._seen
+        before = self._slots.snapshot()
+        chosen: list[tuple[int, int]] = []  # (row, slot)
+        for i in range(n):
+            seen += 1
+            slot = self._slots.choose(labels_l[i], seen, cap, self.config.eviction, self.rng)
+            if slot is not None:
+                chosen.append((i, slot))
+        if not chosen:  # nothing kept: no encoding, but the count of offered records is durable
+            try:
+                sql.set_meta(self._db, "seen", seen)  # one autocommitted statement
+            except BaseException:
+                self._slots.restore(before)
+                raise
+            self._seen = seen
+            return 0, np.full(n, -1, dtype=np.int64)
+        rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
+        enc = encode_rows(flat[rows], layout["latent_kind"], None if logits is None else logits.detach()[rows])
+        slot_l, label_l = [s for _, s in chosen], [labels_l[i] for i, _ in chosen]
+        stored_codes, stored_logits = enc.code_bytes, enc.logit_bytes
+        streams: list[str | bytes] = [stream] * len(chosen)
+        if self._sealer is not None:
+            stored_codes, stored_logits, sealed = seal_rows(self._sealer, enc, slot_l, label_l, stream)
+            streams = list(sealed)
+        dp = privacy or RecordPrivacy()
+        dp_row = (dp.epsilon, dp.delta, dp.max_norm, dp.sigma, dp.label_epsilon)
+        dp_bytes = privacy_bytes(dp_row)
+        now = time.time()
+        try:
+            with sql.transaction(self._db):
+                if not self._mirror:  # the first records fix the layout and the capacity
+                    sql.set_meta(self._db, "layout", layout)
+                    sql.set_meta(self._db, "capacity_records", cap)
+                self._db.executemany(sql.UPSERT, [
+                    (s, now, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j], stored_logits[j],
+                     checksum(s, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j],
+                              stored_logits[j], dp_bytes),
+                     *dp_row)
+                    for j, (s, y) in enumerate(zip(slot_l, label_l))
+                ])
+                sql.set_meta(self._db, "seen", seen)
+        except BaseException:
+            self._slots.restore(before)
+            raise
+        self._seen = seen
+        self._layout_cache = layout
+        if not self._mirror:
+            self._alloc_mirror(layout, cap)
+        # the mirror in one go per array (a slot written twice in this batch keeps its last record)
+        slots = np.array(slot_l, dtype=np.int64)
+        m = self._mirror
+        m["codes"][slots] = enc.codes
+        m["scale"][slots], m["zero_point"][slots] = enc.scales, enc.zero_points
+        m["label"][slots] = label_l
+        if enc.logits is not None and "logits" in m:
+            m["logits"][slots] = enc.logits
+        where = np.full(n, -1, dtype=np.int64)
+        for slot, i in {slot: i for i, slot in chosen}.items():  # a slot written twice keeps its last row
+            where[i] = slot
+        return len(chosen), where
+
+    def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
+        """Records that fit the byte budget, from the size of one record of this layout."""
+        code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
+        per_record = code_bytes + (0 if logits is None else 2 * logits.shape[1]) + RECORD_OVERHEAD_BYTES
+        cap = int(self.config.capacity_mb * 1e6) // per_record
+        if self.config.capacity_records is not None:
+            cap = min(cap, self.config.capacity_records)
+        if cap < 1:
+            raise InputError(
+                f"one record takes {per_record} bytes but capacity_mb={self.config.capacity_mb}; "
+                "expected room for at least one record. Fix: raise capacity_mb."
+            )
+        return cap
+
+    # ----------------------------------------------------------------- reads
+    @_locked
+    def sample(self, n: int, *, balanced: bool = False) -> ReplayBatch:
+        """Draw ``min(n, len(self))`` records without replacement.
+
+        Args:
+            n: records wanted.
+            balanced: draw classes uniformly first, then records within each class.
+
+        Raises:
+            StoreError: the store is empty.
+        """
+        if not len(self._slots):
+            raise StoreError(f"replay store {str(self.path)!r} is empty; call learn() (or append) "
+                             "before sampling from it.")
+        return self.read(self._slots.sample(n, self.rng, balanced=balanced))
+
+    @_locked
+    def read(self, slots: np.ndarray) -> ReplayBatch:
+        """Decode the records at ``slots``, in that order."""
+        return decode_rows(self._meta_layout(), self._mirror, np.asarray(slots, dtype=np.int64))
+
+    def _meta_layout(self) -> Any:
+        if self._layout_cache is None:
+            self._layout_cache = sql.get_meta(self._db, "layout")
+        return self._layout_cache
+
+    # ----------------------------------------------------------------- state
+    @_locked
+    def state_dict(self) -> dict[str, Any]:
+        """The store's in-process state (its generator); the records live in the file."""
+        return {"format_version": _STATE_FORMAT_VERSION, "rng": self.rng.bit_generator.state}
+
+    @_locked
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            FormatVersionError: the state was written by a newer format version.
+        """
+        check_format_version("ReplayStore state", state.get("format_version"), _STATE_FORMAT_VERSION)
+        self.rng.bit_generator.state = state["rng"]
+
+    @_locked
+    def checkpoint(self) -> None:
+        """Move the write-ahead log into the database and truncate it to zero bytes.
+
+        With ``secure_delete`` on, a replaced or evicted record is then gone from both files.
+        :meth:`close` does this too.
+        """
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def close(self) -> None:
+        """Save the stream length, close the database and free the file for another writer.
+
+        Records are already committed. Safe from any thread, and more than once.
+        """
+        self._close("closed by close()")
+
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            if self._closed is not None:
+                return
+            try:
+                with sql.transaction(self._db):
+                    sql.set_meta(self._db, "seen", self._seen)
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sql.STORAGE_ERRORS:
+                pass  # the records are committed; only the stream length may be older
+            finally:
+                self._db.close()
+                self._closed = reason
+                self._release()
+
+    def __enter__(self) -> ReplayStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
