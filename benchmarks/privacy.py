@@ -56,6 +56,7 @@ from edge_sleep.bench.metrics import average_accuracy
 from edge_sleep.bench.pmnist import TUNED, evaluate, mlp
 from edge_sleep.bench.strategies import Method, default_methods
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig
+from edge_sleep.privacy import analytic_gaussian_sigma
 from edge_sleep.runtime import EdgeSleep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -201,6 +202,25 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
     }
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The README's table of ``result`` (means over runs, ± the standard deviation)."""
+    lines = ["| per-record epsilon | noise norm / clip norm | average accuracy | points lost | "
+             "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored |",
+             "|---|---|---|---|---|---|---|"]
+    delta = result["protocol"]["delta"]
+    for r in result["rows"]:
+        eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
+        lost = "-" if r["acc_loss_points"] is None or r["epsilon"] is None else f"{r['acc_loss_points']:.1f}"
+        # sigma per pixel in units of C (sensitivity 2C), times sqrt(784 pixels)
+        ratio = "-" if r["epsilon"] is None else f"{analytic_gaussian_sigma(r['epsilon'], delta, 2.0) * 28:.0f}"
+        lines.append(f"| {eps} | {ratio} | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {lost} | "
+                     f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f} ({r['mia_attack']}) | "
+                     f"{r['tpr_at_1pct_fpr']:.3f} | {r['seen_not_stored_auc']:.3f} |")
+    c = result["controls"]["no_replay"]
+    lines.append(f"| no store at all (naive) | | {c['avg_acc']:.3f} ± {c['avg_acc_std']:.3f} | | | | |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict[str, Any]], no_replay: float, path: Path) -> None:
     import matplotlib
 
@@ -288,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(rows, no_replay, args.out.with_suffix(".png"))
+    print(markdown_table(result))
     print(f"{'epsilon':>8s} {'avg_acc':>14s} {'loss pts':>9s} {'MIA AUC':>14s} {'TPR@1%':>7s} {'seen-not-stored':>16s}")
     for r in rows:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"

@@ -87,3 +87,20 @@ def test_readme_store_figures_are_what_the_benchmark_wrote() -> None:
     assert f"{r['appends_per_s_batched']:,.0f} appends/s in batches of 128" in text
     assert f"{r['appends_per_s_encrypted']:,.0f} appends/s ({r['encryption_cost_x']:.2f}x the plain time" in text
     assert f"({r['size_ratio_vs_fp32']:.2f}x smaller" in text
+
+
+def test_readme_privacy_table_is_what_the_benchmark_wrote() -> None:
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("privacy_bench", README.parent / "benchmarks" / "privacy.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((README.parent / "benchmarks" / "results" / "privacy.json").read_text())
+    assert bench.markdown_table(result) in README.read_text()
+    text = " ".join(README.read_text().split())
+    none, at8 = result["rows"][0], next(r for r in result["rows"] if r["epsilon"] == 8)
+    assert f"calibrated attack finds the store's examples (AUC {none['mia_auc']:.3f}, TPR {none['tpr_at_1pct_fpr']:.3f}" in text
+    assert f"the attack is at chance (AUC {at8['mia_auc']:.3f}; target at most 0.55: met)" in text
+    assert f"accuracy falls by {at8['acc_loss_points']:.1f} points (target at most 3: **missed**)" in text

@@ -94,11 +94,13 @@ class EncodedRows:
     logit_bytes: list[bytes | None]
 
 
-def encode_rows(flat: torch.Tensor, kind: str, logits: torch.Tensor | None) -> EncodedRows:
-    """Encode ``flat (n, width)``: int8 per-row quantization (``kind="int8q"``) or int64 kept
-    exactly; logits as fp16 saturated to its range (a stored logit is never inf)."""
+def encode_rows(flat: torch.Tensor, kind: str, logits: torch.Tensor | None,
+                bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> EncodedRows:
+    """Encode ``flat (n, width)``: int8 per-row quantization (``kind="int8q"``; ``bounds``: the
+    rows' min and max if known) or int64 kept exactly; logits as fp16 saturated to its range (a
+    stored logit is never inf)."""
     if kind == "int8q":
-        codes_t, scale_t, zp_t = quantize_rows(flat)
+        codes_t, scale_t, zp_t = quantize_rows(flat, bounds)
         codes = np.ascontiguousarray(codes_t.numpy())
         scales, zps = scale_t.tolist(), zp_t.tolist()
     else:

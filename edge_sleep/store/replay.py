@@ -32,6 +32,7 @@ from edge_sleep.errors import (
 )
 from edge_sleep.locking import WriterLock
 from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
+from edge_sleep.quant import row_bounds
 from edge_sleep.seal import Sealer
 from edge_sleep.store import database as sql
 from edge_sleep.store.codec import (
@@ -399,7 +400,9 @@ class ReplayStore:
                 f"{None if logits is None else tuple(logits.shape)}; expected (N, ...), (N,), (N, C). "
                 "Fix: pass one label (and one logits row) per latent."
             )
-        if latents.is_floating_point() and not torch.isfinite(latents).all():
+        flat = latents.detach().reshape(n, -1).cpu()
+        bounds = row_bounds(flat) if flat.is_floating_point() and n > 0 else None
+        if bounds is not None and not (torch.isfinite(bounds[0]).all() and torch.isfinite(bounds[1]).all()):
             raise InputError("append got non-finite latents (NaN or inf); expected finite values. "
                              "Fix: drop or clean those rows before storing them.")
         if logits is not None and not torch.isfinite(logits).all():
@@ -411,7 +414,6 @@ class ReplayStore:
         if n == 0:
             return 0, np.zeros(0, dtype=np.int64)
         labels_l = [int(v) for v in labels.tolist()]
-        flat = latents.detach().reshape(n, -1).cpu()
         cap = self.capacity_records or self._capacity_for(flat, logits)
         seen = self._seen
         before = self._slots.snapshot()
@@ -430,7 +432,8 @@ class ReplayStore:
             self._seen = seen
             return 0, np.full(n, -1, dtype=np.int64)
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
-        enc = encode_rows(flat[rows], layout["latent_kind"], None if logits is None else logits.detach()[rows])
+        enc = encode_rows(flat[rows], layout["latent_kind"], None if logits is None else logits.detach()[rows],
+                          None if bounds is None else (bounds[0][rows], bounds[1][rows]))
         slot_l, label_l = [s for _, s in chosen], [labels_l[i] for i, _ in chosen]
         stored_codes, stored_logits = enc.code_bytes, enc.logit_bytes
         streams: list[str | bytes] = [stream] * len(chosen)
