@@ -7,7 +7,7 @@ of 128 P-MNIST-sized records: 784 floats quantized to int8, 10 fp16 logits), ``a
 (one record a call), ``samples_per_s`` (records a second drawn by ``sample(128)``),
 ``appends_per_s_encrypted`` (batched, AES-GCM), ``bytes_per_record`` (the database file after a
 checkpoint, divided by the records it holds) and ``fp32_bytes_per_record`` (the same record as
-float32 latents and logits plus an int64 label). Each figure is the median of 3 runs; the plain and
+float32 latents and logits plus an int64 label). Each figure is the median of 5 runs; the plain and
 encrypted stores are measured alternately in one process, so their ratio is side by side.
 Targets (issue 6): at least 20,000 appends/s batched, encryption under 2x, records at least 3.5x
 smaller than float32.
@@ -66,13 +66,13 @@ def main() -> dict[str, Any]:
     plain, enc, single, sizes = [], [], [], []
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
-        for _ in range(3):
+        for _ in range(5):
             rate, size = appends_per_s(folder, key=None, batch=BATCH, records=20_000)
             plain.append(rate)
             sizes.append(size)
             enc.append(appends_per_s(folder, key=key, batch=BATCH, records=20_000)[0])
             single.append(appends_per_s(folder, key=None, batch=1, records=2_000)[0])
-        sampled = statistics.median(samples_per_s(folder) for _ in range(3))
+        sampled = statistics.median(samples_per_s(folder) for _ in range(5))
     fp32 = DIM * 4 + CLASSES * 4 + 8
     result = {
         "command": "python benchmarks/store.py",

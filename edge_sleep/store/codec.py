@@ -63,12 +63,12 @@ def checksum(slot: int, stream: str | bytes, label: int, codes: bytes, scale: fl
              logits: bytes | None, privacy: tuple[float | None, ...] | bytes) -> int:
     """CRC32 over every field of a record (slot, stream, label, codes, scale, zero point, logits,
     privacy parameters), each length-prefixed so that no two records share an encoding."""
-    head = struct.pack("<qqdq", slot, label, scale, zero_point)
-    c = zlib.crc32(head)
     tag = stream.encode() if isinstance(stream, str) else b"\x00sealed" + stream
-    for part in (tag, codes, b"\xff" if logits is None else logits):
-        c = zlib.crc32(struct.pack("<q", len(part)) + part, c)
-    return zlib.crc32(privacy if isinstance(privacy, bytes) else privacy_bytes(privacy), c)
+    tail = b"\xff" if logits is None else logits
+    # one CRC over the concatenation (the same value as chaining one CRC per part)
+    return zlib.crc32(b"".join((
+        struct.pack("<qqdqq", slot, label, scale, zero_point, len(tag)), tag, struct.pack("<q", len(codes)), codes,
+        struct.pack("<q", len(tail)), tail, privacy if isinstance(privacy, bytes) else privacy_bytes(privacy))))
 
 
 def row_bytes(a: np.ndarray) -> list[bytes]:
