@@ -11,7 +11,10 @@ every path (8 sequences of 64 tokens). Each path runs in its own child process:
   (:func:`edge_sleep.fisher.fisher_sums` with ``chunk = N``, ``groups = 1``: ``torch.func``
   ``vmap`` of ``grad``), the textbook per-sample path;
 - ``chunked``: :func:`edge_sleep.fisher.fisher_sums_streamed`, one sample at a time, each
-  tensor's gradient squared into its sum as backward produces it and dropped;
+  tensor's gradient squared into its sum as backward produces it and dropped, and the C heap's
+  free pages returned to the system after each (``release_memory=True``, the default);
+- ``chunked_keep`` (a control): the same without returning free pages (``release_memory=False``):
+  what the release buys in peak memory and costs in time;
 - ``loop`` (a control): one plain backward per sample, every gradient kept until the sample ends
   (:func:`edge_sleep.fisher.fisher_sums_loop`).
 
@@ -100,11 +103,12 @@ def child(path: str, warm: bool = False) -> None:
     names = [n for n, _ in model.named_parameters()]
     sums_bytes = sum(p.numel() * 4 for p in model.parameters())
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters()} \
-        if path == "chunked" else None
+        if path.startswith("chunked") else None
 
     def estimate(xs: torch.Tensor, ys: torch.Tensor, ts: torch.Tensor) -> dict[str, torch.Tensor]:
-        if path == "chunked":
-            return fisher_sums_streamed(model, names, xs, ys, ts, loss_fn, sums=sums)
+        if path.startswith("chunked"):
+            return fisher_sums_streamed(model, names, xs, ys, ts, loss_fn, sums=sums,
+                                        release_memory=path == "chunked")
         if path == "unchunked":
             return fisher_sums(model, names, xs, ys, ts, loss_fn, chunk=xs.shape[0], groups=1)
         return fisher_sums_loop(model, names, xs, ys, ts, loss_fn)
@@ -121,7 +125,7 @@ def child(path: str, warm: bool = False) -> None:
         seconds = time.perf_counter() - t0
     if measured.extra_bytes is None:
         raise SystemExit("this benchmark reads Linux's /proc/self/status and /proc/self/clear_refs")
-    peak = measured.extra_bytes - (0 if path == "chunked" else sums_bytes)
+    peak = measured.extra_bytes - (0 if path.startswith("chunked") else sums_bytes)
     torch.save({n: v for n, v in out.items()}, f"/tmp/edge_sleep_fisher_{path}.pt")
     print(json.dumps({"peak_mb": peak / MB, "seconds": seconds, "samples_s": N / seconds}))
 
@@ -136,7 +140,7 @@ def run_child(path: str, warm: bool = False) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=["chunked", "unchunked", "loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["chunked", "chunked_keep", "unchunked", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -150,7 +154,7 @@ def main() -> None:
     act = activation_bytes(model, x, y, t)
     del model
     runs = {}
-    for path in ("chunked", "unchunked", "loop"):
+    for path in ("chunked", "chunked_keep", "unchunked", "loop"):
         runs[path] = run_child(path)
         print(f"{path:9s} peak {runs[path]['peak_mb']:8.1f} MB  {runs[path]['samples_s']:.2f} samples/s", flush=True)
     warm = run_child("chunked", warm=True)
@@ -170,6 +174,8 @@ def main() -> None:
         "chunk_bound_mb": (largest + act) / MB,
         "chunked_peak_mb": runs["chunked"]["peak_mb"],
         "chunked_peak_warm_mb": warm["peak_mb"],
+        "chunked_keep_peak_mb": runs["chunked_keep"]["peak_mb"],
+        "chunked_keep_samples_s": runs["chunked_keep"]["samples_s"],
         "unchunked_peak_mb": runs["unchunked"]["peak_mb"],
         "loop_peak_mb": runs["loop"]["peak_mb"],
         "chunked_samples_s": runs["chunked"]["samples_s"],

@@ -25,12 +25,14 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import torch
 
-__all__ = ["ResidentPeak", "peak_resident_bytes", "resident_bytes", "saved_activation_bytes"]
+__all__ = ["ResidentPeak", "peak_resident_bytes", "release_free_memory", "resident_bytes", "saved_activation_bytes"]
 
 
 def _status_bytes(field: str) -> int | None:
@@ -75,6 +77,32 @@ class ResidentPeak:
         peak = _status_bytes("VmHWM")
         if self._before is not None and peak is not None:
             self.extra_bytes = max(0, peak - self._before)
+
+
+_TRIM: Any = None  # glibc's malloc_trim once looked up; False where the C library has none
+
+
+def release_free_memory() -> bool:
+    """Hand the C heap's free pages back to the operating system (glibc's ``malloc_trim(0)``).
+
+    CPU tensors live on the C heap. Memory a computation frees stays in the process's resident
+    set until the allocator returns it, and the heap's free pieces are reused only by requests
+    that fit them, so a loop whose tensors change size (a backward pass: activations freed,
+    gradients of other shapes allocated) grows the resident set a little each time round. A
+    memory limit counts the resident set. Returning the free pages costs the next allocations
+    their page faults again. Returns whether it could (``False`` off glibc: macOS, musl, Windows).
+    """
+    global _TRIM
+    if _TRIM is None:
+        try:
+            _TRIM = ctypes.CDLL(None).malloc_trim
+            _TRIM.argtypes, _TRIM.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM is False:
+        return False
+    _TRIM(0)
+    return True
 
 
 def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: set[int] | None = None) -> int:

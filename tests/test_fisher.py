@@ -37,12 +37,14 @@ def test_chunked_equals_unchunked_equals_a_hand_written_loop(chunk: int, groups:
     got = fisher_sums(model, names, x, y, t, loss_fn, chunk=chunk, groups=groups)
     loop = fisher_sums_loop(model, names, x, y, t, loss_fn)
     streamed = fisher_sums_streamed(model, names, x, y, t, loss_fn)
+    kept = fisher_sums_streamed(model, names, x, y, t, loss_fn, release_memory=False)
     hand = explicit_fisher_sums(model, x, y, t)
     for n in names:
         assert hand[n].abs().sum() > 0  # an all-zero Fisher cannot pass
         torch.testing.assert_close(got[n], hand[n], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(loop[n], hand[n], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(streamed[n], hand[n], rtol=1e-5, atol=1e-7)
+        assert torch.equal(kept[n], streamed[n])  # returning free pages changes no value
 
 
 def test_streamed_fisher_holds_one_gradient_at_a_time_and_leaves_the_model_as_it_was() -> None:
@@ -130,3 +132,23 @@ def test_fisher_of_a_parameter_subset_and_a_scalar() -> None:
     assert set(got) == set(names) and got["temperature"].shape == ()
     for n in names:
         torch.testing.assert_close(got[n], loop[n], rtol=1e-5, atol=1e-7)
+
+
+def test_release_free_memory_returns_freed_heap_pages_on_glibc() -> None:
+    import platform
+
+    from edge_sleep.memory import release_free_memory, resident_bytes
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or resident_bytes() is None:
+        assert release_free_memory() in (True, False)
+        return
+    # many small tensors (below the allocator's mmap threshold: they live on the heap), freed
+    # all but one at the end so the heap cannot shrink from its top by itself
+    blocks = [torch.ones(16_000) for _ in range(3000)]  # 64 KB each, about 190 MB
+    keep = blocks[-1]
+    del blocks
+    before = resident_bytes()
+    assert release_free_memory() is True
+    after = resident_bytes()
+    assert before is not None and after is not None and before - after > 100 * 2**20
+    del keep

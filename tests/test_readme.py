@@ -59,6 +59,7 @@ def test_readme_fisher_memory_figures_are_what_the_benchmark_wrote() -> None:
     text = README.read_text()
     assert f"| {r['unchunked_peak_mb']:,.0f} MB | {r['unchunked_samples_s']:.2f} |" in text
     assert f"| {r['chunked_peak_mb']:,.0f} MB | {r['chunked_samples_s']:.2f} |" in text
+    assert f"| {r['chunked_keep_peak_mb']:,.0f} MB | {r['chunked_keep_samples_s']:.2f} |" in text
     assert f"Its measured peak is {r['chunked_peak_mb']:.0f} MB, {r['targets']['chunked_over_bound']:.2f}x the bound" in text
     assert f"It is {r['targets']['unchunked_over_chunked']:.0f}x below the unchunked path" in text
 
