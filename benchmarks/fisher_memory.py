@@ -39,7 +39,7 @@ backward in one forward, counted with ``saved_tensors_hooks``).
 keeps: the Fisher sums, the weights it restores if the night goes non-finite, Phase 1's gradients,
 and the wake anchor's Fisher and reference, which persist between nights.
 
-Writes ``benchmarks/results/fisher_memory.json``. Takes about 4 minutes on 2 cores.
+Writes ``benchmarks/results/fisher_memory.json``. Takes about 2 minutes on 2 cores.
 """
 
 from __future__ import annotations
