@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -299,6 +300,20 @@ def keys_of(s: np.ndarray) -> np.ndarray:
     return np.where(neg, ~u, u | np.uint32(0x80000000))
 
 
+@functools.lru_cache(maxsize=16)
+def _sample_index(n: int) -> np.ndarray:
+    """Which weights :func:`_brackets` samples from a tensor of ``n``: up to ``_SAMPLE`` (one in
+    64, at least 1,024; all of them when fewer), as runs of 32 at random places (cheap to read),
+    fixed by ``n`` so that runs repeat (a night calls the kernel on the same shapes again)."""
+    size = min(_SAMPLE, max(n // 64, 1024))  # its temporaries stay under a byte a weight
+    if n <= size:
+        return np.arange(n)
+    starts = np.sort(np.random.default_rng(n).integers(0, n - 32, size // 32))
+    idx = (starts[:, None] + np.arange(32)).reshape(-1)
+    idx.flags.writeable = False
+    return idx
+
+
 def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: int, rank: int | None,
               n: int) -> tuple[int, int, int, int, int, int]:
     """Key brackets ``(lo_p, hi_p, lo_s, hi_s)`` that hold the k-th live key and the rank-th key
@@ -313,12 +328,7 @@ def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: in
     result is exact either way, only the time differs.
     """
     w, f, mask = views
-    size = min(_SAMPLE, max(n // 64, 1024))  # its temporaries stay under a byte a weight
-    if n <= size:
-        idx = np.arange(n)
-    else:  # runs of 32 at random places (cheap to read), fixed by n so that runs repeat
-        starts = np.sort(np.random.default_rng(n).integers(0, n - 32, size // 32))
-        idx = (starts[:, None] + np.arange(32)).reshape(-1)
+    idx = _sample_index(n)
     ws = w[idx]
     keys = keys_of(f[idx] * ws * ws)
     alive = mask[idx]
@@ -329,8 +339,9 @@ def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: in
             return 0, 0xFFFFFFFF  # nothing to estimate from: mark everything
         q = min(max(want / population, 0.0), 1.0)
         spread = 8.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
-        ordered = np.sort(sample)
         lo_i, hi_i = math.floor(q * m - spread) - 1, math.ceil(q * m + spread) - 1
+        at = [i for i in (lo_i, hi_i) if 0 <= i < m]
+        ordered = np.partition(sample, at) if at else sample  # the two order statistics, not a sort
         lo = int(ordered[lo_i]) if lo_i >= 0 else 0
         hi = int(ordered[hi_i]) if hi_i < m else 0xFFFFFFFF
         return lo, hi
