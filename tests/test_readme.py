@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _benchmark(name: str) -> tuple[Any, dict[str, Any]]:
+    """``benchmarks/<name>.py`` as a module, and what it wrote to ``benchmarks/results/<name>.json``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", README.parent / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench, json.loads((README.parent / "benchmarks" / "results" / f"{name}.json").read_text())
 
 
 def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -36,14 +48,7 @@ def test_readme_latency_table_is_what_the_benchmark_wrote() -> None:
 
 
 def test_readme_kernel_table_is_what_the_benchmark_wrote() -> None:
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("kernels_bench", README.parent / "benchmarks" / "kernels.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = json.loads((README.parent / "benchmarks" / "results" / "kernels.json").read_text())
+    bench, result = _benchmark("kernels")
     text = README.read_text()
     assert bench.markdown_table(result) in text
     t = result["targets"]
@@ -91,14 +96,7 @@ def test_readme_store_figures_are_what_the_benchmark_wrote() -> None:
 
 
 def test_readme_privacy_table_is_what_the_benchmark_wrote() -> None:
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("privacy_bench", README.parent / "benchmarks" / "privacy.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = json.loads((README.parent / "benchmarks" / "results" / "privacy.json").read_text())
+    bench, result = _benchmark("privacy")
     assert bench.markdown_table(result) in README.read_text()
     text = " ".join(README.read_text().split())
     none, at8 = result["rows"][0], next(r for r in result["rows"] if r["epsilon"] == 8)
