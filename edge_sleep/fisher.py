@@ -207,7 +207,8 @@ def fisher_sums_streamed(
             system (:func:`edge_sleep.memory.release_free_memory`), so that what backward freed
             (the activations behind it) does not stay resident beside the next gradient. On CPU
             this keeps the resident peak near the bound instead of creeping up sample after
-            sample, for about a third more time (``benchmarks/fisher_memory.py``).
+            sample, at a cost in time (pages fault in again; ``benchmarks/fisher_memory.py``
+            measures both).
 
     Returns:
         ``{name: sum_i g_i^2}``; divide by ``N``.

@@ -8,7 +8,8 @@
    During the last ``fisher_steps`` steps, accumulate per-sample squared gradients of the clean
    replay loss (chunked over samples and parameter groups): the empirical diagonal Fisher ``F``.
    Between chunks of ``check_every`` steps ask ``should_stop``; on "wake up" return with the
-   progress (optimizer state, Fisher partial sums, position) kept in a :class:`SleepState`.
+   progress (Fisher partial sums, position) kept in a :class:`SleepState`. Each weight takes its
+   SGD step as soon as backward has its gradient, so no model-sized set of gradients is held.
 2. **Phase 2, significance.** ``s = F * w^2`` per weight matrix; prune the ``prune_frac`` least
    significant alive weights (the mask persists, up to ``sparsity_cap``); scale the
    ``strengthen_frac`` most significant by ``1 + eta``.
@@ -104,21 +105,21 @@ class SleepState:
     total_steps: int
     wake_steps: int = 0
     step: int = 0
-    optimizer: dict[str, Any] | None = None
     fisher_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher_count: int = 0
     loss_first: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"format_version": SLEEP_FORMAT_VERSION, "total_steps": self.total_steps,
-                "wake_steps": self.wake_steps, "step": self.step, "optimizer": self.optimizer,
+                # "optimizer": always None now (plain SGD keeps no state), kept for older readers
+                "wake_steps": self.wake_steps, "step": self.step, "optimizer": None,
                 "fisher_sums": self.fisher_sums, "fisher_count": self.fisher_count, "loss_first": self.loss_first}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SleepState:
         check_format_version("SleepState", state.get("format_version"), SLEEP_FORMAT_VERSION)
         return cls(total_steps=state["total_steps"], wake_steps=int(state.get("wake_steps", 0)),
-                   step=state["step"], optimizer=state["optimizer"],
+                   step=state["step"],
                    fisher_sums=dict(state["fisher_sums"]), fisher_count=state["fisher_count"],
                    loss_first=state["loss_first"])
 
@@ -248,9 +249,7 @@ def run_sleep(
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    optimizer = torch.optim.SGD(list(params.values()), lr=config.lr)
-    if state.optimizer is not None:
-        optimizer.load_state_dict(state.optimizer)
+    descend = _DescendInBackward(params, config.lr)
     noise = ConsolidationNoise(model, noise_layers, config.noise_std, generator)
     fisher_from = state.total_steps - config.fisher_steps
     loss_last = None
@@ -274,15 +273,14 @@ def run_sleep(
                 noise.enabled = True
             logits = replay_forward(batch.x)
             loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
-            optimizer.zero_grad(set_to_none=True)
             loss_last = loss.item()
             problem = None if math.isfinite(loss_last) else f"non-finite replay loss ({loss_last})"
             if problem is None:
-                loss.backward()
-                if not all_finite([p.grad for p in params.values() if p.grad is not None]):
+                with descend:  # SGD, each weight stepped as soon as backward has its gradient
+                    loss.backward()
+                if not descend.finite:
                     problem = "non-finite gradient"
             if problem is None:
-                optimizer.step()
                 apply_masks_(params, masks)
                 if not all_finite(list(params.values())):
                     problem = "non-finite weights after a step"
@@ -293,7 +291,6 @@ def run_sleep(
                 state.loss_first = loss_last
             if state.step >= fisher_from:
                 noise.enabled = False
-                optimizer.zero_grad(set_to_none=True)  # the step's gradients: a model's worth of memory
                 k = min(config.fisher_batch, batch.y.shape[0])
                 fb = (batch.x[:k], batch.y[:k], None if batch.logits is None else batch.logits[:k])
                 assert plan is not None
@@ -341,7 +338,6 @@ def run_sleep(
                 progress(1)
             if should_stop is not None and state.step % config.check_every == 0 \
                     and state.step < state.total_steps and should_stop():
-                state.optimizer = optimizer.state_dict()
                 return SleepReport(steps_run, state.total_steps, False, state.loss_first, loss_last,
                                    state.fisher_count, 0, mask_sparsity(masks), 0,
                                    time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
@@ -364,6 +360,41 @@ def run_sleep(
     return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
                        state.fisher_count, pruned, mask_sparsity(masks), strengthened,
                        time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
+
+
+class _DescendInBackward:
+    """Phase 1's plain SGD step, taken inside backward: each weight moves by ``-lr * g`` as soon as
+    its gradient ``g`` is accumulated, and the gradient is dropped. The same update as
+    ``torch.optim.SGD`` after backward, without ever holding a model's worth of gradients (one of
+    the night's model-sized copies). ``with descend: loss.backward()``; afterwards ``finite``
+    says whether every gradient was finite (a weight whose gradient was not is left as it was,
+    and the night is abandoned and restored anyway)."""
+
+    def __init__(self, params: Mapping[str, nn.Parameter], lr: float) -> None:
+        self.params, self.lr, self.finite = params, lr, True
+        self._hooks: list[Any] = []
+
+    def _step(self, p: torch.Tensor) -> None:
+        g, p.grad = p.grad, None
+        if g is None:
+            return
+        if not all_finite([g]):
+            self.finite = False
+            return
+        with torch.no_grad():
+            p.add_(g, alpha=-self.lr)
+
+    def __enter__(self) -> _DescendInBackward:
+        self.finite = True
+        for p in self.params.values():
+            p.grad = None  # what the day's step left there is not tonight's gradient
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step) for p in self.params.values()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @torch.no_grad()

@@ -246,3 +246,26 @@ def test_a_night_that_diverges_is_undone_and_says_so(tmp_path: Path) -> None:
     assert not report.completed and report.aborted is not None and "replay step" in report.aborted
     assert all(torch.equal(before[k], v) for k, v in es.model.state_dict().items())
     assert es.sleep_state is None and not es.anchor and es.wake_steps_since_sleep == 4
+
+
+def test_phase1_steps_each_weight_inside_backward_and_never_holds_every_gradient(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all", replay_batch=0),
+                   sleep=SleepConfig(min_steps=6, fisher_steps=0), seed=0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        es.learn(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
+    params = list(es.model.parameters())
+    held: list[int] = []  # when a gradient arrives, how many parameters hold one
+
+    def watch(p: torch.Tensor) -> None:
+        held.append(sum(q.grad is not None for q in params))
+
+    hooks = [p.register_post_accumulate_grad_hook(watch) for p in params]
+    before = [p.detach().clone() for p in params]
+    report = es.sleep()
+    for h in hooks:
+        h.remove()
+    assert report.completed and len(held) == 6 * len(params)
+    assert max(held) == 1  # each gradient is gone (stepped and dropped) before the next arrives
+    assert all(p.grad is None for p in params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))  # the night did train
