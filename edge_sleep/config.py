@@ -122,6 +122,11 @@ class SleepConfig:
         strengthen_eta: those weights are multiplied by ``1 + eta`` (0: off, the measured best).
         anchor_decay: ``gamma`` of the online anchor ``F_anchor <- gamma F_anchor + F``.
         check_every: ask ``should_stop`` every this many steps (the preemption granularity).
+        restore_point: where a night keeps the weights it started from, which it restores if it
+            goes non-finite: ``"memory"`` (a model-sized copy in RAM for the night) or ``"disk"``
+            (a file beside the replay store, ``<store>.restore.pt``, written once when the night
+            starts, read only if it is abandoned, deleted when it ends: the copy's RAM saved for
+            one write of the weights).
     """
 
     steps_per_wake_step: float = 1.0
@@ -143,6 +148,7 @@ class SleepConfig:
     strengthen_eta: float = 0.0
     anchor_decay: float = 0.9
     check_every: int = 25
+    restore_point: Literal["memory", "disk"] = "memory"
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -172,6 +178,8 @@ class SleepConfig:
         _nonneg(p, "strengthen_eta", self.strengthen_eta)
         _frac(p, "anchor_decay", self.anchor_decay)
         _posint(p, "check_every", self.check_every)
+        if self.restore_point not in ("memory", "disk"):
+            p.append(f"restore_point={self.restore_point!r}; expected 'memory' or 'disk'")
         _check("SleepConfig", p)
 
 

@@ -19,10 +19,13 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.config import SleepConfig
-from edge_sleep.errors import ConfigError, check_format_version
+from edge_sleep.errors import ConfigError, StoreError, check_format_version
 from edge_sleep.fisher import FisherPlan, fisher_sums, fisher_sums_loop, fisher_sums_streamed, plan_fisher
 from edge_sleep.kernels import consolidate_, prune_count
 from edge_sleep.memory import ResidentPeak, saved_activation_bytes
@@ -242,7 +245,7 @@ def run_sleep(
     start = time.perf_counter()
     device = next((p.device for p in params.values()), torch.device("cpu"))
     # the weights this call starts from: a night that goes non-finite is undone to them
-    start_weights = {n: p.detach().clone() for n, p in params.items()}
+    start_weights = RestorePoint(params, config.restore_point, store.path)
     # setup: train the base weights, with noise on the hidden states
     grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -342,6 +345,7 @@ def run_sleep(
                                    state.fisher_count, 0, mask_sparsity(masks), 0,
                                    time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
     finally:
+        start_weights.close()
         noise.remove()
         for n, p in model.named_parameters():
             p.requires_grad_(grad_before[n])
@@ -397,12 +401,60 @@ class _DescendInBackward:
         self._hooks = []
 
 
+class RestorePoint:
+    """The weights a night starts from, kept in memory or in a file beside the replay store.
+
+    Args:
+        params: the weights (their values now are what :meth:`restore_` brings back).
+        where: ``"memory"`` (a copy) or ``"disk"`` (``<store>.restore.pt``; the store has one
+            writer, so the name is its own; a file left by a killed night is overwritten by the
+            next). For a store in memory the file goes to the system's temporary folder.
+        store_path: the replay store's file.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter], where: str, store_path: Path) -> None:
+        self._weights: dict[str, torch.Tensor] | None = None
+        self._file: Path | None = None
+        if where == "memory":
+            self._weights = {n: p.detach().clone() for n, p in params.items()}
+            return
+        if str(store_path) == ":memory:":
+            fd, name = tempfile.mkstemp(prefix="edge-sleep-", suffix=".restore.pt")
+            os.close(fd)
+            self._file = Path(name)
+        else:
+            self._file = store_path.with_name(store_path.name + ".restore.pt")
+        try:
+            # read back only by this process, during this call: no need to survive a crash
+            torch.save({n: p.detach() for n, p in params.items()}, self._file)
+        except OSError as e:
+            self._file = None
+            raise StoreError(f"the night could not write its restore point beside the store ({e}). Fix: free "
+                             "disk space, or use SleepConfig(restore_point='memory').") from e
+
+    @torch.no_grad()
+    def restore_(self, params: Mapping[str, nn.Parameter]) -> None:
+        """Put the weights back where the night started."""
+        weights = self._weights
+        if weights is None:
+            assert self._file is not None
+            weights = torch.load(self._file, map_location="cpu", mmap=True, weights_only=True)
+        for n, p in params.items():
+            p.copy_(weights[n])
+
+    def close(self) -> None:
+        """Drop the copy (delete the file)."""
+        self._weights = None
+        if self._file is not None:
+            self._file.unlink(missing_ok=True)
+            self._file = None
+
+
 @torch.no_grad()
-def _abort(params: dict[str, torch.nn.Parameter], start_weights: dict[str, torch.Tensor], state: SleepState,
+def _abort(params: dict[str, torch.nn.Parameter], start_weights: RestorePoint, state: SleepState,
            steps_run: int, masks: Mapping[str, torch.Tensor], start: float, reason: str) -> SleepReport:
     """Undo this call's steps and report the night as abandoned."""
-    for n, p in params.items():
-        p.copy_(start_weights[n])
+    start_weights.restore_(params)
     return SleepReport(steps_run, state.total_steps, False, state.loss_first, None, state.fisher_count, 0,
                        mask_sparsity(masks), 0, time.perf_counter() - start, aborted=reason)
 

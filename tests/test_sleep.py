@@ -236,9 +236,10 @@ def test_an_extreme_input_never_leaves_non_finite_weights(tmp_path: Path) -> Non
     assert report.completed or report.aborted is not None
 
 
-def test_a_night_that_diverges_is_undone_and_says_so(tmp_path: Path) -> None:
+@pytest.mark.parametrize("restore_point", ["memory", "disk"])
+def test_a_night_that_diverges_is_undone_and_says_so(tmp_path: Path, restore_point: str) -> None:
     es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
-                   sleep=SleepConfig(min_steps=30, lr=1e6, check_every=5))
+                   sleep=SleepConfig(min_steps=30, lr=1e6, check_every=5, restore_point=restore_point))  # type: ignore[arg-type]
     feed(es, 4, seed=0)
     before = {k: v.clone() for k, v in es.model.state_dict().items()}
     with pytest.warns(RuntimeWarning, match="abandoned the night: non-finite"):
@@ -246,6 +247,23 @@ def test_a_night_that_diverges_is_undone_and_says_so(tmp_path: Path) -> None:
     assert not report.completed and report.aborted is not None and "replay step" in report.aborted
     assert all(torch.equal(before[k], v) for k, v in es.model.state_dict().items())
     assert es.sleep_state is None and not es.anchor and es.wake_steps_since_sleep == 4
+    assert not (tmp_path / "r.db.restore.pt").exists()  # the disk restore point is gone either way
+
+
+def test_a_disk_restore_point_lives_only_while_the_night_runs(tmp_path: Path) -> None:
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"),
+                   sleep=SleepConfig(min_steps=10, check_every=5, restore_point="disk"))
+    feed(es, 4, seed=0)
+    seen: list[bool] = []
+
+    def stop() -> bool:  # asked mid-night: the file is there, holding the weights the night began with
+        seen.append((tmp_path / "r.db.restore.pt").exists())
+        return False
+
+    assert es.sleep(should_stop=stop).completed
+    assert seen and all(seen) and not (tmp_path / "r.db.restore.pt").exists()
+    with pytest.raises(ConfigError, match="restore_point"):
+        SleepConfig(restore_point="flash")  # type: ignore[arg-type]
 
 
 def test_phase1_steps_each_weight_inside_backward_and_never_holds_every_gradient(tmp_path: Path) -> None:
