@@ -277,13 +277,14 @@ def run_audit(checkpoint: Path, model_spec: str, heldout: Path, members: Path | 
     factory = _model_factory(model_spec)
     opened: list[EdgeSleep] = []
     try:
-        key = None if store_key_file is None else store_key_file.read_bytes()
-        es = EdgeSleep.load(checkpoint, factory(), store_key=key)  # type: ignore[operator]
-        opened.append(es)
         nonmember = _load_examples(heldout, "--heldout")
-        if members is not None:
-            member = _load_examples(members, "--members")
-        else:
+        member = None if members is None else _load_examples(members, "--members")
+        key = None if store_key_file is None else store_key_file.read_bytes()
+        # the store is opened (and its writer lock taken) only when its records are the members
+        es = EdgeSleep.load(checkpoint, factory(), store=":memory:" if member is not None else None,  # type: ignore[operator]
+                            store_key=key)
+        opened.append(es)
+        if member is None:
             report = es.store.privacy_report()
             if report.private or report.labels_randomized:
                 raise InputError(f"the store of {str(checkpoint)!r} holds {report.private} noised and "
