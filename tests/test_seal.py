@@ -130,3 +130,13 @@ def test_the_runtime_passes_the_key_and_never_saves_it(tmp_path: Path) -> None:
         warnings.simplefilter("error")
         assert again.sleep(steps=5).completed
     again.store.close()
+
+
+def test_an_encrypted_stores_records_are_found_by_stream_and_deleted(tmp_path: Path) -> None:
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=10)
+    store.append(torch.rand(3, 4), torch.zeros(3, dtype=torch.long), stream="bob")
+    store.append(torch.rand(2, 4), torch.ones(2, dtype=torch.long), stream="alice")
+    assert store.stream_slots("bob").tolist() == [0, 1, 2]  # the tags are sealed on disk, opened here
+    assert store.delete(store.stream_slots("bob")) == 3 and len(store) == 2
+    assert store.privacy_report().per_stream.keys() == {"alice"}
+    store.close()

@@ -292,3 +292,31 @@ def test_bad_noise_layers_leave_the_model_and_store_untouched(tmp_path: Path) ->
                   sleep=SleepConfig(noise_layers=("no_such_layer",)))
     assert not any(".lora_" in n for n, _ in model.named_parameters())
     assert not (tmp_path / "r.db").exists()
+
+
+def test_a_streams_records_can_be_deleted_and_leave_no_trace_on_disk(tmp_path: Path) -> None:
+    marker = 0x5EC12E7_0DDBA11  # an int64 kept exactly (integer latents are stored as they are)
+    store = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=20), seed=0)
+    store.append(torch.full((4, 3), marker), torch.zeros(4, dtype=torch.long), stream="bob")
+    store.append(torch.arange(18).reshape(6, 3), torch.ones(6, dtype=torch.long), stream="alice")
+    store.checkpoint()
+
+    def on_disk() -> bool:
+        raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("r.db") and p.is_file())
+        return marker.to_bytes(8, "little") in raw
+
+    assert on_disk()
+    bob = store.stream_slots("bob")
+    assert bob.tolist() == [0, 1, 2, 3] and len(store.stream_slots("nobody")) == 0
+    with pytest.raises(InputError, match="delete got slots"):
+        store.delete([0, 99])  # validated first: nothing deleted
+    assert len(store) == 10
+    assert store.delete(bob) == 4 and store.delete(bob) == 0
+    assert len(store) == 6 and not on_disk()  # secure_delete and a checkpoint: gone from both files
+    assert set(store.sample(6).y.tolist()) == {1}
+    where = store.offer(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, dtype=torch.long), stream="carol")
+    assert where.tolist() == [0, 1]  # the freed slots are taken first
+    store.close()
+    again = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=20), seed=0)
+    assert len(again) == 8 and len(again.stream_slots("bob")) == 0 and again.stream_slots("carol").tolist() == [0, 1]
+    again.close()

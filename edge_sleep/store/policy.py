@@ -28,6 +28,12 @@ class Slots:
     def put(self, slot: int, label: int) -> None:
         self.labels[slot] = label
 
+    def remove(self, slots: list[int]) -> None:
+        """Free ``slots`` (deleted records): the next records take them first."""
+        for slot in slots:
+            if self.labels.pop(slot, None) is not None and self._free is not None:
+                heapq.heappush(self._free, slot)
+
     def snapshot(self) -> tuple[dict[int, int], list[int] | None]:
         """What :meth:`restore` needs to undo a batch's choices (a write that failed)."""
         return dict(self.labels), None if self._free is None else list(self._free)

@@ -491,6 +491,45 @@ class ReplayStore:
             )
         return cap
 
+    @_locked
+    def delete(self, slots: np.ndarray | list[int]) -> int:
+        """Delete the records at ``slots`` (a user's request to be forgotten, say) in one
+        transaction, then checkpoint, so that with ``secure_delete`` they are gone from the
+        database file and its write-ahead log. Their slots are reused first by the next records.
+
+        Returns:
+            How many records were deleted (slots that held none are skipped).
+
+        Raises:
+            InputError: a slot that is not an integer in ``[0, capacity)``; nothing is deleted.
+        """
+        wanted = [int(s) for s in np.asarray(slots, dtype=np.int64).reshape(-1)]
+        cap = self.capacity_records or 0
+        bad = [s for s in wanted if not 0 <= s < cap]
+        if bad:
+            raise InputError(f"delete got slots {bad[:5]}; expected integers in [0, {cap}) (the store's "
+                             "capacity). Fix: pass slots from slots(), offer() or WakeStats.slots.")
+        held = sorted({s for s in wanted if s in self._slots.labels})
+        if not held:
+            return 0
+        with sql.transaction(self._db):
+            self._db.executemany("DELETE FROM records WHERE slot=?", [(s,) for s in held])
+        self._slots.remove(held)
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return len(held)
+
+    @_locked
+    def stream_slots(self, stream: str) -> np.ndarray:
+        """The slots of the records kept with stream tag ``stream``, sorted (opened with the
+        store's key when it is encrypted)."""
+        out = []
+        for slot, tag, label in self._db.execute("SELECT slot, stream, label FROM records"):
+            if self._sealer is not None and isinstance(tag, bytes):
+                tag = self._sealer.open(tag, aad(slot, label, b"stream")).decode()
+            if tag == stream:
+                out.append(slot)
+        return np.array(sorted(out), dtype=np.int64)
+
     # ----------------------------------------------------------------- reads
     @_locked
     def sample(self, n: int, *, balanced: bool = False) -> ReplayBatch:
