@@ -342,13 +342,11 @@ class ReplayStore:
         stream: str = "",
         privacy: RecordPrivacy | None = None,
     ) -> int:
-        """Offer a batch to the store; each record is kept or dropped by the eviction policy.
+        """Offer a batch to the store (:meth:`offer`); returns how many of its records the store
+        now holds."""
+        return int(np.count_nonzero(self.offer(latents, labels, logits, stream=stream, privacy=privacy) >= 0))
 
-        The same as :meth:`offer`, returning how many of the ``N`` records were written (a
-        record may be written and then replaced by a later one of the same batch).
-        """
-        return self._write(latents, labels, logits, stream=stream, privacy=privacy)[0]
-
+    @_locked
     def offer(
         self,
         latents: torch.Tensor,
@@ -358,27 +356,8 @@ class ReplayStore:
         stream: str = "",
         privacy: RecordPrivacy | None = None,
     ) -> np.ndarray:
-        """Offer a batch to the store, as :meth:`append`, and say where each record went.
-
-        Returns:
-            ``(N,)`` int64: the slot that row ``i`` now occupies, or ``-1`` where it was dropped
-            (or replaced by a later row of the same batch). A slot is reused when its record is
-            evicted, so an app that keeps its own index of stored examples (an audit, a deletion
-            request) overwrites an entry when its slot comes back.
-        """
-        return self._write(latents, labels, logits, stream=stream, privacy=privacy)[1]
-
-    @_locked
-    def _write(
-        self,
-        latents: torch.Tensor,
-        labels: torch.Tensor,
-        logits: torch.Tensor | None = None,
-        *,
-        stream: str = "",
-        privacy: RecordPrivacy | None = None,
-    ) -> tuple[int, np.ndarray]:
-        """Write the kept records of a batch in one transaction: ``(written, slot per row)``.
+        """Offer a batch to the store: each record is kept or dropped by the eviction policy, and
+        the kept ones are written in one transaction.
 
         Args:
             latents: ``(N, ...)`` float (quantized to int8) or integer (kept exactly).
@@ -388,6 +367,12 @@ class ReplayStore:
             privacy: the mechanism already applied to this batch
                 (:func:`edge_sleep.privacy.privatize`), kept with each record for
                 :meth:`privacy_report`; ``None``: none.
+
+        Returns:
+            ``(N,)`` int64: the slot that row ``i`` now occupies, or ``-1`` where it was dropped
+            (or replaced by a later row of the same batch). A slot is reused when its record is
+            evicted or deleted, so an app that keeps its own index of stored examples (an audit,
+            a deletion request) overwrites an entry when its slot comes back.
 
         Raises:
             InputError: shapes disagree, values are not finite, or the layout differs from the
@@ -412,7 +397,7 @@ class ReplayStore:
             logits = None
         layout = self._layout(latents, logits)
         if n == 0:
-            return 0, np.zeros(0, dtype=np.int64)
+            return np.zeros(0, dtype=np.int64)
         labels_l = [int(v) for v in labels.tolist()]
         cap = self.capacity_records or self._capacity_for(flat, logits)
         seen = self._seen
@@ -430,7 +415,7 @@ class ReplayStore:
                 self._slots.restore(before)
                 raise
             self._seen = seen
-            return 0, np.full(n, -1, dtype=np.int64)
+            return np.full(n, -1, dtype=np.int64)
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
         enc = encode_rows(flat[rows], layout["latent_kind"], None if logits is None else logits.detach()[rows],
                           None if bounds is None else (bounds[0][rows], bounds[1][rows]))
@@ -475,7 +460,7 @@ class ReplayStore:
         where = np.full(n, -1, dtype=np.int64)
         for slot, i in {slot: i for i, slot in chosen}.items():  # a slot written twice keeps its last row
             where[i] = slot
-        return len(chosen), where
+        return where
 
     def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
         """Records that fit the byte budget, from the size of one record of this layout."""
