@@ -157,7 +157,7 @@ def audit_pair(runs: tuple[dict[str, Any], dict[str, Any]], dirs: tuple[Path, Pa
             nonmembers = _sample_pairs(rng, members, per_member, unseen_pool, set())  # type: ignore[arg-type]
             kept = set(members) | {tuple(m) for m in runs[1 - k]["members"]}
             seen = _sample_pairs(rng, members, 1, np.array(sorted({i for _, i in streamed})),  # type: ignore[arg-type]
-                                 {p for p in kept})
+                                 kept)
             seen = [p for p in seen if p in streamed]
             xm, ym = _examples(stream, members)  # type: ignore[arg-type]
             xn, yn = _examples(stream, nonmembers)

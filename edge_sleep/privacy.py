@@ -253,12 +253,12 @@ def privatize(
             raise ConfigError("PrivacyConfig", [
                 f"epsilon={config.epsilon} with integer latents ({latents.dtype}); expected float latents to "
                 "noise. Fix: store a float hidden state with StoreConfig(latent_layer=...), or set epsilon=None"])
-        n = latents.shape[0]
-        flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), params.max_norm or 1.0)
+        n, c = latents.shape[0], params.max_norm or 1.0
+        flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), c)
         # projected back onto the ball of radius C: post-processing, so the guarantee is unchanged,
         # and a stored record is never larger than a real one (noise of norm ~ sigma * sqrt(d)
         # would otherwise make replay's gradients explode)
-        flat = clip_rows(flat + gaussian_noise(tuple(flat.shape), params.sigma, generator), params.max_norm or 1.0)
+        flat = clip_rows(flat + gaussian_noise(tuple(flat.shape), params.sigma, generator), c)
         out_x = flat.reshape(latents.shape).to(device=latents.device, dtype=latents.dtype)
     if params.label_epsilon is not None:
         out_y = randomized_response(labels.cpu(), num_classes, params.label_epsilon, generator).to(labels.device)

@@ -290,10 +290,7 @@ class ReplayStore:
         groups: dict[tuple[RecordPrivacy, str], int] = {}
         columns = ", ".join(sql.PRIVACY_COLUMNS)
         for row in self._db.execute(f"SELECT {columns}, stream, slot, label FROM records"):
-            stream = row[5]
-            if self._sealer is not None and isinstance(stream, bytes):
-                stream = self._sealer.open(stream, aad(row[6], row[7], b"stream")).decode()
-            key = (RecordPrivacy(*row[:5]), str(stream))
+            key = (RecordPrivacy(*row[:5]), self._stream_tag(row[5], row[6], row[7]))
             groups[key] = groups.get(key, 0) + 1
         return summarize_privacy((p, stream, n) for (p, stream), n in groups.items())
 
@@ -507,13 +504,14 @@ class ReplayStore:
     def stream_slots(self, stream: str) -> np.ndarray:
         """The slots of the records kept with stream tag ``stream``, sorted (opened with the
         store's key when it is encrypted)."""
-        out = []
-        for slot, tag, label in self._db.execute("SELECT slot, stream, label FROM records"):
-            if self._sealer is not None and isinstance(tag, bytes):
-                tag = self._sealer.open(tag, aad(slot, label, b"stream")).decode()
-            if tag == stream:
-                out.append(slot)
-        return np.array(sorted(out), dtype=np.int64)
+        rows = self._db.execute("SELECT stream, slot, label FROM records")
+        return np.array(sorted(row[1] for row in rows if self._stream_tag(*row) == stream), dtype=np.int64)
+
+    def _stream_tag(self, stored: str | bytes, slot: int, label: int) -> str:
+        """A record's stream tag as written: opened with the store's key where it is sealed."""
+        if self._sealer is not None and isinstance(stored, bytes):
+            return self._sealer.open(stored, aad(slot, label, b"stream")).decode()
+        return str(stored)
 
     # ----------------------------------------------------------------- reads
     @_locked
