@@ -132,7 +132,7 @@ PATHS = {
     # the same, from histograms of the marked weights (no room for copied keys)
     "sampled, bitmaps": {"_KEYS_BYTES_PER_WEIGHT": 0.0},
     # brackets that hold everything, with too little room for the keys they were expected to hold
-    "wide brackets, keys overflow": {"_brackets": lambda *a: (0, 0xFFFFFFFF, 0, 0xFFFFFFFF, 0, 0)},
+    "wide brackets, keys overflow": {"_brackets": lambda *a: (0, 2**64 - 1, 0, 0xFFFFFFFF, 0, 0)},
     # brackets that miss: radix passes over the tensor, with each digit schedule
     "missed, 16+16": {"_brackets": lambda *a: (1, 0, 1, 0, 0, 0), "_digits": lambda n, t: (16, 16)},
     "missed, 11+11+10": {"_brackets": lambda *a: (1, 0, 1, 0, 0, 0), "_digits": lambda n, t: (11, 11, 10)},
@@ -143,13 +143,17 @@ PATHS = {
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("ties", ["none", "fisher", "both"])
 @pytest.mark.parametrize("tie_digits_16", [False, True])
+@pytest.mark.parametrize("gather", [False, True])
 def test_native_kernel_is_exact_on_every_path_and_thread_split(
-        monkeypatch: pytest.MonkeyPatch, path: str, ties: str, tie_digits_16: bool) -> None:
+        monkeypatch: pytest.MonkeyPatch, path: str, ties: str, tie_digits_16: bool, gather: bool) -> None:
+    """Every path, with selections among the marked weights by histograms to the last digit or
+    finished by copying out the few left (``_GATHER``)."""
     if not native.available():
         pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
     for name, value in PATHS[path].items():
         monkeypatch.setattr(native, name, value)
     monkeypatch.setattr(native, "_CANDIDATES_FOR_16_BITS", 0 if tie_digits_16 else 1 << 40)
+    monkeypatch.setattr(native, "_GATHER", 1 << 40 if gather else -1)
     monkeypatch.setattr(native, "_MIN_SLICE", 65536)
     n = 3 * 65536 + 17  # three slices: ties split across threads
     w, f, mask = case(7, n, ties, torch.float32, 0.2)
@@ -171,14 +175,22 @@ def test_a_sampled_bracket_holds_the_threshold_on_night_like_data() -> None:
     f[torch.rand(n, generator=g) < 0.15] = 0.0
     mask = torch.rand(n, generator=g) >= 0.1
     w = w * mask
-    views = native._views(w.data_ptr(), f.data_ptr(), mask.data_ptr(), n)
     live = int(mask.sum())
+    keys = native.keys_of((f * w * w).numpy())
+    pairs = (keys.astype(np.uint64) << np.uint64(32)) | (w.numpy().view(np.uint32) & np.uint32(0x7FFFFFFF))
+    live_pairs = pairs[mask.numpy()]
+    tied = int((live_pairs >> np.uint64(32) == keys_of_zero()).sum())  # the run of s = 0
     for k in (live // 10, live // 100, live // 2):  # in the run of s = 0, below it, above it
-        lo_p, hi_p, lo_s, hi_s, _, _ = native._brackets(views, k, live, n - n // 100, n)
-        keys = torch.from_numpy(native.keys_of((f * w * w).numpy()).astype(np.int64))
-        live_keys = keys[mask]
-        assert int((live_keys < lo_p).sum()) < k <= int((live_keys <= hi_p).sum())
+        lo_p, hi_p, lo_s, hi_s, _, _ = native._brackets(native._load(), w.data_ptr(), f.data_ptr(),
+                                                        mask.data_ptr(), k, live, n - n // 100, n)
+        assert int((live_pairs < lo_p).sum()) < k <= int((live_pairs <= hi_p).sum())
         assert int((keys < lo_s).sum()) < n - n // 100 <= int((keys <= hi_s).sum())
+        if k == live // 10:  # |w| splits the run of ties already: the bracket marks a small part of it
+            assert int(((live_pairs >= lo_p) & (live_pairs <= hi_p)).sum()) < tied / 4
+
+
+def keys_of_zero() -> int:
+    return int(native.keys_of(np.zeros(1, np.float32))[0])
 
 
 def test_native_kernel_takes_numpy_arrays_and_2d_tensors() -> None:

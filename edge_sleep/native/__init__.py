@@ -11,13 +11,13 @@ How a call finds its exact thresholds (the k-th smallest live key ``(s, |w|, ind
 below, and the rank-th smallest ``s`` to strengthen above), in two passes over the tensor:
 
 1. A sample of up to 65,536 weights (runs of 32 at fixed random places) gives each threshold a bracket
-   of keys that holds it with high probability.
+   that holds it with high probability. The prune bracket is one of pairs ``(s, |w|)`` compared in
+   that order, so a run of ties in ``s`` (such as every ``s = 0``) is already split by ``|w|``.
 2. The bracket pass reads ``F``, ``w`` and the mask once: it counts the weights below each
    bracket, marks those inside in a bitmap (an eighth of a byte a weight) and, where few are
-   expected, copies their keys out. The exact thresholds then come from the marked weights alone:
-   a partition of the copied keys, or histograms of the marked weights' keys. When the prune
-   bracket is a single key (the threshold sits in a run of ties, such as every ``s = 0``), the
-   pass also histograms the marked weights' ``|w|``, the first digit of the tie-break.
+   expected, copies their pairs (or keys) out. The exact thresholds then come from the marked
+   weights alone: a partition of the copied values, or histograms of the marked weights' keys
+   (finished by copying out the last few thousand and a partition).
 3. The apply pass prunes, strengthens and updates the mask in place, branch-free.
 
 If a bracket misses (an unlucky sample), radix passes over the whole tensor find that threshold
@@ -63,10 +63,12 @@ _SOURCE = Path(__file__).with_name("consolidate.c")
 _FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fno-strict-aliasing"]
 _NONE = 0xFFFFFFFF  # a prefix no key has
 _NO_INDEX = np.iinfo(np.int64).max
+_LOW = 0xFFFFFFFF  # the low half of a pair (key << 32 | |w| bits)
 _CANDIDATES_FOR_16_BITS = 1 << 18  # from this many marked weights on, selections among them use 16-bit digits
 _SAMPLE = 1 << 16  # weights sampled to bracket the thresholds
+_GATHER = 1 << 16  # a selection down to this many values finishes by copying them out and partitioning
 _MIN_SLICE = 1 << 20  # weights a thread gets at least (below that, handing work over costs more)
-_KEYS_BYTES_PER_WEIGHT = 0.25  # room for copied-out keys, per selection, at most this much a weight
+_KEYS_BYTES_PER_WEIGHT = 0.5  # room for copied-out keys, per selection, at most this much a weight
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _failed: str | None = None
@@ -146,11 +148,19 @@ def _load() -> ctypes.CDLL | None:
         lib.es_keep_key.restype = i64
         lib.es_hist_mag_at.argtypes = [p, p, i64, c_int, u32, c_int, u32, p]
         lib.es_hist_mag_at.restype = None
+        lib.es_gather_mag_at.argtypes = [p, p, i64, c_int, u32, p, i64]
+        lib.es_gather_mag_at.restype = i64
+        lib.es_gather_key_at.argtypes = [p, p, p, i64, c_int, u32, p, i64]
+        lib.es_gather_key_at.restype = i64
+        lib.es_nth_pair_at.argtypes = [p, p, p, i64, u32, u32, i64, p]
+        lib.es_nth_pair_at.restype = i64
         lib.es_nth_mag_at.argtypes = [p, p, i64, u32, i64, p]
         lib.es_nth_mag_at.restype = i64
+        lib.es_sample_keys.argtypes = [p, p, p, p, i64, i64, p, p]
+        lib.es_sample_keys.restype = i64
         lib.es_count_live.argtypes = [p, i64]
         lib.es_count_live.restype = i64
-        lib.es_bracket.argtypes = [p, p, p, i64, u32, u32, u32, u32, p, p, p, p, i64, p, i64, p]
+        lib.es_bracket.argtypes = [p, p, p, i64, u32, u32, u32, u32, u32, u32, p, p, p, i64, p, i64, p]
         lib.es_bracket.restype = None
         lib.es_hist_key_at.argtypes = [p, p, p, i64, c_int, u32, c_int, u32, p]
         lib.es_hist_key_at.restype = None
@@ -201,39 +211,42 @@ def _run(bounds: list[tuple[int, int]], fn: Any) -> list[Any]:
 
 
 def _break_ties_among(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, int]],
-                      candidates: list[np.ndarray], marked: int, key: int, k: int,
-                      mag_first: np.ndarray | None = None) -> tuple[int, int]:
+                      candidates: list[np.ndarray], marked: int, key: int, k: int) -> tuple[int, int]:
     """The prune key's |w| and index parts: the k-th (|w|, index) among live weights with this key.
 
-    ``candidates`` are, per slice, bitmaps of the live weights in the key's last bin (marked by
-    the last histogram pass); they are first narrowed to the key itself, in place, which also
-    gives the histogram of |w|'s first digit (16-bit digits for ``marked`` of at least
-    ``_CANDIDATES_FOR_16_BITS``, else 11-bit ones). ``mag_first``, when given, is that first
-    histogram already (16-bit digits; every marked weight has the key). Slices run in parallel.
-    Returns ``(mag bits, flat index or _NO_INDEX)``.
+    ``candidates`` are, per slice, bitmaps of the marked live weights (``marked`` of them) that
+    hold every live weight with this key not already counted below it; they are first narrowed to
+    the key itself, in place, which also gives the histogram of |w|'s first digit (16-bit digits
+    for ``marked`` of at least ``_CANDIDATES_FOR_16_BITS``, else 11-bit ones). Slices run in
+    parallel. Returns ``(mag bits, flat index or _NO_INDEX)``.
     """
-    digits: tuple[int, ...]
-    if mag_first is not None:
-        digits = (16, 16)
-        first = mag_first
-    else:
-        digits = (16, 16) if marked >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
-        first = _digit_histogram(bounds, digits[0], lambda j, a, out: lib.es_keep_key(
-            pw + 4 * a, pf + 4 * a, candidates[j].ctypes.data, candidates[j].size, key, 32 - digits[0], out))
+    digits = (16, 16) if marked >= _CANDIDATES_FOR_16_BITS else (11, 11, 10)
+    first = _digit_histogram(bounds, digits[0], lambda j, a, out: lib.es_keep_key(
+        pw + 4 * a, pf + 4 * a, candidates[j].ctypes.data, candidates[j].size, key, 32 - digits[0], out))
     sel = _select_digits(bounds, digits[1:], _Selection(first, k), 32 - digits[0],
                          lambda j, a, shift, prefix, d, out: lib.es_hist_mag_at(
                              pw + 4 * a, candidates[j].ctypes.data, candidates[j].size, shift, prefix, shift - d,
-                             (1 << d) - 1, out))
+                             (1 << d) - 1, out),
+                         lambda j, a, shift, prefix, out, cap: lib.es_gather_mag_at(
+                             pw + 4 * a, candidates[j].ctypes.data, candidates[j].size, shift, prefix, out, cap))
     if sel.tied <= sel.k:
         return sel.prefix, _NO_INDEX
-    r = sel.k  # ties in both: the r-th of them in flat order is the last one pruned
-    for (a, _), c in zip(bounds, candidates):
+    # ties in both: the k-th of them in flat order is the last one pruned
+    return sel.prefix, _nth_marked(bounds, candidates, sel.k, lambda a, bits, r, count: lib.es_nth_mag_at(
+        pw + 4 * a, bits.ctypes.data, bits.size, sel.prefix, r, count))
+
+
+def _nth_marked(bounds: list[tuple[int, int]], bitmaps: list[np.ndarray], r: int, nth: Any) -> int:
+    """The flat index of the r-th (1-based) marked weight in flat order that ``nth(start, bitmap,
+    r, count_pointer)`` looks for (it returns the slice index or -1, and stores how many it saw)."""
+    for (a, _), bits in zip(bounds, bitmaps):
         count = ctypes.c_int64(0)
-        at = lib.es_nth_mag_at(pw + 4 * a, c.ctypes.data, c.size, sel.prefix, r, ctypes.byref(count))
+        at = nth(a, bits, r, ctypes.byref(count))
         if at >= 0:
-            return sel.prefix, a + int(at)
+            return a + int(at)
         r -= count.value
-    raise AssertionError("unreachable: the histograms counted more ties than the candidates hold")
+    raise AssertionError("unreachable: the selection counted more ties than the marked weights hold")
+
 
 def _written(*arrays: Any) -> None:
     """Tell autograd that torch tensors changed behind its back (their version counters)."""
@@ -284,14 +297,6 @@ class _Selection:
         self.tied = int(hist[b])
 
 
-def _views(pw: int, pf: int, pm: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """NumPy views (no copy) of the weight, Fisher and mask memory."""
-    def view(address: int, ctype: Any, dtype: Any) -> np.ndarray:
-        return np.ctypeslib.as_array((ctype * n).from_address(address)).view(dtype)
-
-    return view(pw, ctypes.c_float, np.float32), view(pf, ctypes.c_float, np.float32), view(pm, ctypes.c_uint8, np.bool_)
-
-
 def keys_of(s: np.ndarray) -> np.ndarray:
     """The C kernel's unsigned order keys of float32 values (``-0`` as ``+0``), in NumPy."""
     u = s.astype(np.float32, copy=False).view(np.uint32).copy()
@@ -301,25 +306,25 @@ def keys_of(s: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _sample_index(n: int) -> np.ndarray:
-    """Which weights :func:`_brackets` samples from a tensor of ``n``: up to ``_SAMPLE`` (one in
-    64, at least 1,024; all of them when fewer), as runs of 32 at random places (cheap to read),
-    fixed by ``n`` so that runs repeat (a night calls the kernel on the same shapes again)."""
+def _sample_runs(n: int) -> tuple[np.ndarray, int]:
+    """Where :func:`_brackets` samples a tensor of ``n`` weights: ``(run starts, run length)``, up to
+    ``_SAMPLE`` weights (one in 64, at least 1,024; all of them when fewer) as runs of 32 at random
+    places (cheap to read), fixed by ``n`` so that runs repeat (a night calls the kernel on the
+    same shapes again)."""
     size = min(_SAMPLE, max(n // 64, 1024))  # its temporaries stay under a byte a weight
     if n <= size:
-        return np.arange(n)
-    starts = np.sort(np.random.default_rng(n).integers(0, n - 32, size // 32))
-    idx = (starts[:, None] + np.arange(32)).reshape(-1)
-    idx.flags.writeable = False
-    return idx
+        return np.zeros(1, np.int64), n
+    starts = np.sort(np.random.default_rng(n).integers(0, n - 32, size // 32)).astype(np.int64)
+    starts.flags.writeable = False
+    return starts, 32
 
 
-def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: int, rank: int | None,
+def _brackets(lib: ctypes.CDLL, pw: int, pf: int, pm: int, k: int, live: int, rank: int | None,
               n: int) -> tuple[int, int, int, int, int, int]:
-    """Key brackets ``(lo_p, hi_p, lo_s, hi_s)`` that hold the k-th live key and the rank-th key
-    with high probability, from a sample of up to ``_SAMPLE`` weights (one in 64, at least 1,024;
-    all of them when fewer), and the
-    number of weights each is expected to hold.
+    """Brackets ``(lo_p, hi_p, lo_s, hi_s)`` that hold, with high probability, the k-th live weight
+    in prune order (as a pair ``key << 32 | |w| bits``, so ties in the key are split by |w| in the
+    bracket pass already) and the rank-th key, from a sample of up to ``_SAMPLE`` weights (see
+    :func:`_sample_runs`); and the number of weights each is expected to hold.
 
     A bracket spans the estimated rank plus or minus eight standard deviations of a sample
     quantile (four, doubled because neighbours in a run are alike) and four more; an empty one
@@ -327,40 +332,52 @@ def _brackets(views: tuple[np.ndarray, np.ndarray, np.ndarray], k: int, live: in
     rank falls outside the bracket after all, the caller runs the radix passes instead: the
     result is exact either way, only the time differs.
     """
-    w, f, mask = views
-    idx = _sample_index(n)
-    ws = w[idx]
-    keys = keys_of(f[idx] * ws * ws)
-    alive = mask[idx]
+    starts, run = _sample_runs(n)
+    keys = np.empty(starts.size * run, np.uint32)
+    live_pairs = np.empty(keys.size, np.uint64)
+    live_pairs = live_pairs[: lib.es_sample_keys(pw, pf, pm, starts.ctypes.data, starts.size, run,
+                                                 keys.ctypes.data, live_pairs.ctypes.data)]
 
     def bracket(sample: np.ndarray, want: int, population: int) -> tuple[int, int]:
         m = sample.size
         if m == 0 or population == 0:
-            return 0, 0xFFFFFFFF  # nothing to estimate from: mark everything
+            return 0, int(np.iinfo(sample.dtype).max)  # nothing to estimate from: mark everything
         q = min(max(want / population, 0.0), 1.0)
         spread = 8.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
         lo_i, hi_i = math.floor(q * m - spread) - 1, math.ceil(q * m + spread) - 1
         at = [i for i in (lo_i, hi_i) if 0 <= i < m]
         ordered = np.partition(sample, at) if at else sample  # the two order statistics, not a sort
         lo = int(ordered[lo_i]) if lo_i >= 0 else 0
-        hi = int(ordered[hi_i]) if hi_i < m else 0xFFFFFFFF
+        hi = int(ordered[hi_i]) if hi_i < m else int(np.iinfo(sample.dtype).max)
         return lo, hi
 
     def expected(sample: np.ndarray, lo: int, hi: int, population: int) -> int:
         return int(np.count_nonzero((sample >= lo) & (sample <= hi)) / max(sample.size, 1) * population) + 1
 
-    lo_p, hi_p = bracket(keys[alive], k, live) if k else (1, 0)
+    lo_p, hi_p = bracket(live_pairs, k, live) if k else (1, 0)
     lo_s, hi_s = bracket(keys, rank, n) if rank is not None else (1, 0)
-    return (lo_p, hi_p, lo_s, hi_s, expected(keys[alive], lo_p, hi_p, live) if k else 0,
+    return (lo_p, hi_p, lo_s, hi_s, expected(live_pairs, lo_p, hi_p, live) if k else 0,
             expected(keys, lo_s, hi_s, n) if rank is not None else 0)
+
+
+def _select_values(values: np.ndarray, k: int) -> _Selection:
+    """The k-th smallest of ``values`` (1-based), as a finished selection; reorders ``values``."""
+    values.partition(k - 1)  # in place: no copy of what may be megabytes
+    key = int(values[k - 1])
+    below = int(np.count_nonzero(values < key))
+    return _Selection.known(key, k - below, int(np.count_nonzero(values == key)))
+
+
+def _joined(parts: list[np.ndarray], counts: Any) -> np.ndarray:
+    """The first ``counts[j]`` values of each part, end to end (the part itself when there is one)."""
+    if len(parts) == 1:
+        return parts[0][: int(counts[0])]
+    return np.concatenate([p[: int(c)] for p, c in zip(parts, counts)])
 
 
 def _select_keys(keys: list[np.ndarray], counts: np.ndarray, k: int) -> _Selection:
     """The k-th smallest of the keys the bracket pass copied out (``counts[j]`` in slice j)."""
-    allk = np.concatenate([kk[: int(c)] for kk, c in zip(keys, counts)])
-    key = int(np.partition(allk, k - 1)[k - 1])
-    below = int(np.count_nonzero(allk < key))
-    return _Selection.known(key, k - below, int(np.count_nonzero(allk == key)))
+    return _select_values(_joined(keys, counts), k)
 
 
 def _select_marked(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, int]], bitmaps: list[np.ndarray],
@@ -373,7 +390,10 @@ def _select_marked(lib: ctypes.CDLL, pw: int, pf: int, bounds: list[tuple[int, i
     return _select_digits(bounds, digits[1:], _Selection(first, k), shift,
                           lambda j, a, shift, prefix, d, out: lib.es_hist_key_at(
                               pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, shift, prefix,
-                              shift - d, (1 << d) - 1, out))
+                              shift - d, (1 << d) - 1, out),
+                          lambda j, a, shift, prefix, out, cap: lib.es_gather_key_at(
+                              pw + 4 * a, pf + 4 * a, bitmaps[j].ctypes.data, bitmaps[j].size, shift, prefix, out,
+                              cap))
 
 
 def _digit_histogram(bounds: list[tuple[int, int]], bits: int, fill: Any) -> np.ndarray:
@@ -381,18 +401,33 @@ def _digit_histogram(bounds: list[tuple[int, int]], bits: int, fill: Any) -> np.
     slice ``j`` into its own array (in parallel); the arrays are summed."""
     buf = np.zeros((len(bounds), 1 << bits), np.uint32)
     _run(bounds, lambda j, a, b: fill(j, a, buf[j].ctypes.data))
-    return buf.sum(axis=0, dtype=np.int64)
+    return buf[0] if len(bounds) == 1 else buf.sum(axis=0, dtype=np.int64)
 
 
 def _select_digits(bounds: list[tuple[int, int]], digits: Sequence[int], sel: _Selection, shift: int,
-                   hist: Any) -> _Selection:
+                   hist: Any, gather: Any) -> _Selection:
     """Refine ``sel`` by the next ``digits``, below bit ``shift``: for each, ``hist(j, start, shift,
-    prefix, bits, out_address)`` counts slice ``j``'s next digit among the values with that prefix."""
+    prefix, bits, out_address)`` counts slice ``j``'s next digit among the values with that prefix.
+
+    Once at most ``_GATHER`` values share the prefix, ``gather(j, start, shift, prefix,
+    out_address, capacity)`` copies slice ``j``'s out instead (returning how many it has), and a
+    partition finishes the selection: one pass over the marked weights, with no histogram to
+    zero and add up.
+    """
     for d in digits:
+        if sel.tied <= _GATHER:
+            break
         prefix = sel.prefix
         sel.refine(_digit_histogram(bounds, d, lambda j, a, out: hist(j, a, shift, prefix, d, out)), d)
         shift -= d
-    return sel
+    else:
+        return sel
+    bufs = [np.empty(sel.tied, np.uint32) for _ in bounds]
+    got = np.zeros(len(bounds), np.int64)
+    _run(bounds, lambda j, a, b: got.__setitem__(j, gather(j, a, shift, sel.prefix, bufs[j].ctypes.data, sel.tied)))
+    values = _joined(bufs, got)
+    assert values.size == sel.tied, "the gather found another count than the histograms"
+    return _select_values(values, sel.k)
 
 
 def _select_by_passes(lib: ctypes.CDLL, pw: int, pf: int, pm: int, bounds: list[tuple[int, int]], n: int, k: int,
@@ -506,23 +541,20 @@ def consolidate_(weight: Any, fisher: Any, mask: Any, *, prune: int, strengthen_
     rank = None if strengthen_rank is None or eta == 0 else min(max(int(strengthen_rank), 1), n)
 
     # brackets from a sample, then one pass that counts below them and marks the weights inside
-    views = _views(pw, pf, pm, n)
-    lo_p, hi_p, lo_s, hi_s, est_p, est_s = _brackets(views, k, live, rank, n)
+    lo_p, hi_p, lo_s, hi_s, est_p, est_s = _brackets(lib, pw, pf, pm, k, live, rank, n)
     bits_p = [np.empty((b - a + 63) // 64, np.uint64) for a, b in bounds]
     bits_s = [np.empty((b - a + 63) // 64, np.uint64) for a, b in bounds]
     counts = np.zeros((t, 5), np.int64)
-    one_key = k > 0 and lo_p == hi_p
-    h_mag = np.zeros((t, 1 << 16), np.uint32) if one_key else None
-    # the marked weights' keys too, where few are expected (room for three times the estimate)
-    cap_p = 0 if one_key or not k else min(n, 3 * est_p // t + 4096)
-    cap_s = 0 if rank is None else min(n, 3 * est_s // t + 4096)
+    # the marked weights' pairs and keys too, where few are expected (room for the estimate and a quarter)
+    cap_p = 0 if not k else min(n, (est_p + est_p // 4) // t + 4096)
+    cap_s = 0 if rank is None else min(n, (est_s + est_s // 4) // t + 4096)
     budget = _KEYS_BYTES_PER_WEIGHT * n
-    keys_p = [np.empty(cap_p, np.uint32) for _ in bounds] if cap_p and cap_p * 4 * t <= budget else None
+    pairs_p = [np.empty(cap_p, np.uint64) for _ in bounds] if cap_p and cap_p * 8 * t <= budget else None
     keys_s = [np.empty(cap_s, np.uint32) for _ in bounds] if cap_s and cap_s * 4 * t <= budget else None
-    _run(bounds, lambda j, a, b: lib.es_bracket(pw + 4 * a, pf + 4 * a, pm + a, b - a, lo_p, hi_p, lo_s, hi_s,
+    _run(bounds, lambda j, a, b: lib.es_bracket(pw + 4 * a, pf + 4 * a, pm + a, b - a, lo_p >> 32, lo_p & _LOW,
+                                                hi_p >> 32, hi_p & _LOW, lo_s, hi_s,
                                                 bits_p[j].ctypes.data, bits_s[j].ctypes.data,
-                                                None if h_mag is None else h_mag[j].ctypes.data,
-                                                None if keys_p is None else keys_p[j].ctypes.data, cap_p,
+                                                None if pairs_p is None else pairs_p[j].ctypes.data, cap_p,
                                                 None if keys_s is None else keys_s[j].ctypes.data, cap_s,
                                                 counts[j].ctypes.data))
     per_slice = counts.copy()
@@ -530,18 +562,19 @@ def consolidate_(weight: Any, fisher: Any, mask: Any, *, prune: int, strengthen_
     if nans:
         raise InputError(f"{nans} significances F * w^2 are NaN; the Fisher and the weights must be "
                          "finite (nothing was changed)")
+    p_key: int | None = None
+    p_mag, p_index = 0xFFFFFFFF, _NO_INDEX  # 0xFFFFFFFF: above every |w|, so no tie to split
     sel_p: _Selection | None = None
     sel_s: _Selection | None = None
     candidates: list[np.ndarray] | None = bits_p
     marked = in_p
-    mag_first: np.ndarray | None = None
-    if k and below_p < k <= below_p + in_p:  # the k-th live key is among the marked weights
-        if one_key:  # all of them share it
-            sel_p = _Selection.known(lo_p, k - below_p, in_p)
-            assert h_mag is not None
-            mag_first = h_mag.sum(axis=0, dtype=np.int64)
-        elif keys_p is not None and all(per_slice[j, 1] <= cap_p for j in range(t)):
-            sel_p = _select_keys(keys_p, per_slice[:, 1], k - below_p)
+    if k and below_p < k <= below_p + in_p:  # the k-th live weight is among the marked ones
+        if pairs_p is not None and all(per_slice[j, 1] <= cap_p for j in range(t)):
+            pair = _select_keys(pairs_p, per_slice[:, 1], k - below_p)  # its key and |w| at once
+            p_key, p_mag = pair.prefix >> 32, pair.prefix & _LOW
+            if pair.tied > pair.k:  # ties in both: the pair.k-th of them in flat order is the last pruned
+                p_index = _nth_marked(bounds, bits_p, pair.k, lambda a, bits, r, count: lib.es_nth_pair_at(
+                    pw + 4 * a, pf + 4 * a, bits.ctypes.data, bits.size, p_key, p_mag, r, count))
         else:
             sel_p = _select_marked(lib, pw, pf, bounds, bits_p, in_p, k - below_p)
     if rank is not None and below_s < rank <= below_s + in_s:
@@ -550,21 +583,21 @@ def consolidate_(weight: Any, fisher: Any, mask: Any, *, prune: int, strengthen_
         else:
             sel_s = _select_marked(lib, pw, pf, bounds, bits_s, in_s, rank - below_s)
     del bits_s
-    if (k and sel_p is None) or (rank is not None and sel_s is None):  # a bracket missed: radix passes
+    if (k and p_key is None and sel_p is None) or (rank is not None and sel_s is None):  # a bracket missed
         missed_p, missed_s, found_candidates, found_marked = _select_by_passes(
-            lib, pw, pf, pm, bounds, n, k if sel_p is None else 0, rank if sel_s is None else None)
-        if sel_p is None and k:
+            lib, pw, pf, pm, bounds, n, k if p_key is None and sel_p is None else 0,
+            rank if sel_s is None else None)
+        if p_key is None and sel_p is None and k:
             sel_p, candidates, marked = missed_p, found_candidates, found_marked
         if sel_s is None and rank is not None:
             sel_s = missed_s
-    p_key = None if sel_p is None else sel_p.prefix
+    if sel_p is not None:
+        p_key = sel_p.prefix
+        if sel_p.tied > sel_p.k:
+            # ties at the prune key: select the remaining sel_p.k among them by |w|, then by position
+            assert candidates is not None
+            p_mag, p_index = _break_ties_among(lib, pw, pf, bounds, candidates, marked, sel_p.prefix, sel_p.k)
     s_key = None if sel_s is None else sel_s.prefix
-    p_mag, p_index = 0xFFFFFFFF, _NO_INDEX  # 0xFFFFFFFF: above every |w|, so no tie to split
-    if sel_p is not None and sel_p.tied > sel_p.k:
-        # ties at the prune key: select the remaining sel_p.k among them by |w|, then by position
-        assert candidates is not None
-        p_mag, p_index = _break_ties_among(lib, pw, pf, bounds, candidates, marked, sel_p.prefix, sel_p.k,
-                                           mag_first)
 
     # the apply pass
     if p_key is None:

@@ -50,6 +50,11 @@ static inline uint32_t mag_of(float w) {
     return bits_of(w) & 0x7fffffffu; /* |w|; -0 and +0 alike */
 }
 
+/* A weight's prune order as one number: its key in the high half, |w|'s bits in the low half. */
+static inline uint64_t pair_of(float w, float f) {
+    return ((uint64_t)key_of(f * w * w) << 32) | mag_of(w);
+}
+
 /* The first digit of each key (key >> shift) and packed histogram increments (1 in the low half,
  * 1 << 32 if live), vectorized; returns how many significances are NaN. */
 VECTOR static uint32_t keys_inc(const float *restrict w, const float *restrict f, const uint8_t *restrict mask,
@@ -170,6 +175,39 @@ void es_hist_mag_at(const float *w, const uint64_t *bits, int64_t nwords, int ps
     }
 }
 
+/* The r-th (1-based) marked weight in index order whose key is `key` and |w| bits `mag`: its slice
+ * index, or -1 when there are fewer; *count gets how many there are. */
+int64_t es_nth_pair_at(const float *w, const float *f, const uint64_t *bits, int64_t nwords, uint32_t key,
+                       uint32_t mag, int64_t r, int64_t *count) {
+    const uint64_t want = ((uint64_t)key << 32) | mag;
+    int64_t c = 0, at = -1;
+    for (int64_t wd = 0; wd < nwords; wd++) {
+        for (uint64_t x = bits[wd]; x; x &= x - 1) {
+            int64_t i = wd * 64 + __builtin_ctzll(x);
+            if (pair_of(w[i], f[i]) == want && ++c == r) at = i;
+        }
+    }
+    *count = c;
+    return at;
+}
+
+/* The |w| bits of the candidates whose |w| bits have this prefix (mag >> pshift, pshift <= 32), in
+ * index order, into out while they fit in `cap`; returns how many there are. */
+int64_t es_gather_mag_at(const float *w, const uint64_t *bits, int64_t nwords, int pshift, uint32_t prefix,
+                         uint32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t wd = 0; wd < nwords; wd++) {
+        for (uint64_t x = bits[wd]; x; x &= x - 1) {
+            uint32_t g = mag_of(w[wd * 64 + __builtin_ctzll(x)]);
+            if ((uint32_t)((uint64_t)g >> pshift) == prefix) {
+                if (c < cap) out[c] = g;
+                c++;
+            }
+        }
+    }
+    return c;
+}
+
 /* The r-th (1-based) candidate in index order whose |w| bits equal `mag`: its slice index, or -1
  * when there are fewer; *count gets how many there are. */
 int64_t es_nth_mag_at(const float *w, const uint64_t *bits, int64_t nwords, uint32_t mag, int64_t r,
@@ -185,6 +223,24 @@ int64_t es_nth_mag_at(const float *w, const uint64_t *bits, int64_t nwords, uint
     return at;
 }
 
+/* A sample: `runs` runs of `len` weights starting at starts[r]; the keys of all of them into keys
+ * (runs * len) and the pairs (pair_of) of the live ones, in the same order, into live_pairs;
+ * returns how many are live. */
+int64_t es_sample_keys(const float *w, const float *f, const uint8_t *mask, const int64_t *starts, int64_t runs,
+                       int64_t len, uint32_t *keys, uint64_t *live_pairs) {
+    int64_t c = 0;
+    for (int64_t r = 0; r < runs; r++) {
+        const int64_t a = starts[r];
+        for (int64_t i = 0; i < len; i++) {
+            uint64_t v = pair_of(w[a + i], f[a + i]);
+            keys[r * len + i] = (uint32_t)(v >> 32);
+            live_pairs[c] = v;
+            c += mask[a + i] != 0;
+        }
+    }
+    return c;
+}
+
 /* How many of the n mask entries are live (vectorized). */
 int64_t es_count_live(const uint8_t *mask, int64_t n) {
     int64_t c = 0;
@@ -192,20 +248,26 @@ int64_t es_count_live(const uint8_t *mask, int64_t n) {
     return c;
 }
 
-/* Flags of one block for the bracket pass (vectorized): fp[i] = live and lo_p <= key <= hi_p,
- * fs[i] = lo_s <= key <= hi_s; counts into c[0..4] (live below lo_p, live in the prune bracket,
- * all below lo_s, all in the strengthening bracket, NaN significances). */
+/* Flags of one block for the bracket pass (vectorized). The prune bracket is one of pairs (key,
+ * |w| bits), compared in that order, from (lo_p, lo_pm) to (hi_p, hi_pm); the strengthening one of
+ * keys. fp[i] = live and in the prune bracket, fs[i] = lo_s <= key <= hi_s; counts into c[0..4]
+ * (live below the prune bracket, live in it, all below lo_s, all in the strengthening bracket,
+ * NaN significances). */
 VECTOR static void bracket_flags(const float *restrict w, const float *restrict f, const uint8_t *restrict mask,
-                                 int64_t n, uint32_t lo_p, uint32_t hi_p, uint32_t lo_s, uint32_t hi_s,
-                                 uint8_t *restrict fp, uint8_t *restrict fs, uint32_t *restrict c) {
+                                 int64_t n, uint32_t lo_p, uint32_t lo_pm, uint32_t hi_p, uint32_t hi_pm,
+                                 uint32_t lo_s, uint32_t hi_s, uint8_t *restrict fp, uint8_t *restrict fs,
+                                 uint32_t *restrict c) {
     uint32_t bp = 0, ip = 0, bs = 0, is = 0, nans = 0;
     for (int64_t i = 0; i < n; i++) {
-        float s = f[i] * w[i] * w[i];
-        uint32_t k = key_of(s);
+        float wi = w[i];
+        float s = f[i] * wi * wi;
+        uint32_t k = key_of(s), g = mag_of(wi);
         uint32_t live = mask[i] != 0;
-        uint32_t in_p = live & (k >= lo_p) & (k <= hi_p);
+        uint32_t under = (k < lo_p) | ((k == lo_p) & (g < lo_pm));
+        uint32_t over = (k > hi_p) | ((k == hi_p) & (g > hi_pm));
+        uint32_t in_p = live & ((under | over) ^ 1u);
         uint32_t in_s = (k >= lo_s) & (k <= hi_s);
-        bp += live & (k < lo_p);
+        bp += live & under;
         ip += in_p;
         bs += k < lo_s;
         is += in_s;
@@ -242,41 +304,50 @@ static void flags_to_bits(const uint8_t *fl, int64_t n, uint64_t *word) {
     }
 }
 
-static int64_t gather_keys(const float *w, const float *f, const uint8_t *fl, int64_t m, uint32_t *keys,
-                           int64_t have, int64_t cap) {
-    uint32_t d[BLOCK];
-    int64_t c = 0;
-    for (int64_t i = 0; i < m; i++) {
-        d[c] = key_of(f[i] * w[i] * w[i]);
-        c += fl[i];
+/* The keys (or, for `pairs`, the pairs) of the flagged weights (set bits of `bits`, nw words of a
+ * block), appended to out[have..] while they fit in `cap`; returns how many there are in all.
+ * Reads only the flagged weights. */
+static int64_t gather_keys(const float *w, const float *f, const uint64_t *bits, int64_t nw, uint32_t *keys,
+                           uint64_t *pairs, int64_t have, int64_t cap) {
+    for (int64_t wd = 0; wd < nw; wd++) {
+        for (uint64_t x = bits[wd]; x; x &= x - 1) {
+            int64_t i = wd * 64 + __builtin_ctzll(x);
+            if (have < cap) {
+                uint64_t v = pair_of(w[i], f[i]);
+                if (pairs) {
+                    pairs[have] = v;
+                } else {
+                    keys[have] = (uint32_t)(v >> 32);
+                }
+            }
+            have++;
+        }
     }
-    if (have + c <= cap) memcpy(keys + have, d, (size_t)c * sizeof *d);
-    return have + c;
+    return have;
 }
 
-void es_bracket(const float *w, const float *f, const uint8_t *mask, int64_t n, uint32_t lo_p, uint32_t hi_p,
-                uint32_t lo_s, uint32_t hi_s, uint64_t *bits_p, uint64_t *bits_s, uint32_t *h_mag,
-                uint32_t *keys_p, int64_t cap_p, uint32_t *keys_s, int64_t cap_s, int64_t *out) {
+/* The bracket pass: counts (see bracket_flags) into out[0..4], the flags as bitmaps bits_p and
+ * bits_s, and, unless NULL, the pairs of the weights in the prune bracket into pairs_p and the
+ * keys of those in the strengthening bracket into keys_s, while they fit (cap_p, cap_s). */
+void es_bracket(const float *w, const float *f, const uint8_t *mask, int64_t n, uint32_t lo_p, uint32_t lo_pm,
+                uint32_t hi_p, uint32_t hi_pm, uint32_t lo_s, uint32_t hi_s, uint64_t *bits_p, uint64_t *bits_s,
+                uint64_t *pairs_p, int64_t cap_p, uint32_t *keys_s, int64_t cap_s, int64_t *out) {
     uint8_t fp[BLOCK], fs[BLOCK];
-    uint32_t d[BLOCK];
     uint32_t c[5] = {0, 0, 0, 0, 0};
     int64_t np_ = 0, ns_ = 0;
     for (int64_t a = 0; a < n; a += BLOCK) {
         int64_t m = n - a < BLOCK ? n - a : BLOCK;
         uint32_t before_p = c[1], before_s = c[3];
-        bracket_flags(w + a, f + a, mask + a, m, lo_p, hi_p, lo_s, hi_s, fp, fs, c);
-        if (h_mag) { /* one key in the prune bracket: the top 16 bits of the marked weights' |w| */
-            int64_t nd = 0;
-            for (int64_t i = 0; i < m; i++) {
-                d[nd] = mag_of(w[a + i]) >> 16;
-                nd += fp[i];
-            }
-            for (int64_t j = 0; j < nd; j++) h_mag[d[j]]++;
-        }
-        if (keys_p && c[1] != before_p) np_ = gather_keys(w + a, f + a, fp, m, keys_p, np_, cap_p);
-        if (keys_s && c[3] != before_s) ns_ = gather_keys(w + a, f + a, fs, m, keys_s, ns_, cap_s);
+        bracket_flags(w + a, f + a, mask + a, m, lo_p, lo_pm, hi_p, hi_pm, lo_s, hi_s, fp, fs, c);
         flags_to_bits(fp, m, bits_p + a / 64);
         flags_to_bits(fs, m, bits_s + a / 64);
+        int64_t nw = (m + 63) / 64;
+        if (pairs_p && c[1] != before_p) {
+            np_ = gather_keys(w + a, f + a, bits_p + a / 64, nw, NULL, pairs_p, np_, cap_p);
+        }
+        if (keys_s && c[3] != before_s) {
+            ns_ = gather_keys(w + a, f + a, bits_s + a / 64, nw, keys_s, NULL, ns_, cap_s);
+        }
         if (a % (BLOCK * 4096) == 0) { /* flush the 32-bit counters well before they could wrap */
             for (int j = 0; j < 5; j++) out[j] += c[j], c[j] = 0;
         }
@@ -295,6 +366,24 @@ void es_hist_key_at(const float *w, const float *f, const uint64_t *bits, int64_
             if ((uint32_t)((uint64_t)k >> pshift) == prefix) h[(k >> dshift) & dmask]++;
         }
     }
+}
+
+/* The keys of the marked weights whose key has this prefix (key >> pshift, pshift <= 32), into out
+ * while they fit in `cap`; returns how many there are. */
+int64_t es_gather_key_at(const float *w, const float *f, const uint64_t *bits, int64_t nwords, int pshift,
+                         uint32_t prefix, uint32_t *out, int64_t cap) {
+    int64_t c = 0;
+    for (int64_t wd = 0; wd < nwords; wd++) {
+        for (uint64_t x = bits[wd]; x; x &= x - 1) {
+            int64_t i = wd * 64 + __builtin_ctzll(x);
+            uint32_t k = key_of(f[i] * w[i] * w[i]);
+            if ((uint32_t)((uint64_t)k >> pshift) == prefix) {
+                if (c < cap) out[c] = k;
+                c++;
+            }
+        }
+    }
+    return c;
 }
 
 /* The fused apply pass, in place and branch-free. A live weight is pruned when its significance
