@@ -148,6 +148,32 @@ def _train_form(model: nn.Module, anchor_coefs: dict[str, torch.Tensor],
     return clone, const
 
 
+def _without_empty_permuted(gm: torch.fx.GraphModule) -> None:
+    """Rewrite ``empty_permuted`` (which some backward graphs allocate with, LLaMA's among them,
+    and ExecuTorch's kernels lack) as ``empty`` of the physical shape, viewed back in the logical
+    order: the same uninitialized tensor. In place, on an edge-dialect graph (after ``to_edge``:
+    rewriting before it makes its re-trace specialize the batch dimension)."""
+    from executorch.exir.dialects._ops import ops as exir_ops
+
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != exir_ops.edge.aten.empty_permuted.default:
+            continue
+        size, order = node.args[0], list(node.args[1])
+        with graph.inserting_before(node):
+            new = graph.call_function(exir_ops.edge.aten.empty.memory_format, ([size[i] for i in order],),
+                                      dict(node.kwargs))
+            new.meta = dict(node.meta)
+            if order != sorted(order):
+                inverse = sorted(range(len(order)), key=order.__getitem__)
+                new = graph.call_function(exir_ops.edge.aten.permute_copy.default, (new, inverse))
+                new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+
+
 def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, *,
                      anchor_coefs: dict[str, torch.Tensor] | None = None,
                      references: dict[str, torch.Tensor] | None = None,
@@ -197,6 +223,7 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
                                     dynamic_shapes=({0: b}, tuple(None for _ in adapters)), strict=False)
     edge = to_edge({"forward": train_ep, "logits": logits_ep},
                    compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    _without_empty_permuted(edge.exported_program("forward").graph_module)
     # constants and trainable weights in one file (ExecuTorch names it _default_external_constant;
     # the program finds tensors by name, not by file name)
     from executorch.exir.emit import _emitter
