@@ -149,25 +149,22 @@ def _train_form(model: nn.Module, anchor_coefs: dict[str, torch.Tensor],
 
 
 def _without_empty_permuted(gm: torch.fx.GraphModule) -> None:
-    """Rewrite ``empty_permuted`` (which some backward graphs allocate with, LLaMA's among them,
-    and ExecuTorch's kernels lack) as ``empty`` of the physical shape, viewed back in the logical
-    order: the same uninitialized tensor. In place, on an edge-dialect graph (after ``to_edge``:
-    rewriting before it makes its re-trace specialize the batch dimension)."""
+    """Rewrite ``empty_permuted`` in the identity order (which some backward graphs allocate with,
+    LLaMA's among them, and ExecuTorch's kernels lack) as ``empty`` of the same shape: the same
+    uninitialized contiguous tensor. In place, on an edge-dialect graph (after ``to_edge``:
+    rewriting before it makes its re-trace specialize the batch dimension). Another order is left
+    as it is (ExecuTorch then refuses the program when it loads the method)."""
     from executorch.exir.dialects._ops import ops as exir_ops
 
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target != exir_ops.edge.aten.empty_permuted.default:
             continue
-        size, order = node.args[0], list(node.args[1])
+        if list(node.args[1]) != list(range(len(node.args[1]))):
+            continue
         with graph.inserting_before(node):
-            new = graph.call_function(exir_ops.edge.aten.empty.memory_format, ([size[i] for i in order],),
-                                      dict(node.kwargs))
-            new.meta = dict(node.meta)
-            if order != sorted(order):
-                inverse = sorted(range(len(order)), key=order.__getitem__)
-                new = graph.call_function(exir_ops.edge.aten.permute_copy.default, (new, inverse))
-                new.meta = dict(node.meta)
+            new = graph.call_function(exir_ops.edge.aten.empty.memory_format, (node.args[0],), dict(node.kwargs))
+        new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
     graph.lint()
