@@ -189,6 +189,25 @@ def test_a_sampled_bracket_holds_the_threshold_on_night_like_data() -> None:
             assert int(((live_pairs >= lo_p) & (live_pairs <= hi_p)).sum()) < tied / 4
 
 
+def test_the_sample_is_the_keys_and_live_pairs_at_its_runs() -> None:
+    """es_sample_keys: every sampled weight's key, and the live ones' (key, |w|) pairs in order."""
+    if not native.available():
+        pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
+    w, f, mask = case(5, 200_000, "both", torch.float32, 0.3)
+    w[::7] = -w[::7]  # |w| of negative weights too
+    starts, run = native._sample_runs(w.numel())
+    idx = (starts[:, None] + np.arange(run)).reshape(-1)
+    keys = np.empty(idx.size, np.uint32)
+    pairs = np.empty(idx.size, np.uint64)
+    live = native._load().es_sample_keys(w.data_ptr(), f.data_ptr(), mask.data_ptr(), starts.ctypes.data,
+                                         starts.size, run, keys.ctypes.data, pairs.ctypes.data)
+    want = native.keys_of((f * w * w).numpy())[idx]
+    alive = mask.numpy()[idx]
+    mags = w.numpy().view(np.uint32)[idx] & np.uint32(0x7FFFFFFF)
+    assert np.array_equal(keys, want) and live == int(alive.sum())
+    assert np.array_equal(pairs[:live], (want[alive].astype(np.uint64) << np.uint64(32)) | mags[alive])
+
+
 def keys_of_zero() -> int:
     return int(native.keys_of(np.zeros(1, np.float32))[0])
 
