@@ -140,6 +140,12 @@ PATHS = {
 }
 
 
+# the C kernel's own tests; where no compiler works, the PyTorch form's tests above still run
+needs_native = pytest.mark.skipif(not native.available(),
+                                  reason=f"no compiled kernel here: {native.unavailable_reason()}")
+
+
+@needs_native
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("ties", ["none", "fisher", "both"])
 @pytest.mark.parametrize("tie_digits_16", [False, True])
@@ -148,8 +154,6 @@ def test_native_kernel_is_exact_on_every_path_and_thread_split(
         monkeypatch: pytest.MonkeyPatch, path: str, ties: str, tie_digits_16: bool, gather: bool) -> None:
     """Every path, with selections among the marked weights by histograms to the last digit or
     finished by copying out the few left (``_GATHER``)."""
-    if not native.available():
-        pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
     for name, value in PATHS[path].items():
         monkeypatch.setattr(native, name, value)
     monkeypatch.setattr(native, "_CANDIDATES_FOR_16_BITS", 0 if tie_digits_16 else 1 << 40)
@@ -165,10 +169,9 @@ def test_native_kernel_is_exact_on_every_path_and_thread_split(
         assert (done.pruned, done.strengthened) == want[2:]
 
 
+@needs_native
 def test_a_sampled_bracket_holds_the_threshold_on_night_like_data() -> None:
     """The fast path is the usual one: on a large tensor the sample's brackets hold both ranks."""
-    if not native.available():
-        pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
     g = torch.Generator().manual_seed(0)
     n = 2_000_000
     w, f = torch.randn(n, generator=g) * 0.05, torch.rand(n, generator=g) ** 4
@@ -189,10 +192,9 @@ def test_a_sampled_bracket_holds_the_threshold_on_night_like_data() -> None:
             assert int(((live_pairs >= lo_p) & (live_pairs <= hi_p)).sum()) < tied / 4
 
 
+@needs_native
 def test_the_sample_is_the_keys_and_live_pairs_at_its_runs() -> None:
     """es_sample_keys: every sampled weight's key, and the live ones' (key, |w|) pairs in order."""
-    if not native.available():
-        pytest.skip(f"no compiled kernel here: {native.unavailable_reason()}")
     w, f, mask = case(5, 200_000, "both", torch.float32, 0.3)
     w[::7] = -w[::7]  # |w| of negative weights too
     starts, run = native._sample_runs(w.numel())

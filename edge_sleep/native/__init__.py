@@ -583,11 +583,11 @@ def consolidate_(weight: Any, fisher: Any, mask: Any, *, prune: int, strengthen_
         else:
             sel_s = _select_marked(lib, pw, pf, bounds, bits_s, in_s, rank - below_s)
     del bits_s
-    if (k and p_key is None and sel_p is None) or (rank is not None and sel_s is None):  # a bracket missed
+    prune_missed = bool(k) and p_key is None and sel_p is None
+    if prune_missed or (rank is not None and sel_s is None):  # a bracket missed
         missed_p, missed_s, found_candidates, found_marked = _select_by_passes(
-            lib, pw, pf, pm, bounds, n, k if p_key is None and sel_p is None else 0,
-            rank if sel_s is None else None)
-        if p_key is None and sel_p is None and k:
+            lib, pw, pf, pm, bounds, n, k if prune_missed else 0, rank if sel_s is None else None)
+        if prune_missed:
             sel_p, candidates, marked = missed_p, found_candidates, found_marked
         if sel_s is None and rank is not None:
             sel_s = missed_s
