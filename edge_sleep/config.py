@@ -87,6 +87,11 @@ class WakeConfig:
         _posint(p, "store_every", self.store_every)
         _check("WakeConfig", p)
 
+    @property
+    def replays(self) -> bool:
+        """Whether a wake step replays stored records (a batch and a positive weight)."""
+        return self.replay_batch > 0 and (self.replay_alpha > 0 or self.replay_beta > 0)
+
 
 @dataclass(frozen=True)
 class SleepConfig:

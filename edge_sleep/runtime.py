@@ -267,7 +267,7 @@ class EdgeSleep:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
         if self.engine == "executorch":
-            self._executorch().check_batch(x)  # before the store's generator moves
+            self._executorch().check_batch(x, self.wake_config)  # before the store's generator moves
         cfg = self.wake_config
         self.model.train()
         r1 = r2 = None

@@ -87,3 +87,24 @@ def test_engine_refuses_a_batch_too_large_and_guards_steps(tmp_path: Path) -> No
     back = EdgeSleep.load(tmp_path / "ckpt", mlp(0))
     assert back.engine == "executorch"
     assert (back.logits(x) - want).abs().max().item() <= 1e-5
+
+
+def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> None:
+    """replay_batch=0: train.pte takes (x, y) only, and still takes the eager engine's steps."""
+    tasks = permuted_mnist(1, 0, train_per_task=192, test_per_task=50)
+    cfg = WakeConfig(train="adapters", lora_rank=4, replay_batch=0)
+    eager, et = (EdgeSleep(mlp(0), wake=cfg, seed=0, engine=e) for e in ("torch", "executorch"))
+    for x, y in tasks[0].batches(64):
+        a, b = eager.learn(x, y), et.learn(x, y)
+        for key in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm"):
+            assert abs(getattr(a, key) - getattr(b, key)) <= 1e-5, key
+    assert et._et is not None and et._et.manifest is not None and et._et.manifest.max_replay == 0
+    wa, wb = _adapters(eager), _adapters(et)
+    assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-5
+    # a wake config that replays cannot run through this program: refused before anything moves
+    et.wake_config = WakeConfig(train="adapters", lora_rank=4, replay_batch=16)
+    stored, steps = len(et.store), et.wake_steps_since_sleep
+    with pytest.raises(InputError, match="without replay inputs"):
+        et.learn(*next(tasks[0].batches(8)))
+    assert len(et.store) == stored and et.wake_steps_since_sleep == steps
+    assert all(torch.equal(wb[n], p) for n, p in _adapters(et).items())

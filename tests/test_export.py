@@ -187,6 +187,9 @@ def test_export_refuses_bad_arguments_and_keeps_the_old_folder(exported: Exporte
         export_programs(exported.es, torch.zeros(2, 10), tmp_path / "x")
     with pytest.raises(InputError, match="max_batch=1"):
         export_programs(exported.es, None, tmp_path / "x", max_batch=1)
+    for bad in (2, -1, True, 4.0):
+        with pytest.raises(InputError, match=rf"max_replay={bad!r}; expected 0 \(no replay inputs\) or"):
+            export_programs(exported.es, None, tmp_path / "x", max_replay=bad)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="expected an EdgeSleep"):
         export_programs(torch.nn.Linear(2, 2), None, tmp_path / "x")  # type: ignore[arg-type]
     assert not (tmp_path / "x").exists()

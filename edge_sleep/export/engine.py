@@ -102,11 +102,16 @@ class ExecuTorchEngine:
         self.rebuilds += 1
 
     # ------------------------------------------------------------------- day
-    def check_batch(self, x: torch.Tensor) -> None:
-        """Refuse a batch larger than the programs take (``InputError``)."""
+    def check_batch(self, x: torch.Tensor, cfg: WakeConfig | None = None) -> None:
+        """Refuse a batch larger than the programs take, or a step that replays (``cfg``) through a
+        ``train.pte`` exported without replay inputs (``InputError``)."""
         if x.shape[0] > self.max_batch:
             raise InputError(f"a batch of {x.shape[0]} examples; the ExecuTorch engine's programs take at most "
                              f"{self.max_batch}. Fix: split the batch, or pass a larger engine max_batch.")
+        if cfg is not None and cfg.replays and self.manifest is not None and self.manifest.max_replay == 0:
+            raise InputError(f"WakeConfig(replay_batch={cfg.replay_batch}) replays, but train.pte was exported "
+                             "without replay inputs (the wake config did not replay then). Fix: keep the wake "
+                             "config the engine was built with, or build a new EdgeSleep with this one.")
 
     def _replay(self, batch: ReplayBatch | None, weight: float, x: torch.Tensor,
                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -117,14 +122,10 @@ class ExecuTorchEngine:
         logits = batch.logits if batch.logits is not None else torch.zeros(batch.y.shape[0], num_classes)
         return batch.x.to(x.dtype).contiguous(), logits.float(), batch.y.long(), float(weight)
 
-    def step(self, es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
-             replay_labels: ReplayBatch | None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-        """One guarded wake step; the same contract as :func:`edge_sleep.wake.wake_step`."""
-        from executorch.extension.training import get_sgd_optimizer
-
-        cfg: WakeConfig = es.wake_config
+    def _step_inputs(self, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
+                     replay_labels: ReplayBatch | None, cfg: WakeConfig) -> tuple[torch.Tensor, ...]:
+        """``forward``'s inputs in a ``train.pte`` with replay: the batch, both replay terms, their weights."""
         assert self.manifest is not None
-        self.check_batch(x)
         c = self.manifest.num_classes
         xd, zd, _, a = self._replay(replay_logits if (replay_logits is not None
                                                       and replay_logits.logits is not None) else None,
@@ -134,8 +135,20 @@ class ExecuTorchEngine:
             if r.shape[0] > self.manifest.max_replay:
                 raise InputError(f"a {name} replay batch of {r.shape[0]}; train.pte takes at most "
                                  f"{self.manifest.max_replay}. Fix: keep WakeConfig.replay_batch as exported.")
-        outs = self._train.forward_backward(
-            "forward", (x.contiguous(), y, xd, zd, xl, yl, torch.tensor([a, b], dtype=torch.float32)))
+        return x.contiguous(), y, xd, zd, xl, yl, torch.tensor([a, b], dtype=torch.float32)
+
+    def step(self, es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
+             replay_labels: ReplayBatch | None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """One guarded wake step; the same contract as :func:`edge_sleep.wake.wake_step`."""
+        from executorch.extension.training import get_sgd_optimizer
+
+        cfg: WakeConfig = es.wake_config
+        assert self.manifest is not None
+        self.check_batch(x, cfg)
+        if self.manifest.max_replay == 0:
+            outs = self._train.forward_backward("forward", (x.contiguous(), y))
+        else:
+            outs = self._train.forward_backward("forward", self._step_inputs(x, y, replay_logits, replay_labels, cfg))
         loss, new_loss, replay, penalty, logits = outs[:5]
         losses: dict[str, Any] = {"loss": float(loss), "new_loss": float(new_loss), "replay_loss": float(replay),
                                   "penalty": float(penalty), "grad_norm": float("nan"), "skipped": None}

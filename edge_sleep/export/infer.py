@@ -124,6 +124,29 @@ def positional_keys(module: Any, prefix: str) -> Iterator[None]:
             module.hashlib = original
 
 
+def _returns_tensor_list(ep: torch.export.ExportedProgram) -> bool:
+    """Whether an operator in ``ep`` returns a ``Tensor[]`` (``split``, ``unbind``, ``chunk``...)."""
+    for node in ep.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op == "call_function" and schema is not None and any(
+                r.type == torch.ListType.ofTensors() for r in schema.returns):
+            return True
+    return False
+
+
+def edge_config(ep: torch.export.ExportedProgram) -> Any:
+    """``to_edge``'s config for ``ep``: ExecuTorch's IR checks, unless an operator returns a ``Tensor[]``.
+
+    ExecuTorch's dtype check reads such an operator's list of outputs as if each were one return
+    and takes ``len()`` of the first tensor: a symbolic batch then becomes the example's batch
+    (GPT-2's ``split`` of the fused query/key/value projection, along the last dimension, turned a
+    program with a dynamic batch into one of batch 2). Those graphs skip the check.
+    """
+    from executorch.exir import EdgeCompileConfig
+
+    return EdgeCompileConfig(_check_ir_validity=not _returns_tensor_list(ep))
+
+
 def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim]]:
     return ({0: Dim("batch", min=1, max=max_batch)},)
 
@@ -174,7 +197,7 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
 
         with positional_keys(node_visitor, tag):
             lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                                  generate_etrecord=etrecord)
+                                                  compile_config=edge_config(ep), generate_etrecord=etrecord)
         from executorch.exir.emit import _emitter
 
         with positional_keys(_emitter, tag):  # constants outside XNNPACK (embeddings...) as well

@@ -36,7 +36,8 @@ class Manifest:
         max_batch: the largest batch the programs accept.
         num_classes: logits per example.
         lora: ``{"rank", "alpha", "targets"}`` of the adapters, or ``None`` without adapters.
-        max_replay: the largest replay batch ``train.pte`` takes (0 without it).
+        max_replay: the largest replay batch ``train.pte`` takes (0: it takes no replay inputs, or
+            there is no ``train.pte``).
         adapters: the trainable tensors of ``train.pte`` in the order its ``logits`` method takes
             them (empty without it).
         programs: ``{name: {"pte": file, "ptd": file}}`` for the ExecuTorch programs, and

@@ -6,8 +6,10 @@ The program has two methods over one set of weights (``train.ptd``):
   ``(loss, new_loss, replay_loss, penalty, logits)`` followed by the adapters' gradients (ExecuTorch
   training: ``torch.export`` -> ``_export_forward_backward``). The loss is the wake step's
   (``edge_sleep.wake``): ``CE(f(x), y) + a * MSE(f(x_distill), z_distill) + b * CE(f(x_label),
-  y_label) + penalty``, with ``replay_weights = [a, b]``. Without replay the caller passes one
-  dummy row and a weight of 0.
+  y_label) + penalty``, with ``replay_weights = [a, b]``. A step without a replay term passes one
+  dummy row and a weight of 0. A program exported with ``max_replay=0`` (a runtime that never
+  replays during the day) takes ``forward(x, y)`` only: one copy of the model's graph instead of
+  three.
 - ``logits(x, *adapters)`` returns the logits of ``x`` in eval mode with the adapters given as
   inputs (in :func:`adapter_names` order), so predictions use the adapters as they are after any
   number of training steps.
@@ -86,6 +88,8 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 class _TrainStep(nn.Module):
+    """``forward(x, y)``: the wake step's outputs without replay (a program exported with ``max_replay=0``)."""
+
     penalty_const: torch.Tensor
 
     def __init__(self, model: nn.Module, penalty_const: float) -> None:
@@ -96,18 +100,28 @@ class _TrainStep(nn.Module):
     def _layers(self) -> Iterator[TrainLinear]:
         return (m for m in self.model.modules() if isinstance(m, TrainLinear))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, x_distill: torch.Tensor, z_distill: torch.Tensor,
-                x_label: torch.Tensor, y_label: torch.Tensor,
-                replay_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = logits_of(self.model(x))
+    def _outputs(self, logits: torch.Tensor, y: torch.Tensor, replay: torch.Tensor) -> tuple[torch.Tensor, ...]:
         new_loss = F.cross_entropy(logits, y)
-        replay = (replay_weights[0] * F.mse_loss(logits_of(self.model(x_distill)), z_distill)
-                  + replay_weights[1] * F.cross_entropy(logits_of(self.model(x_label)), y_label))
         penalty = self.penalty_const
         for m in self._layers():
             penalty = penalty + m.penalty()
         loss = new_loss + replay + penalty
         return loss, new_loss.detach(), replay.detach(), penalty.detach(), logits.detach()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._outputs(logits_of(self.model(x)), y, torch.zeros(()))
+
+
+class _ReplayStep(_TrainStep):
+    """``forward(x, y, x_distill, z_distill, x_label, y_label, replay_weights)``: the step with replay."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, x_distill: torch.Tensor,  # type: ignore[override]
+                z_distill: torch.Tensor, x_label: torch.Tensor, y_label: torch.Tensor,
+                replay_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = logits_of(self.model(x))
+        replay = (replay_weights[0] * F.mse_loss(logits_of(self.model(x_distill)), z_distill)
+                  + replay_weights[1] * F.cross_entropy(logits_of(self.model(x_label)), y_label))
+        return self._outputs(logits, y, replay)
 
 
 class _Logits(nn.Module):
@@ -183,14 +197,15 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
         num_classes: logits per example.
         anchor_coefs: ``{weight name: min(lambda F, 1/(2 lr))}`` of the anchor, or ``None``.
         references: ``{weight name: W*}`` of the anchor, or ``None``.
-        max_batch: the largest new batch (at least 2); max_replay: the largest replay batch (at
-            least 4: the export traces replay batches of 3 and 4 rows).
+        max_batch: the largest new batch (at least 2); max_replay: the largest replay batch (0: a
+            program without replay inputs; else at least 4: the export traces replay batches of 3
+            and 4 rows).
 
     Returns:
         :class:`ProgramFiles` with ``train.pte`` bytes and ``{"train": train.ptd bytes}``.
 
     Raises:
-        ConfigError: the model has no adapters.
+        ConfigError: the model has no adapters, or a bound is out of range.
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from torch.export.experimental import _export_forward_backward
@@ -198,19 +213,24 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
     if not lora_modules(model):
         raise ConfigError("train.pte", ["the model has no LoRA adapters; the training program trains "
                                         "adapters only. Use WakeConfig(train='adapters')"])
-    if max_batch < 2 or max_replay < 4:
-        raise ConfigError("train.pte", [f"max_batch={max_batch}, max_replay={max_replay}; expected at least 2 and 4"])
+    if max_batch < 2 or (max_replay != 0 and max_replay < 4):
+        raise ConfigError("train.pte", [f"max_batch={max_batch}, max_replay={max_replay}; expected at least 2, "
+                                        "and 0 or at least 4"])
     form, const = _train_form(model, anchor_coefs or {}, references or {})
     names = adapter_names(form)
-    step = _TrainStep(form, const).train()
     # distinct example sizes, so torch.export keeps the three batch dimensions apart
     x, xd, xl = (example[:1].expand(n, *example.shape[1:]).contiguous() for n in (2, 3, 4))
     y, yl = torch.zeros(2, dtype=torch.long), torch.zeros(4, dtype=torch.long)
     z = torch.zeros(3, num_classes)
-    b, r1, r2 = (Dim("batch", min=1, max=max_batch), Dim("distill", min=1, max=max_replay),
-                 Dim("label", min=1, max=max_replay))
-    shapes = ({0: b}, {0: b}, {0: r1}, {0: r1}, {0: r2}, {0: r2}, None)
-    train_ep = torch.export.export(step, (x, y, xd, z, xl, yl, torch.ones(2)), dynamic_shapes=shapes, strict=True)
+    b = Dim("batch", min=1, max=max_batch)
+    if max_replay:
+        r1, r2 = Dim("distill", min=1, max=max_replay), Dim("label", min=1, max=max_replay)
+        train_ep = torch.export.export(_ReplayStep(form, const).train(), (x, y, xd, z, xl, yl, torch.ones(2)),
+                                       dynamic_shapes=({0: b}, {0: b}, {0: r1}, {0: r1}, {0: r2}, {0: r2}, None),
+                                       strict=True)
+    else:
+        train_ep = torch.export.export(_TrainStep(form, const).train(), (x, y),
+                                       dynamic_shapes=({0: b}, {0: b}), strict=True)
     train_ep = _export_forward_backward(train_ep)
 
     params = dict(form.named_parameters())
