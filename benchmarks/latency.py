@@ -13,7 +13,7 @@ Side by side in one process, one thread each (torch, ExecuTorch's thread pool, O
 - the size of every exported file, and what a night changes.
 
 Writes ``benchmarks/results/latency.json``: medians in microseconds, the MLP at the top level.
-Takes about 3 minutes on 2 cores.
+Takes about 4 to 5 minutes on 2 cores.
 """
 
 from __future__ import annotations
