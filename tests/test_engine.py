@@ -108,3 +108,8 @@ def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> 
         et.learn(*next(tasks[0].batches(8)))
     assert len(et.store) == stored and et.wake_steps_since_sleep == steps
     assert all(torch.equal(wb[n], p) for n, p in _adapters(et).items())
+    # after a night the engine re-exports the same program (not one with replay inputs)
+    et.sleep()
+    with pytest.raises(InputError, match="without replay inputs"):
+        et.learn(*next(tasks[0].batches(8)))
+    assert et._et.manifest.max_replay == 0 and et._et.rebuilds == 2

@@ -80,8 +80,10 @@ class ExecuTorchEngine:
 
         before = self.manifest
         with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
+            # the first export fixes the programs' bounds (replay inputs or not) for the engine's life
             manifest = export_programs(es, None, self.directory, int8=False, onnx=False, train=True,
-                                       consolidate=False, max_batch=self.max_batch)
+                                       consolidate=False, max_batch=self.max_batch,
+                                       max_replay=None if before is None else before.max_replay)
         if before is not None:
             for name in ("train.pte", "infer.pte"):
                 if before.files[name]["sha256"] != manifest.files[name]["sha256"]:

@@ -34,7 +34,7 @@ from torch.export import Dim
 from edge_sleep.adapters import LoRALinear
 from edge_sleep.modelio import logits_of
 
-__all__ = ["ProgramFiles", "to_infer_program", "inference_form", "positional_keys", "WEIGHTS_TAG"]
+__all__ = ["ProgramFiles", "to_infer_program", "inference_form", "positional_keys", "edge_config", "WEIGHTS_TAG"]
 
 WEIGHTS_TAG = "weights"  # the .ptd file's stem: weights.ptd (int8: weights_int8.ptd)
 
