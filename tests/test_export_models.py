@@ -4,7 +4,7 @@ infer.pte.
 
 Lowering a transformer's training step takes a minute or more here, so those cases run one night
 (two exports), the CNN's two. CI runs MiniLM with its first pretrained layer; the whole 6-layer
-encoder (about 7 minutes: two exports of about 3.5) and a tiny GPT-2 on both engines (about 2
+encoder (about 7 minutes: two exports of about 3.5) and a tiny GPT-2 on both engines (about 3
 minutes) run with ``EDGE_SLEEP_LONG_TESTS=1``. Dropout is off in the transformers here: a
 program's dropout draws from ExecuTorch's generator, so with it on the two engines agree only in
 distribution.
