@@ -113,3 +113,16 @@ def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> 
     with pytest.raises(InputError, match="without replay inputs"):
         et.learn(*next(tasks[0].batches(8)))
     assert et._et.manifest.max_replay == 0 and et._et.rebuilds == 2
+
+
+def test_a_replay_batch_above_the_programs_bound_is_refused_before_anything_moves() -> None:
+    es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=8), seed=0, engine="executorch")
+    x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
+    es.learn(x, y)
+    assert es._et is not None and es._et.manifest is not None and es._et.manifest.max_replay == 8
+    before, stored, state = _adapters(es), len(es.store), es.store.state_dict()
+    es.wake_config = WakeConfig(train="adapters", lora_rank=2, replay_batch=32)
+    with pytest.raises(InputError, match="replay_batch=32.*at most 8"):
+        es.learn(x, y)
+    assert len(es.store) == stored and all(torch.equal(before[n], p) for n, p in _adapters(es).items())
+    assert es.store.state_dict() == state  # its generator did not move

@@ -105,15 +105,20 @@ class ExecuTorchEngine:
 
     # ------------------------------------------------------------------- day
     def check_batch(self, x: torch.Tensor, cfg: WakeConfig | None = None) -> None:
-        """Refuse a batch larger than the programs take, or a step that replays (``cfg``) through a
-        ``train.pte`` exported without replay inputs (``InputError``)."""
+        """Refuse a batch larger than the programs take, or a step whose replay (``cfg``) ``train.pte``
+        cannot take: it has no replay inputs, or a smaller replay bound (``InputError``)."""
         if x.shape[0] > self.max_batch:
             raise InputError(f"a batch of {x.shape[0]} examples; the ExecuTorch engine's programs take at most "
                              f"{self.max_batch}. Fix: split the batch, or pass a larger engine max_batch.")
-        if cfg is not None and cfg.replays and self.manifest is not None and self.manifest.max_replay == 0:
+        if cfg is None or not cfg.replays or self.manifest is None:
+            return
+        if self.manifest.max_replay == 0:
             raise InputError(f"WakeConfig(replay_batch={cfg.replay_batch}) replays, but train.pte was exported "
                              "without replay inputs (the wake config did not replay then). Fix: keep the wake "
                              "config the engine was built with, or build a new EdgeSleep with this one.")
+        if cfg.replay_batch > self.manifest.max_replay:
+            raise InputError(f"WakeConfig(replay_batch={cfg.replay_batch}); train.pte takes replay batches of at "
+                             f"most {self.manifest.max_replay}. Fix: keep WakeConfig.replay_batch as exported.")
 
     def _replay(self, batch: ReplayBatch | None, weight: float, x: torch.Tensor,
                 num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
