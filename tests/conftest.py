@@ -1,8 +1,36 @@
+"""Shared fixtures, and the two test tiers.
+
+``pytest`` runs the fast tier (a few minutes on 2 cores): every module's unit tests, the store,
+the night, one small export and engine case, the CLI's error paths. ``pytest --full`` adds the
+tests marked ``slow`` (ExecuTorch lowering of transformers and the engine conformance runs, the
+demo, the crash loops, the type check, the documentation build); CI runs ``pytest --full``.
+``pytest --long`` adds the ``long`` tests too (the whole MiniLM encoder and GPT-2 on both engines,
+about 10 minutes), which CI does not run.
+"""
+
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
-import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("edge-sleep")
+    group.addoption("--full", action="store_true", help="also run the tests marked slow (what CI runs)")
+    group.addoption("--long", action="store_true", help="also run the tests marked slow and long")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    long_ = bool(config.getoption("--long"))
+    full = long_ or bool(config.getoption("--full"))
+    skip_slow = pytest.mark.skip(reason="slow: run with pytest --full")
+    skip_long = pytest.mark.skip(reason="long (minutes of lowering): run with pytest --long")
+    for item in items:
+        if "long" in item.keywords and not long_:
+            item.add_marker(skip_long)
+        elif "slow" in item.keywords and not full:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)

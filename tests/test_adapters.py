@@ -47,6 +47,7 @@ def test_rejects_other_layers() -> None:
 
 
 @pytest.mark.export
+@pytest.mark.slow
 def test_xnnpack_delegates_the_lora_model_whole() -> None:
     xnn = pytest.importorskip("executorch.backends.xnnpack.partition.xnnpack_partitioner")
     from executorch.exir import to_edge_transform_and_lower

@@ -7,6 +7,7 @@ import pytest
 from edge_sleep.cli import main
 
 
+@pytest.mark.slow
 def test_demo_runs_and_writes_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo.png"
     assert main(["demo", "--tasks", "2", "--train-per-task", "512", "--test-per-task", "200",

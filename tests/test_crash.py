@@ -25,7 +25,7 @@ from edge_sleep.store import ReplayStore
 from tests.conftest import small_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")]
 
 CHILD = textwrap.dedent("""
     import hashlib, sys, torch

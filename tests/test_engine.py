@@ -25,6 +25,7 @@ def _adapters(es: EdgeSleep) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in es.model.named_parameters() if ".lora_" in n}
 
 
+@pytest.mark.slow
 def test_both_engines_take_the_same_wake_steps_and_nights() -> None:
     """Two days (replay, then an anchor and pruning masks from the first night) on both engines."""
     tasks = permuted_mnist(2, 0, train_per_task=256, test_per_task=200)
@@ -89,6 +90,7 @@ def test_engine_refuses_a_batch_too_large_and_guards_steps(tmp_path: Path) -> No
     assert (back.logits(x) - want).abs().max().item() <= 1e-5
 
 
+@pytest.mark.slow
 def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> None:
     """replay_batch=0: train.pte takes (x, y) only, and still takes the eager engine's steps."""
     tasks = permuted_mnist(1, 0, train_per_task=192, test_per_task=50)
@@ -115,6 +117,7 @@ def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> 
     assert et._et.manifest.max_replay == 0 and et._et.rebuilds == 2
 
 
+@pytest.mark.slow
 def test_a_replay_batch_above_the_programs_bound_is_refused_before_anything_moves() -> None:
     es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=8), seed=0, engine="executorch")
     x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))

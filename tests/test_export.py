@@ -206,6 +206,7 @@ def test_export_onnx_writes_one_checked_file(exported: Exported, tmp_path: Path)
     assert abs(out - exported.es.logits(x).numpy()).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from edge_sleep.cli import main
 

@@ -7,13 +7,12 @@ Lowering a transformer's training step takes a minute or more here, so those cas
 runs two nights with replay. CI runs MiniLM with its first pretrained layer; the whole 6-layer
 encoder on both engines (about 7 minutes: two exports of about 3.5) and through infer.pte alone
 (about 1.5 minutes), and a tiny GPT-2 on both engines (about 3 minutes), run with
-``EDGE_SLEEP_LONG_TESTS=1``. Dropout is off in the transformers here: a program's dropout draws
+``pytest --long``. Every test here is in the slow tier (``pytest --full``). Dropout is off in the transformers here: a program's dropout draws
 from ExecuTorch's generator, so with it on the two engines agree only in distribution.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from torch import nn
 from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
 from edge_sleep.export import export_programs, load_program
 
-pytestmark = pytest.mark.export
+pytestmark = [pytest.mark.export, pytest.mark.slow]
 
-long_test = pytest.mark.skipif(os.environ.get("EDGE_SLEEP_LONG_TESTS") != "1",
-                               reason="minutes of lowering; run with EDGE_SLEEP_LONG_TESTS=1")
+long_test = pytest.mark.long  # skipped unless pytest --long (conftest.py)
 
 
 def _cnn() -> nn.Module:

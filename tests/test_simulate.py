@@ -63,6 +63,7 @@ def test_a_simulated_day_reports_accuracy_energy_and_memory(one_day: tuple[Path,
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("work-")]  # cleaned up
 
 
+@pytest.mark.slow
 def test_a_slow_device_is_preempted_and_resumes_in_the_next_window(
         tmp_path: Path, one_day: tuple[Path, dict]) -> None:
     # 200 wake steps, and a device so slow that the 2-hour window 20:00-22:00 holds about half of a
@@ -102,6 +103,7 @@ def test_cli_simulate_refuses_an_unknown_profile(tmp_path: Path, capsys: pytest.
     assert "no-such-phone" in err and "galaxy-s24" in err
 
 
+@pytest.mark.slow
 def test_calibrate_tool_writes_what_simulate_reads(tmp_path: Path) -> None:
     import subprocess
     import sys

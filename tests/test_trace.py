@@ -294,6 +294,7 @@ def test_tool_prints_the_day(tmp_path: Path) -> None:
     assert day["source"] == "trace: phone.csv (3 days, 2026-11-20 to 2026-11-22)"
 
 
+@pytest.mark.slow
 def test_tool_writes_out_file(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "phone.csv", phone_rows())
     out = tmp_path / "day.toml"

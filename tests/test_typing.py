@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 
+@pytest.mark.slow
 def test_mypy_finds_no_errors() -> None:
     api = pytest.importorskip("mypy.api")
     package = Path(__file__).resolve().parents[1] / "edge_sleep"

@@ -55,17 +55,17 @@ def minilm_classifier(num_classes: int = 4, seed: int = 0, dropout: float | None
         layers: keep the first ``layers`` of the 6 pretrained transformer layers (``None``: all).
             The same architecture and weights in a smaller graph, which lowers faster.
     """
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout={dropout!r}; expected a probability in [0, 1) or None.")
     if layers is not None and not 1 <= layers <= 6:
         raise ValueError(f"layers={layers!r}; expected 1 to 6 (the encoder has 6) or None.")
     torch.manual_seed(seed)
-    extra: dict[str, float | int] = {}
+    config = AutoConfig.from_pretrained(str(minilm_path()))
     if dropout is not None:
-        extra.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
     if layers is not None:
-        extra["num_hidden_layers"] = layers
-    encoder = AutoModel.from_pretrained(str(minilm_path()), attn_implementation="eager", **extra)
+        config.num_hidden_layers = layers
+    encoder = AutoModel.from_pretrained(str(minilm_path()), config=config, attn_implementation="eager")
     return MiniLMClassifier(encoder, num_classes)
