@@ -33,6 +33,7 @@ import torch
 from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
 from edge_sleep.bench.datasets import permuted_mnist
 from edge_sleep.bench.pmnist import mlp
+from edge_sleep.engines import TorchEngine
 from edge_sleep.export import export_programs, inference_form, load_program
 from edge_sleep.wake import wake_step
 
@@ -112,9 +113,10 @@ def mlp_case(work: Path, repeats: int) -> dict[str, Any]:
     et = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=8, replay_batch=0), seed=0,
                    engine="executorch")
     et.learn(xb, yb)
-    engine = et._executorch()
+    engine, eager = et._engine, step_es._engine
+    assert isinstance(eager, TorchEngine)
     result["train_step"] = {
-        "torch_us": median_us(lambda: wake_step(step_es._forward, step_es._replay_forward, step_es._optimizer,
+        "torch_us": median_us(lambda: wake_step(eager.forward, eager.replay_forward, eager.optimizer,
                                                 xb, yb, max_grad_norm=1.0), repeats // 4),
         "pte_us": median_us(lambda: engine.step(et, xb, yb, None, None), repeats // 4),
         "batch": 32,

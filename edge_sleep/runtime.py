@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -10,7 +9,7 @@ import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -19,12 +18,13 @@ from torch import nn
 from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, lora_modules, merge_lora_
 from edge_sleep.atomic import atomic_directory, previous_of
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig, WakeConfig, config_from_dict
+from edge_sleep.engines import Engine, TorchEngine
 from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
 from edge_sleep.privacy import privatize
-from edge_sleep.sleep import SleepReport, SleepState, apply_masks_, run_sleep
+from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
-from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights, wake_step
+from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -37,9 +37,6 @@ def _serialized(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
-
-if TYPE_CHECKING:
-    from edge_sleep.export.engine import ExecuTorchEngine
 
 __all__ = ["EdgeSleep", "RUNTIME_FORMAT_VERSION"]
 
@@ -60,8 +57,9 @@ class EdgeSleep:
         sleep: night-time settings.
         seed: seeds the store's and the noise's generators (same seed, same result).
         engine: ``"torch"`` (eager) or ``"executorch"``: wake steps through the exported
-            ``train.pte`` and predictions through ``infer.pte`` (:mod:`edge_sleep.export.engine`);
-            needs ``WakeConfig(train="adapters")`` and no ``latent_layer``. The night runs on torch.
+            ``train.pte`` and predictions through ``infer.pte``
+            (:mod:`edge_sleep.engines.executorch_engine`); needs ``WakeConfig(train="adapters")``
+            and no ``latent_layer``. The night runs on torch.
         privacy: per-record differential privacy of what the store keeps
             (:class:`~edge_sleep.config.PrivacyConfig`); ``store.privacy_report()`` states it.
         store_key: encrypt the store at rest with this AES key (16, 24 or 32 bytes, from the
@@ -161,11 +159,16 @@ class EdgeSleep:
         self.num_classes: int | None = None
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
         self.sleep_state: SleepState | None = None
-        self._optimizer = torch.optim.SGD(self._wake_params, lr=self.wake_config.lr)
         self._call_lock = threading.RLock()
         self.engine = engine
-        self._et: ExecuTorchEngine | None = None  # built on first use, rebuilt after each night
-        self._et_stale = True
+        self._engine: Engine = self._make_engine(engine)
+
+    def _make_engine(self, name: str) -> Engine:
+        if name == "executorch":
+            from edge_sleep.engines.executorch_engine import ExecuTorchEngine  # loads ExecuTorch
+
+            return ExecuTorchEngine()  # exports on first use, and again after each night or load
+        return TorchEngine(self._wake_params, self.wake_config.lr, self._forward, self._replay_forward)
 
     @property
     def device(self) -> torch.device:
@@ -178,7 +181,13 @@ class EdgeSleep:
         return dict(self._sleep_params)
 
     # ----------------------------------------------------------------- input
-    def _check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+    def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+        """``x`` checked as a batch of this model's inputs and moved to its device.
+
+        Raises:
+            InputError: not a tensor, an empty batch, a complex or bool dtype, NaN/inf, or a
+                per-example shape or dtype kind other than the batches learned from so far.
+        """
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} is a {type(x).__name__}; expected a torch.Tensor batch. "
                              "Fix: torch.as_tensor(x).")
@@ -258,7 +267,7 @@ class EdgeSleep:
             StoreError: the batch could not be written (a closed or busy store, a full disk...);
                 the step is undone, so the weights and the store stay in step.
         """
-        x = self._check_input(x)
+        x = self.check_input(x)
         if self.privacy.epsilon is not None and not x.is_floating_point() and self.store_config.latent_layer is None:
             raise InputError(f"learn got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
                              "expected float latents to noise. Fix: store a float hidden state with "
@@ -266,8 +275,7 @@ class EdgeSleep:
         if self.num_classes is None:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
-        if self.engine == "executorch":
-            self._executorch().check_batch(x, self.wake_config)  # before the store's generator moves
+        self._engine.check_batch(self, x)  # before the store's generator moves
         cfg = self.wake_config
         self.model.train()
         r1 = r2 = None
@@ -276,23 +284,7 @@ class EdgeSleep:
                 r1 = self.store.sample(cfg.replay_batch).to(self.device)
             if cfg.replay_beta > 0:
                 r2 = self.store.sample(cfg.replay_batch).to(self.device)
-        penalty_fn = None
-        if self.anchor and cfg.anchor_lambda > 0:
-            def penalty_fn() -> torch.Tensor:
-                weights = effective_weights(self.model, list(self.anchor.fisher))
-                return self.anchor.penalty(weights, cfg.anchor_lambda, cfg.lr)
-        # what the step changes, so that a failed write to the store undoes it (both or neither)
-        trainable = [p for g in self._optimizer.param_groups for p in g["params"]]
-        before = [p.detach().clone() for p in trainable]
-        optimizer_before = copy.deepcopy(self._optimizer.state_dict()) if self._optimizer.state else None
-        if self.engine == "executorch":
-            losses, latent, logits = self._executorch().step(self, x, y, r1, r2)
-        else:
-            losses, latent, logits = wake_step(
-                self._forward, self._replay_forward, self._optimizer, x, y,
-                replay_logits=r1, replay_labels=r2, alpha=cfg.replay_alpha, beta=cfg.replay_beta,
-                penalty_fn=penalty_fn, max_grad_norm=cfg.max_grad_norm,
-            )
+        losses, latent, logits = self._engine.step(self, x, y, r1, r2)
         replayed = sum(int(r.y.shape[0]) for r in (r1, r2) if r is not None)
         stats = WakeStats(losses["loss"], losses["new_loss"], losses["replay_loss"], losses["penalty"],
                           int(x.shape[0]), 0, losses["grad_norm"], replayed, losses["skipped"])
@@ -316,14 +308,8 @@ class EdgeSleep:
                         logits = self.record_logits(noised)
                     latent = noised
                 where = self.store.offer(latent, y, logits, stream=stream, privacy=record)
-            except BaseException:
-                with torch.no_grad():
-                    for p, b in zip(trainable, before):
-                        p.copy_(b)
-                if optimizer_before is not None:
-                    self._optimizer.load_state_dict(optimizer_before)
-                if self.engine == "executorch":
-                    self._executorch().undo_step(self.model)
+            except BaseException:  # the store and the weights stay in step: both or neither
+                self._engine.undo_step(self)
                 raise
         self.wake_steps_since_sleep += 1
         if where is None:
@@ -334,15 +320,7 @@ class EdgeSleep:
     @torch.no_grad()
     def logits(self, x: torch.Tensor, *, batch_size: int = 1024) -> torch.Tensor:
         """Logits ``(B, C)`` in eval mode, computed in batches of ``batch_size``."""
-        x = self._check_input(x)
-        if self.engine == "executorch" and self.num_classes is not None:
-            return self._executorch().logits(x.cpu())
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return torch.cat([self._forward(x[i:i + batch_size])[1] for i in range(0, x.shape[0], batch_size)])
-        finally:
-            self.model.train(was_training)
+        return self._engine.logits(self, self.check_input(x), batch_size)
 
     @_serialized
     @torch.no_grad()
@@ -400,7 +378,7 @@ class EdgeSleep:
                 raise CallOrderError("sleep() found an empty replay store; call learn() with some "
                                      "examples before sleep().")
             self.sleep_state = SleepState(total_steps=total, wake_steps=self.wake_steps_since_sleep)
-        self._et_stale = True  # the night changes the weights the programs were exported with
+        self._engine.weights_changed()  # the night changes the weights the programs were exported with
         if self.wake_config.train == "adapters":
             # consolidate the day's adapters into the base; on a resumed night, also what was
             # learned between its halves (merging does not change the function)
@@ -408,13 +386,8 @@ class EdgeSleep:
             apply_masks_(dict(self.model.named_parameters()), self.masks)
         night = self.sleep_state
         self.model.train()
-        report = run_sleep(
-            self.model, self.store, self.sleep_config, night,
-            params=self._sleep_params, prunable=self.prunable, masks=self.masks,
-            anchor=self.anchor if self.wake_config.anchor_lambda > 0 else None,
-            noise_layers=self.noise_layers, replay_forward=self._replay_forward,
-            generator=self.generator, should_stop=should_stop, progress=progress,
-        )
+        report = run_sleep(self._night(), self.store, self.sleep_config, night,
+                           should_stop=should_stop, progress=progress)
         if report.aborted is not None:
             self.sleep_state = None  # its partial Fisher cannot be trusted; the next night starts anew
             warnings.warn(f"sleep() abandoned the night: {report.aborted}. The weights are back where this "
@@ -427,16 +400,12 @@ class EdgeSleep:
             self._sync_lora_masks()
         return report
 
-    def _executorch(self) -> ExecuTorchEngine:
-        """The ExecuTorch engine, (re-)exported when the weights changed outside it (a night, a load)."""
-        if self._et is None:
-            from edge_sleep.export.engine import ExecuTorchEngine
-
-            self._et = ExecuTorchEngine()
-        if self._et_stale:
-            self._et.rebuild(self)
-            self._et_stale = False
-        return self._et
+    def _night(self) -> Night:
+        """What tonight works on: the base weights, the masks, the anchor, the noise's layers."""
+        return Night(self.model, params=self._sleep_params, prunable=self.prunable, masks=self.masks,
+                     anchor=self.anchor if self.wake_config.anchor_lambda > 0 else None,
+                     noise_layers=self.noise_layers, replay_forward=self._replay_forward,
+                     generator=self.generator)
 
     def _sync_lora_masks(self) -> None:
         """Give each adapted layer its keep-mask, so pruned weights stay zero in the adapter's update."""
@@ -489,7 +458,7 @@ class EdgeSleep:
         spec = state["input_spec"]
         self.input_spec = None if spec is None else (tuple(spec[0]), bool(spec[1]))
         self.sleep_state = sleep_state
-        self._et_stale = True
+        self._engine.weights_changed()
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
 

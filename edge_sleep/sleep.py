@@ -40,7 +40,7 @@ from edge_sleep.memory import ResidentPeak, saved_activation_bytes
 from edge_sleep.store import ReplayStore
 from edge_sleep.wake import Anchor, all_finite, effective_weights
 
-__all__ = ["SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
+__all__ = ["Night", "SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
            "consolidate_weights_", "mask_sparsity", "SLEEP_FORMAT_VERSION"]
 
 SLEEP_FORMAT_VERSION = 2
@@ -95,6 +95,31 @@ class ConsolidationNoise:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+@dataclass(frozen=True)
+class Night:
+    """What a night works on (built by the runtime for each :func:`run_sleep` call).
+
+    Attributes:
+        model: the model; its ``params`` are trained, the rest stay fixed.
+        params: ``{name: parameter}`` trained during sleep (the base weights).
+        prunable: names of the weight matrices Phase 2 prunes and strengthens.
+        masks: persistent keep-masks, updated in place.
+        anchor: the wake-time anchor to fold the Fisher into (``None`` to leave it).
+        noise_layers: modules whose outputs get consolidation noise.
+        replay_forward: ``latent -> logits`` for stored latents.
+        generator: randomness of the noise.
+    """
+
+    model: nn.Module
+    params: dict[str, torch.nn.Parameter]
+    prunable: list[str]
+    masks: dict[str, torch.Tensor]
+    anchor: Anchor | None
+    noise_layers: list[str]
+    replay_forward: Callable[[torch.Tensor], torch.Tensor]
+    generator: torch.Generator
 
 
 @dataclass
@@ -207,41 +232,29 @@ def consolidate_weights_(
 
 
 def run_sleep(
-    model: nn.Module,
+    night: Night,
     store: ReplayStore,
     config: SleepConfig,
     state: SleepState,
     *,
-    params: dict[str, torch.nn.Parameter],
-    prunable: list[str],
-    masks: dict[str, torch.Tensor],
-    anchor: Anchor | None,
-    noise_layers: list[str],
-    replay_forward: Callable[[torch.Tensor], torch.Tensor],
-    generator: torch.Generator,
     should_stop: Callable[[], bool] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> SleepReport:
     """Run (or resume) one night; see the module docstring.
 
     Args:
-        model: the model; its ``params`` are trained, the rest stay fixed.
+        night: what the night works on (the model, its base weights, masks, anchor, noise).
         store: the replay store to draw records from.
         config: the night's settings.
         state: progress; a fresh ``SleepState(total_steps)`` or one a preempted night left.
-        params: ``{name: parameter}`` trained during sleep (the base weights).
-        prunable: names of the weight matrices Phase 2 prunes and strengthens.
-        masks: persistent keep-masks, updated in place.
-        anchor: the wake-time anchor to fold the Fisher into (``None`` to leave it).
-        noise_layers: modules whose outputs get consolidation noise.
-        replay_forward: ``latent -> logits`` for stored latents.
-        generator: randomness of the noise.
         should_stop: asked every ``check_every`` steps; ``True`` preempts the night.
         progress: called with the number of steps just run.
 
     Returns:
         A :class:`SleepReport`; when ``completed`` is ``False`` the caller keeps ``state``.
     """
+    model, params, prunable, masks = night.model, night.params, night.prunable, night.masks
+    anchor, replay_forward = night.anchor, night.replay_forward
     start = time.perf_counter()
     device = next((p.device for p in params.values()), torch.device("cpu"))
     # the weights this call starts from: a night that goes non-finite is undone to them
@@ -253,7 +266,7 @@ def run_sleep(
     for p in params.values():
         p.requires_grad_(True)
     descend = _DescendInBackward(params, config.lr)
-    noise = ConsolidationNoise(model, noise_layers, config.noise_std, generator)
+    noise = ConsolidationNoise(model, night.noise_layers, config.noise_std, night.generator)
     fisher_from = state.total_steps - config.fisher_steps
     loss_last = None
     steps_run = 0

@@ -117,7 +117,7 @@ def test_a_failed_write_undoes_the_step(tmp_path: Path, monkeypatch: pytest.Monk
                    if "momentum" in WakeConfig.__dataclass_fields__ else WakeConfig(train=train))
     es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
     weights = {n: p.detach().clone() for n, p in es.model.named_parameters()}
-    optimizer = es._optimizer.state_dict()
+    optimizer = es._engine.optimizer.state_dict()
     records, seen, steps = len(es.store), es.store.seen, es.wake_steps_since_sleep
 
     def locked(*args: object, **kwargs: object) -> int:
@@ -128,7 +128,7 @@ def test_a_failed_write_undoes_the_step(tmp_path: Path, monkeypatch: pytest.Monk
         es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
     for n, p in es.model.named_parameters():
         assert torch.equal(p, weights[n]), n
-    assert str(es._optimizer.state_dict()) == str(optimizer)
+    assert str(es._engine.optimizer.state_dict()) == str(optimizer)
     assert (len(es.store), es.store.seen, es.wake_steps_since_sleep) == (records, seen, steps)
     monkeypatch.undo()
     es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))  # and it goes on working

@@ -42,7 +42,7 @@ def test_both_engines_take_the_same_wake_steps_and_nights() -> None:
         wa, wb = _adapters(eager), _adapters(et)
         assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-5
         x_eval, _ = task.evaluation()
-        assert et._et is not None and et._et.serving_from == "train.pte"  # the adapters moved
+        assert et._engine is not None and et._engine.serving_from == "train.pte"  # the adapters moved
         assert (eager.logits(x_eval) - et.logits(x_eval)).abs().max().item() <= 1e-5
         if day == 1:
             assert eager.anchor and eager.masks, "day 2 should run with an anchor and masks"
@@ -53,8 +53,8 @@ def test_both_engines_take_the_same_wake_steps_and_nights() -> None:
         et.sleep()
         # the night ran on torch; the engine re-exports (the .pte files must come out unchanged)
         assert (eager.logits(x_eval) - et.logits(x_eval)).abs().max().item() <= 1e-5
-        assert et._et.serving_from == "infer.pte"
-    assert et._et.rebuilds == 3
+        assert et._engine.serving_from == "infer.pte"
+    assert et._engine.rebuilds == 3
 
 
 def test_engine_configuration_is_checked() -> None:
@@ -100,7 +100,7 @@ def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> 
         a, b = eager.learn(x, y), et.learn(x, y)
         for key in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm"):
             assert abs(getattr(a, key) - getattr(b, key)) <= 1e-5, key
-    assert et._et is not None and et._et.manifest is not None and et._et.manifest.max_replay == 0
+    assert et._engine is not None and et._engine.manifest is not None and et._engine.manifest.max_replay == 0
     wa, wb = _adapters(eager), _adapters(et)
     assert max((wa[n] - wb[n]).abs().max().item() for n in wa) <= 1e-5
     # a wake config that replays cannot run through this program: refused before anything moves
@@ -114,7 +114,7 @@ def test_a_runtime_that_never_replays_gets_a_program_without_replay_inputs() -> 
     et.sleep()
     with pytest.raises(InputError, match="without replay inputs"):
         et.learn(*next(tasks[0].batches(8)))
-    assert et._et.manifest.max_replay == 0 and et._et.rebuilds == 2
+    assert et._engine.manifest.max_replay == 0 and et._engine.rebuilds == 2
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_a_replay_batch_above_the_programs_bound_is_refused_before_anything_move
     es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=8), seed=0, engine="executorch")
     x, y = torch.rand(8, 784), torch.randint(0, 10, (8,))
     es.learn(x, y)
-    assert es._et is not None and es._et.manifest is not None and es._et.manifest.max_replay == 8
+    assert es._engine is not None and es._engine.manifest is not None and es._engine.manifest.max_replay == 8
     before, stored, state = _adapters(es), len(es.store), es.store.state_dict()
     es.wake_config = WakeConfig(train="adapters", lora_rank=2, replay_batch=32)
     with pytest.raises(InputError, match="replay_batch=32.*at most 8"):

@@ -1,5 +1,8 @@
 """The on-device programs: ExecuTorch (XNNPACK) and ONNX exports of an :class:`EdgeSleep` model.
 
+Every function here reads the runtime through :class:`edge_sleep.engines.Learner` (an
+:class:`EdgeSleep` is one), so this package does not import the runtime.
+
 ``export_programs(es, example_input, out_dir)`` writes, atomically:
 
 - ``infer.pte`` + ``weights.ptd``: fp32 inference, dynamic batch, every weight in the ``.ptd``;
@@ -21,12 +24,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from edge_sleep.adapters import lora_modules
 from edge_sleep.atomic import atomic_directory
+from edge_sleep.engines.protocol import Learner
 from edge_sleep.errors import CallOrderError, InputError
 from edge_sleep.export.consolidate import ConsolidateProgram, load_consolidate, to_consolidate_program
 from edge_sleep.export.infer import ProgramFiles, inference_form, to_infer_program
@@ -35,18 +37,13 @@ from edge_sleep.export.onnx import to_onnx
 from edge_sleep.export.runner import ExportedProgram, load_program
 from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program
 
-if TYPE_CHECKING:
-    from edge_sleep.runtime import EdgeSleep
-
 __all__ = ["export_programs", "export_onnx", "anchor_coefficients", "to_train_program", "load_consolidate",
            "ConsolidateProgram", "to_consolidate_program", "load_program", "read_manifest", "Manifest", "ExportedProgram",
            "ProgramFiles", "inference_form", "to_infer_program", "to_onnx", "MANIFEST_FORMAT_VERSION"]
 
 
-def _example_batch(es: EdgeSleep, example: torch.Tensor | None) -> torch.Tensor:
-    from edge_sleep.runtime import EdgeSleep
-
-    if not isinstance(es, EdgeSleep):
+def _example_batch(es: Learner, example: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(es, Learner):
         raise InputError(f"es is a {type(es).__name__}; expected an EdgeSleep runtime. Fix: wrap the model "
                          "with EdgeSleep(model, ...) or load a checkpoint with EdgeSleep.load.")
     if es.input_spec is None or es.num_classes is None:
@@ -56,7 +53,7 @@ def _example_batch(es: EdgeSleep, example: torch.Tensor | None) -> torch.Tensor:
     shape, is_float = es.input_spec
     if example is None:
         example = torch.zeros((2, *shape), dtype=torch.float32 if is_float else torch.int64)
-    example = es._check_input(example, "example_input").cpu()
+    example = es.check_input(example, "example_input").cpu()
     example = example.float() if example.is_floating_point() else example
     if example.shape[0] == 1:  # a batch of one would be specialised by torch.export
         example = example.expand(2, *example.shape[1:]).contiguous()
@@ -69,7 +66,7 @@ def _check_max_batch(max_batch: object) -> int:
     return max_batch
 
 
-def export_onnx(es: EdgeSleep, example_input: torch.Tensor | None, path: str | Path, *,
+def export_onnx(es: Learner, example_input: torch.Tensor | None, path: str | Path, *,
                 max_batch: int = 64) -> Path:
     """Write ``es``'s model as one ONNX file (input ``x``, output ``logits``, dynamic batch).
 
@@ -86,7 +83,7 @@ def export_onnx(es: EdgeSleep, example_input: torch.Tensor | None, path: str | P
     return path
 
 
-def anchor_coefficients(es: EdgeSleep) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def anchor_coefficients(es: Learner) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """``({weight: min(lambda F, 1/(2 lr))}, {weight: reference})`` of the wake-time anchor (empty if off)."""
     cfg = es.wake_config
     if not es.anchor or cfg.anchor_lambda <= 0:
@@ -96,7 +93,7 @@ def anchor_coefficients(es: EdgeSleep) -> tuple[dict[str, torch.Tensor], dict[st
     return coefs, dict(es.anchor.reference)
 
 
-def export_programs(es: EdgeSleep, example_input: torch.Tensor | None, out_dir: str | Path, *,
+def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: str | Path, *,
                     int8: bool = True, onnx: bool = True, train: bool | None = None, max_batch: int = 64,
                     max_replay: int | None = None, etrecord: bool = False, consolidate: bool = True) -> Manifest:
     """Export ``es``'s model as the on-device programs into ``out_dir`` (replaced atomically).

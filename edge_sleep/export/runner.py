@@ -73,7 +73,7 @@ def inference_files(directory: Path, manifest: Manifest, name: str) -> dict[str,
     known = sorted(k for k, v in manifest.programs.items() if "ptd" in v and k != "train")
     if name == "train" and "train" in manifest.programs:
         raise ExportError("load_program() runs the inference programs; train.pte is driven by "
-                          "EdgeSleep(..., engine='executorch') (edge_sleep.export.engine).")
+                          "EdgeSleep(..., engine='executorch') (edge_sleep.engines.executorch_engine).")
     if name not in known:
         raise ExportError(f"{str(directory)!r} has no inference program {name!r}; it has {known}.")
     return manifest.programs[name]

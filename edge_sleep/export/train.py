@@ -19,7 +19,7 @@ Every adapted layer computes ``F.linear(x, W + s * (B @ A) * M, bias)`` with its
 ``c = min(lambda * F_anchor, 1 / (2 lr))`` and ``W*`` are the anchor's (zero before the first
 night). The penalty terms of the weights the day cannot move are constants, summed at export time.
 ``W``, ``M``, ``c`` and ``W*`` live in ``train.ptd`` under their module names, so after a night only
-the ``.ptd`` changes. SGD is applied by the caller (:mod:`edge_sleep.export.engine`).
+the ``.ptd`` changes. SGD is applied by the caller (:mod:`edge_sleep.engines.executorch_engine`).
 """
 
 from __future__ import annotations

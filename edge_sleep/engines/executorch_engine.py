@@ -1,7 +1,7 @@
-"""The ExecuTorch engine: an :class:`EdgeSleep` runtime's wake steps and predictions through its programs.
+"""The ExecuTorch engine: a runtime's wake steps and predictions through its exported programs.
 
 ``EdgeSleep(..., engine="executorch")`` exports ``train.pte`` and ``infer.pte`` (with their ``.ptd``
-files) on first use and after every night, and then:
+files) on first use and after every night (:meth:`ExecuTorchEngine.weights_changed`), and then:
 
 - ``learn`` runs the wake step through ``train.pte`` (loss and the adapters' gradients), clips the
   gradient like ``torch.nn.utils.clip_grad_norm_``, applies SGD with ExecuTorch's optimizer, and
@@ -10,6 +10,7 @@ files) on first use and after every night, and then:
   the night see exactly what the program learned.
 - ``logits``/``predict`` run ``infer.pte`` (adapters folded into the weights) while the adapters
   are as exported, and ``train.pte``'s ``logits`` method (adapters passed in) once a step moved them.
+- Before the first batch (no input shape to export with yet) ``logits`` runs the model eagerly.
 - The night stays on torch; the next call re-exports. ``train.pte`` and ``infer.pte`` come out
   byte-identical (only the ``.ptd`` files change), which :meth:`rebuild` checks.
 
@@ -26,14 +27,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from edge_sleep.engines.protocol import Learner, StepResult
+from edge_sleep.engines.torch_engine import eval_logits
 from edge_sleep.errors import ExportError, InputError
 from edge_sleep.export.manifest import Manifest
+from edge_sleep.modelio import logits_of
 from edge_sleep.store import ReplayBatch
 from edge_sleep.wake import all_finite
 
 if TYPE_CHECKING:
     from edge_sleep.config import WakeConfig
-    from edge_sleep.runtime import EdgeSleep
 
 __all__ = ["ExecuTorchEngine"]
 
@@ -51,10 +54,15 @@ def _clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
 class ExecuTorchEngine:
     """Runs one runtime's wake steps and predictions through its exported ExecuTorch programs.
 
+    Satisfies :class:`edge_sleep.engines.Engine`; the programs are (re-)exported on the first call
+    after :meth:`weights_changed`.
+
     Args:
         directory: where the programs are written (default: a private temporary folder).
         max_batch: the largest batch ``learn`` and one program call take (``logits`` splits).
     """
+
+    name = "executorch"
 
     def __init__(self, directory: str | Path | None = None, max_batch: int = 256) -> None:
         self._tmp = None if directory is not None else tempfile.TemporaryDirectory(prefix="edge-sleep-engine-")
@@ -69,10 +77,20 @@ class ExecuTorchEngine:
         self._optimizer: Any = None
         self._lr: float | None = None
         self._moved = False
+        self._stale = True
+
+    def weights_changed(self) -> None:
+        """The runtime changed the weights (a night, a load): the next call re-exports."""
+        self._stale = True
+
+    def _ready(self, learner: Learner) -> None:
+        if self._stale:
+            self.rebuild(learner)
+            self._stale = False
 
     # ----------------------------------------------------------------- export
-    def rebuild(self, es: EdgeSleep) -> None:
-        """Export ``es``'s programs (weights, masks, anchor as they are now) and load them."""
+    def rebuild(self, learner: Learner) -> None:
+        """Export ``learner``'s programs (weights, masks, anchor as they are now) and load them."""
         from executorch.extension.pybindings.portable_lib import _load_for_executorch
         from executorch.extension.training import TrainingModule
 
@@ -81,7 +99,7 @@ class ExecuTorchEngine:
         before = self.manifest
         with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
             # the first export fixes the programs' bounds (replay inputs or not) for the engine's life
-            manifest = export_programs(es, None, self.directory, int8=False, onnx=False, train=True,
+            manifest = export_programs(learner, None, self.directory, int8=False, onnx=False, train=True,
                                        consolidate=False, max_batch=self.max_batch,
                                        max_replay=None if before is None else before.max_replay)
         if before is not None:
@@ -104,13 +122,15 @@ class ExecuTorchEngine:
         self.rebuilds += 1
 
     # ------------------------------------------------------------------- day
-    def check_batch(self, x: torch.Tensor, cfg: WakeConfig | None = None) -> None:
-        """Refuse a batch larger than the programs take, or a step whose replay (``cfg``) ``train.pte``
-        cannot take: it has no replay inputs, or a smaller replay bound (``InputError``)."""
+    def check_batch(self, learner: Learner, x: torch.Tensor) -> None:
+        """Refuse a batch larger than the programs take, or a step whose replay (the wake config)
+        ``train.pte`` cannot take: it has no replay inputs, or a smaller replay bound (``InputError``)."""
+        self._ready(learner)
+        cfg = learner.wake_config
         if x.shape[0] > self.max_batch:
             raise InputError(f"a batch of {x.shape[0]} examples; the ExecuTorch engine's programs take at most "
                              f"{self.max_batch}. Fix: split the batch, or pass a larger engine max_batch.")
-        if cfg is None or not cfg.replays or self.manifest is None:
+        if not cfg.replays or self.manifest is None:
             return
         if self.manifest.max_replay == 0:
             raise InputError(f"WakeConfig(replay_batch={cfg.replay_batch}) replays, but train.pte was exported "
@@ -144,14 +164,14 @@ class ExecuTorchEngine:
                                  f"{self.manifest.max_replay}. Fix: keep WakeConfig.replay_batch as exported.")
         return x.contiguous(), y, xd, zd, xl, yl, torch.tensor([a, b], dtype=torch.float32)
 
-    def step(self, es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
-             replay_labels: ReplayBatch | None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
+             replay_labels: ReplayBatch | None) -> StepResult:
         """One guarded wake step; the same contract as :func:`edge_sleep.wake.wake_step`."""
         from executorch.extension.training import get_sgd_optimizer
 
-        cfg: WakeConfig = es.wake_config
+        cfg: WakeConfig = learner.wake_config
+        self.check_batch(learner, x)
         assert self.manifest is not None
-        self.check_batch(x, cfg)
         if self.manifest.max_replay == 0:
             outs = self._train.forward_backward("forward", (x.contiguous(), y))
         else:
@@ -180,19 +200,19 @@ class ExecuTorchEngine:
             losses["skipped"] = "non-finite weights"
             return losses, x, logits
         self._moved = True
-        self.copy_adapters_to(es.model)
+        self.copy_adapters_to(learner.model)
         return losses, x, logits
 
     @torch.no_grad()
-    def undo_step(self, model: torch.nn.Module) -> None:
-        """Put the adapters back where the last step found them, in the program and in ``model``."""
+    def undo_step(self, learner: Learner) -> None:
+        """Put the adapters back where the last step found them, in the program and in the model."""
         before = self._before
         if before is None:
             return
         for n, p in self._params.items():
             p.copy_(before[n])
         self._before = None
-        self.copy_adapters_to(model)
+        self.copy_adapters_to(learner.model)
 
     @torch.no_grad()
     def copy_adapters_to(self, model: torch.nn.Module) -> None:
@@ -202,10 +222,14 @@ class ExecuTorchEngine:
             own[name.removeprefix("model.")].copy_(p)
 
     # ------------------------------------------------------------ predictions
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a checked batch, in program-sized chunks."""
+    def logits(self, learner: Learner, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Logits of a checked batch, in program-sized chunks (eagerly before the first batch)."""
+        if learner.num_classes is None:  # nothing to export with yet
+            return eval_logits(learner.model, lambda part: logits_of(learner.model(part)), x, batch_size)
+        self._ready(learner)
         assert self.manifest is not None
-        step = min(self.max_batch, self.manifest.max_batch)
+        x = x.cpu()
+        step = min(self.max_batch, self.manifest.max_batch, batch_size)
         chunks = []
         for i in range(0, x.shape[0], step):
             part = x[i:i + step].contiguous()

@@ -1,0 +1,89 @@
+"""The seam below the runtime: what an engine reads of a runtime, and what a runtime asks of an engine.
+
+An engine runs a runtime's wake steps and predictions: eager PyTorch
+(:class:`~edge_sleep.engines.torch_engine.TorchEngine`) or the exported ExecuTorch programs
+(:class:`~edge_sleep.engines.executorch_engine.ExecuTorchEngine`). The runtime
+(:class:`edge_sleep.EdgeSleep`) depends on these two protocols only; no engine imports the
+runtime. Exports (:func:`edge_sleep.export.export_programs`) read a runtime through
+:class:`Learner` too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from edge_sleep.config import WakeConfig
+from edge_sleep.store import ReplayBatch
+from edge_sleep.wake import Anchor
+
+__all__ = ["Learner", "Engine", "StepResult"]
+
+#: ``(losses, latent, logits)`` of one wake step, as :func:`edge_sleep.wake.wake_step` returns it:
+#: ``losses`` holds ``loss``, ``new_loss``, ``replay_loss``, ``penalty``, ``grad_norm`` and
+#: ``skipped`` (``None`` or why the step was undone); latent and logits are detached.
+StepResult = tuple[dict[str, Any], torch.Tensor, torch.Tensor]
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """What engines and exports read of a runtime (an :class:`edge_sleep.EdgeSleep` is one).
+
+    Attributes:
+        model: the model, adapters attached, as it computes now.
+        wake_config: the day's settings (learning rate, clipping, replay weights, anchor).
+        anchor: the online Fisher anchor the wake step is penalised by.
+        fingerprint: the model's architecture fingerprint (the store and the manifest carry it).
+        num_classes: outputs of the model, ``None`` before the first batch.
+        input_spec: ``(per-example shape, is_float)`` of the inputs, ``None`` before the first batch.
+        prunable: names of the weight matrices a night prunes.
+    """
+
+    model: nn.Module
+    wake_config: WakeConfig
+    anchor: Anchor
+    fingerprint: str
+    num_classes: int | None
+    input_spec: tuple[tuple[int, ...], bool] | None
+    prunable: list[str]
+
+    def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+        """``x`` checked against the inputs the runtime learned from (raises ``InputError``)."""
+        ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Runs a :class:`Learner`'s wake steps and predictions.
+
+    The runtime calls, per ``learn``: :meth:`check_batch` (before the store's generator moves),
+    :meth:`step`, and :meth:`undo_step` when the batch could not be stored afterwards; per
+    ``logits``: :meth:`logits`; after it changed the weights itself (a night, a load):
+    :meth:`weights_changed`. An engine never changes the runtime's state other than the
+    trainable weights a step moves.
+    """
+
+    name: str
+
+    def check_batch(self, learner: Learner, x: torch.Tensor) -> None:
+        """Refuse (``InputError``) a checked batch this engine cannot take, before anything moves."""
+        ...
+
+    def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
+             replay_labels: ReplayBatch | None) -> StepResult:
+        """One guarded wake step: a step whose loss, gradient or weights go non-finite changes nothing."""
+        ...
+
+    def undo_step(self, learner: Learner) -> None:
+        """Put the trainable weights back where the last :meth:`step` found them."""
+        ...
+
+    def logits(self, learner: Learner, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Logits ``(B, C)`` of a checked batch in eval mode, ``batch_size`` examples a call at most."""
+        ...
+
+    def weights_changed(self) -> None:
+        """The runtime changed the weights outside a step (a night, a load)."""
+        ...
