@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from edge_sleep import EdgeSleep, StoreConfig, WakeConfig
 from edge_sleep.bench.datasets import rotated_mnist
 from edge_sleep.bench.pmnist import mlp
+from edge_sleep.bench.provenance import provenance
 
 VARIANTS = {
     "before: lr 0.1, no clipping": {"max_grad_norm": None},
@@ -88,6 +89,7 @@ def main() -> None:
     payload = {"stream": "rotated MNIST, 10 domains x 5000 images, base trained on domain 0",
                "summary": summary, "runs": results, "wall_s": time.perf_counter() - t0}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(payload, indent=1))
     print(f"wrote {args.out}")
 

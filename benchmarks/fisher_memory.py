@@ -57,6 +57,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edge_sleep.bench.provenance import provenance
+
 RESULTS = Path(__file__).resolve().parent / "results" / "fisher_memory.json"
 N, SEQ, CLASSES = 8, 64, 10
 MB = 2**20
@@ -197,6 +199,7 @@ def main() -> None:
         "unchunked_over_chunked_throughput": result["unchunked_samples_s"] / result["chunked_samples_s"],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from edge_sleep import native
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.memory import ResidentPeak
 from edge_sleep.kernels import (consolidate, consolidate_, consolidate_radix, kth_smallest, prune_count,
                                 significance, smallest_mask)
@@ -145,7 +146,7 @@ def _time(seconds: float) -> str:
 
 
 def markdown_table(result: dict) -> str:
-    """The README's table of a ``kernels.json`` result."""
+    """The table of a ``kernels.json`` result in docs/benchmarks.md."""
     lines = ["| n | kernel, ties | kernel, no ties | `clone` | `copy_` | `kthvalue` | sort | previous Phase 2 "
              "| extra bytes a weight |", "|---|---|---|---|---|---|---|---|---|"]
     for r in result["sizes"]:
@@ -215,7 +216,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps({"sizes": rows, "targets": targets}, indent=2) + "\n")
+    (args.out / "kernels.json").write_text(json.dumps({"sizes": rows, "targets": targets, **provenance()},
+                                                      indent=2) + "\n")
     plot(rows, args.out / "kernels.png")
     print(json.dumps(targets, indent=2))
     print(markdown_table({"sizes": rows}))

@@ -33,6 +33,7 @@ import torch
 from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
 from edge_sleep.bench.datasets import permuted_mnist
 from edge_sleep.bench.pmnist import mlp
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.engines import TorchEngine
 from edge_sleep.export import export_programs, inference_form, load_program
 from edge_sleep.wake import wake_step
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["threads"] = 1
     result["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return result

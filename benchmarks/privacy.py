@@ -54,6 +54,7 @@ from edge_sleep.audit import audit
 from edge_sleep.bench.datasets import PermutedTask, load_mnist, permuted_mnist
 from edge_sleep.bench.metrics import average_accuracy
 from edge_sleep.bench.pmnist import TUNED, evaluate, mlp
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.bench.strategies import Method, default_methods
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig
 from edge_sleep.privacy import analytic_gaussian_sigma
@@ -203,7 +204,7 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The README's table of ``result`` (means over runs, ± the standard deviation)."""
+    """The table of ``result`` in docs/privacy.md (means over runs, ± the standard deviation)."""
     lines = ["| per-record epsilon | noise norm / clip norm | average accuracy | points lost | "
              "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored |",
              "|---|---|---|---|---|---|---|"]
@@ -306,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "total_wall_s": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    result.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(result, indent=2))
     plot(rows, no_replay, args.out.with_suffix(".png"))
     print(markdown_table(result))

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.simulate.calibrate import calibrate
 from edge_sleep.simulate.day import POLICIES, SimulationConfig, simulate
 from edge_sleep.simulate.profiles import load_profile, profile_names
@@ -36,7 +37,7 @@ def _spread(values: list[float]) -> dict[str, float]:
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (profile, policy): seed spread of what the README compares."""
+    """One row per (profile, policy): seed spread of what docs/scheduling.md compares."""
     rows = []
     keys = sorted({(r["profile"], r["policy"]) for r in runs}, key=lambda k: (k[0], POLICIES.index(k[1])))
     for profile, policy in keys:
@@ -66,7 +67,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    """The README's table: one line per profile and policy."""
+    """The table in docs/scheduling.md: one line per profile and policy."""
     head = ("| profile | policy | final accuracy (mean ± sd) | forgetting | replay steps / night | "
             "energy / night | battery / night | peak memory / budget | slowest run |")
     lines = [head, "|" + "---|" * 9]
@@ -82,7 +83,7 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
 
 
 def profile_table() -> str:
-    """The README's profile rows, read from ``device_profiles/``."""
+    """The profile rows of docs/scheduling.md, read from ``device_profiles/``."""
     lines = []
     for name in profile_names():
         p = load_profile(name)
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
+    result.update(provenance())  # the commit the numbers describe
     tmp_out.write_text(json.dumps(result, indent=1))
     os.replace(tmp_out, args.out)
     print(markdown_table(summary))

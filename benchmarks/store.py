@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.config import StoreConfig
 from edge_sleep.store import ReplayStore
 
@@ -92,6 +93,7 @@ def main() -> dict[str, Any]:
     }
     RESULTS.mkdir(exist_ok=True)
     tmp = RESULTS / "store.json.tmp"
+    result.update(provenance())  # the commit the numbers describe
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, RESULTS / "store.json")
     for k, v in result.items():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sleep.bench.pmnist import run_all
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.bench.strategies import Method, default_methods
 
 BUDGET = 12
@@ -149,6 +150,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(payload, indent=1))
     for name, r in best.items():
         print(f"{name:15s} {r['val_avg_acc']:.4f} {r['hp']}  ({budget[name]['total']} configurations)")

@@ -197,10 +197,10 @@ def fisher_sums_streamed(
     as soon as backward has it and drops the gradient, so the extra memory is one sample's
     activations plus the largest single gradient, not the model's size. Parameters not in
     ``names`` get no gradient during the call; every parameter's ``requires_grad`` and ``.grad``
-    are as before afterwards.
+    are as before afterwards. ``model``, ``names``, ``x``, ``y``, ``target`` and ``loss_fn`` are as
+    in :func:`fisher_sums`.
 
     Args:
-        model, names, x, y, target, loss_fn: as :func:`fisher_sums`.
         sums: accumulate into these tensors (shaped like the parameters, float32) instead of new
             zeros, so a caller can keep one buffer for a whole night.
         release_memory: after each gradient, return the C heap's free pages to the operating

@@ -519,7 +519,7 @@ class EdgeSleep:
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module, *, store: ReplayStore | str | Path | None = None,
-             store_key: bytes | None = None) -> EdgeSleep:
+             store_key: bytes | None = None, engine: str | None = None) -> EdgeSleep:
         """Rebuild a runtime saved by :meth:`save` around a fresh ``model`` of the same architecture.
 
         Args:
@@ -527,6 +527,7 @@ class EdgeSleep:
             model: a new instance of the saved model's class (weights are overwritten).
             store: the replay store; default: the path recorded at save time.
             store_key: the key of an encrypted store (not kept in the checkpoint).
+            engine: ``"torch"`` or ``"executorch"``; ``None``: the engine it was saved with.
         """
         directory = Path(directory)
         old = previous_of(directory)
@@ -552,7 +553,7 @@ class EdgeSleep:
             wake=config_from_dict(WakeConfig, meta["wake"]),
             sleep=config_from_dict(SleepConfig, meta["sleep"]),
             seed=meta["seed"],
-            engine=meta.get("engine", "torch"),
+            engine=meta.get("engine", "torch") if engine is None else engine,
             privacy=config_from_dict(PrivacyConfig, meta.get("privacy", {})),
             store_key=store_key,
         )

@@ -97,8 +97,9 @@ def thermal_state(temperature_c: float | None, *, fair_c: float = 60.0, serious_
                   critical_c: float = 90.0) -> str:
     """Map the hottest zone's temperature to a :data:`THERMAL_STATES` level.
 
-    >>> [thermal_state(t) for t in (41.0, 66.0, 80.0, 95.0, None)]
-    ['nominal', 'fair', 'serious', 'critical', 'unknown']
+    Example:
+        >>> [thermal_state(t) for t in (41.0, 66.0, 80.0, 95.0, None)]
+        ['nominal', 'fair', 'serious', 'critical', 'unknown']
     """
     if temperature_c is None:
         return "unknown"
@@ -362,7 +363,8 @@ class AdaptivePolicy:
 
     Args:
         device: the device conditions (an :class:`IdleAndCharging`; its step ratio is unused).
-        min_ratio / max_ratio: replay steps per wake step at no drop / at ``full_drop``.
+        min_ratio: replay steps per wake step at no drop.
+        max_ratio: replay steps per wake step at a drop of ``full_drop``.
         full_drop: the probe accuracy drop that earns the longest night.
         min_wake_steps: below this, with no measured drop, do not sleep yet.
     """

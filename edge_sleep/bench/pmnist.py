@@ -27,6 +27,7 @@ from torch import nn
 
 from edge_sleep.bench.datasets import PermutedTask, permuted_mnist
 from edge_sleep.bench.metrics import average_accuracy, backward_transfer, forgetting
+from edge_sleep.bench.provenance import provenance
 from edge_sleep.bench.strategies import Method, default_methods, ewc_consolidate
 from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "train_per_task": args.train_per_task or 60000, "batch": 128, "split": "test",
                "hyperparameters": TUNED, "total_wall_s": time.perf_counter() - t0, "methods": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload.update(provenance())  # the commit the numbers describe
     args.out.write_text(json.dumps(payload, indent=1))
     plot_summary(summary, args.out.with_suffix(".png"))
     print(format_table(summary))

@@ -1,0 +1,237 @@
+"""The documentation site: it builds strictly, its example runs, and its figures are the results files'."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def _flat(name: str) -> str:
+    """The page with every run of whitespace made one space (for sentences that wrap)."""
+    return " ".join(_page(name).split())
+
+
+def _benchmark(name: str) -> tuple[Any, dict[str, Any]]:
+    """``benchmarks/<name>.py`` as a module, and what it wrote to ``benchmarks/results/<name>.json``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench, _result(name)
+
+
+def _result(name: str) -> dict[str, Any]:
+    return json.loads((ROOT / "benchmarks" / "results" / f"{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (site / "index.html").is_file()
+    assert (site / "api" / "index.html").is_file()
+    for page, anchor in (("runtime", "edge_sleep.EdgeSleep"), ("runtime", "edge_sleep.config.SleepConfig"),
+                         ("store", "edge_sleep.store.ReplayStore"), ("wake-sleep", "edge_sleep.sleep.run_sleep"),
+                         ("engines-export", "edge_sleep.engines.protocol.Engine"),
+                         ("engines-export", "edge_sleep.export.export_programs")):
+        assert f'id="{anchor}"' in (site / "api" / page / "index.html").read_text(), anchor
+
+
+def test_getting_started_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    page = DOCS / "getting-started.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks, "docs/getting-started.md has no python example"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(page), "exec"), namespace)
+    assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
+    assert namespace["report"].completed  # type: ignore[attr-defined]
+    assert os.path.exists("replay.db") and os.path.isdir("ckpt")
+
+
+def test_getting_started_gives_the_two_commands() -> None:
+    text = _page("getting-started.md")
+    assert "pip install -c requirements/dev.lock -e . && edge-sleep demo" in text
+    assert 'pip install -c requirements/dev.lock -e ".[dev]" && pytest --full' in text
+    assert "`pytest --long`" in text
+
+
+def test_latency_table_is_what_the_benchmark_wrote() -> None:
+    result = _result("latency")
+    text = _page("on-device.md")
+    keys = ("torch_us", "torch_folded_us", "pte_us", "pte_raw_us", "pte_int8_us", "onnx_us")
+    for label, row in (("P-MNIST MLP + LoRA r8", result["infer"]), ("MiniLM-L6 + LoRA r8, 32 tokens", result["minilm"])):
+        cells = "".join(f" {row[k]:,.0f} µs |" for k in keys)
+        assert f"| {label} |{cells}" in text, label
+    assert f"{result['infer']['pte_speedup_vs_torch']:.1f}x faster than eager torch" in text
+    assert f"{result['train_step']['pte_us']:,.0f} µs through `train.pte`" in text
+
+
+def test_kernel_table_is_what_the_benchmark_wrote() -> None:
+    bench, result = _benchmark("kernels")
+    text = _page("benchmarks.md")
+    assert bench.markdown_table(result) in text
+    t = result["targets"]
+    assert f"at most {t['max_kernel_over_copy_at_1e7_plus']:.2f}x a\n`clone`" in text
+    assert f"at least {t['min_sort_over_kernel_at_1e7_plus']:.1f}x faster than the sort" in text
+    assert f"{t['max_kernel_over_copy_into_at_1e7_plus']:.1f}x; the histogram" in text
+
+
+def test_fisher_memory_figures_are_what_the_benchmark_wrote() -> None:
+    r = _result("fisher_memory")
+    text = _page("benchmarks.md")
+    assert f"| {r['unchunked_peak_mb']:,.0f} MB | {r['unchunked_samples_s']:.2f} |" in text
+    assert f"| {r['chunked_peak_mb']:,.0f} MB | {r['chunked_samples_s']:.2f} |" in text
+    assert f"| {r['chunked_keep_peak_mb']:,.0f} MB | {r['chunked_keep_samples_s']:.2f} |" in text
+    assert f"Its measured peak is {r['chunked_peak_mb']:.0f} MB, {r['targets']['chunked_over_bound']:.2f}x the bound" in text
+    assert f"It is {r['targets']['unchunked_over_chunked']:.0f}x below the unchunked path" in text
+
+
+def test_simulation_tables_are_what_the_benchmark_and_profiles_say() -> None:
+    bench, result = _benchmark("simulate")
+    text = _page("scheduling.md")
+    assert bench.markdown_table(result["summary"]) in text
+    assert bench.profile_table() in text
+    slowest = max(r["max_wall_s"] for r in result["summary"])
+    assert f"the slowest 3-day run took {slowest:.0f} s here" in text
+
+
+def test_store_figures_are_what_the_benchmark_wrote() -> None:
+    r = _result("store")
+    text = _flat("store.md")
+    assert f"{r['appends_per_s_batched']:,.0f} appends/s in batches of 128" in text
+    assert f"{r['appends_per_s_encrypted']:,.0f} appends/s ({r['encryption_cost_x']:.2f}x the plain time" in text
+    assert f"({r['size_ratio_vs_fp32']:.2f}x smaller" in text
+
+
+def test_privacy_table_is_what_the_benchmark_wrote() -> None:
+    bench, result = _benchmark("privacy")
+    assert bench.markdown_table(result) in _page("privacy.md")
+    text = _flat("privacy.md")
+    none, at8 = result["rows"][0], next(r for r in result["rows"] if r["epsilon"] == 8)
+    assert f"calibrated attack finds the store's examples (AUC {none['mia_auc']:.3f}, TPR {none['tpr_at_1pct_fpr']:.3f}" in text
+    assert f"the attack is at chance (AUC {at8['mia_auc']:.3f}; target at most 0.55: met)" in text
+    assert f"accuracy falls by {at8['acc_loss_points']:.1f} points (target at most 3: **missed**)" in text
+
+
+# The P-MNIST tables' rows, by the results key each one shows (benchmarks/results/pmnist.json's "methods").
+PMNIST_ROWS = {
+    "**SSR, sleep only** (`ssr_sleep_only`: no replay while awake)": "ssr_sleep_only",
+    "naive fine-tuning": "naive",
+    "online EWC (per-sample Fisher)": "ewc",
+    "ER": "er",
+    "DER++": "derpp",
+    "control: DER++ + Fisher anchor, no night (`derpp_ewc`)": "derpp_ewc",
+    "control: DER++ + replay of SSR's night length (`derpp_eq`)": "derpp_eq",
+    "**SSR** (DER++'s day + anchor + night)": "ssr",
+    "SSR on LoRA adapters, pretrained base (`ssr_adapters`)": "ssr_adapters",
+}
+PMNIST_ABLATIONS = {
+    "SSR as tuned": "ssr",
+    "the seed paper's 1:10 wake:sleep ratio (`ssr_1to10`)": "ssr_1to10",
+    "without consolidation noise (`ssr_no_noise`)": "ssr_no_noise",
+    "without the Fisher anchor (`ssr_no_anchor`)": "ssr_no_anchor",
+    "with prune/strengthen, {sparsity} sparse (`ssr_prune`)": "ssr_prune",
+}
+
+
+def _rows(text: str, header: str) -> dict[str, list[str]]:
+    """The rows of the Markdown table under ``header``: first cell -> the other cells."""
+    lines = text[text.index(header):].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def _unbold(cell: str) -> str:
+    return cell[2:-2] if cell.startswith("**") and cell.endswith("**") else cell
+
+
+def test_pmnist_tables_are_what_the_benchmark_wrote() -> None:
+    result = _result("pmnist")
+    methods = result["methods"]
+    text = _page("benchmarks.md")
+    rows = _rows(text, "| method | avg acc | ± std | BWT |")
+    assert set(rows) == set(PMNIST_ROWS), set(rows) ^ set(PMNIST_ROWS)
+    for label, key in PMNIST_ROWS.items():
+        m = methods[key]
+        acc, std, bwt, day_ms, day_replay, night_steps, night_s = rows[label]
+        assert (_unbold(acc), std, bwt) == (f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", f"{m['bwt']:.3f}"), label
+        assert (day_ms, day_replay) == (f"{m['day_ms_per_step']:.1f}", f"{m['day_replay_per_step']:.0f}"), label
+        assert (night_steps, night_s) == (str(m["night_steps"]), f"{m['night_ms'] / 1000:.0f}"), label
+    ablations = {k.format(sparsity=f"{methods['ssr_prune']['sparsity']:.1%}"): v for k, v in PMNIST_ABLATIONS.items()}
+    rows = _rows(text, "| SSR variant | avg acc | ± std | night steps |")
+    assert set(rows) == set(ablations), set(rows) ^ set(ablations)
+    for label, key in ablations.items():
+        m = methods[key]
+        assert rows[label] == [f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", str(m["night_steps"])], label
+    assert set(PMNIST_ROWS.values()) | set(PMNIST_ABLATIONS.values()) == set(methods)
+    assert f"written by `python benchmarks/pmnist.py` ({result['total_wall_s']:.0f} s)" in text
+
+
+def test_pmnist_sentences_are_what_the_benchmark_wrote() -> None:
+    methods = _result("pmnist")["methods"]
+
+    def acc(key: str) -> str:
+        return f"{methods[key]['avg_acc']:.3f}"
+
+    def acc_std(key: str) -> str:
+        return f"{acc(key)} ± {methods[key]['avg_acc_std']:.3f}"
+
+    def points(a: str, b: str) -> str:
+        return f"{100 * (methods[a]['avg_acc'] - methods[b]['avg_acc']):.1f}"
+
+    text = _flat("benchmarks.md")
+    assert f"SSR reaches {acc_std('ssr_sleep_only')} against DER++'s {acc_std('derpp')}" in text
+    assert f"{acc_std('ssr')} against `derpp_ewc` {acc_std('derpp_ewc')}: {points('ssr', 'derpp_ewc')} points" in text
+    assert f"does nothing ({acc('derpp_eq')} against DER++'s {acc('derpp')})" in text
+    assert f"Without the anchor SSR drops to {acc('ssr_no_anchor')}" in text
+    assert f"lifts DER++ by {points('derpp_ewc', 'derpp')} points (`derpp_ewc`)" in text
+    assert f"on the store, by {points('ssr', 'derpp')}." in text
+    assert f"({acc('ssr_no_noise')} without" in text
+    assert f"1:10 costs {points('ssr', 'ssr_1to10')} points" in text
+    assert f"{methods['ssr_prune']['sparsity']:.1%} sparsity for {points('ssr', 'ssr_prune')} points" in text
+    assert f"consolidates: {acc_std('ssr_adapters')}, below DER++" in text
+
+
+def test_adapters_stability_figures_are_what_the_benchmark_wrote() -> None:
+    summary = _result("adapters_stability")["summary"]
+    before, now = summary["before: lr 0.1, no clipping"], summary["default: lr 0.1, clipping at 1.0"]
+    text = _flat("benchmarks.md")
+    assert (f"{before['collapsed_runs']} of {before['runs']} runs collapsed to chance, final average accuracy "
+            f"{before['final_avg_acc_mean']:.3f} ± {before['final_avg_acc_std']:.3f}") in text
+    assert now["collapsed_runs"] == 0
+    assert f"none collapsed: {now['final_avg_acc_mean']:.3f} ± {now['final_avg_acc_std']:.3f}" in text
+
+
+def test_every_results_file_records_the_commit_it_was_made_at() -> None:
+    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        data = json.loads(path.read_text())
+        assert re.fullmatch(r"[0-9a-f]{40}", str(data.get("commit"))), f"{path.name} has no commit"
