@@ -10,6 +10,10 @@ about 10 minutes), which CI does not run.
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -41,6 +45,19 @@ def _seed() -> None:
 def small_mlp(d_in: int = 8, hidden: int = 16, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
                          nn.Linear(hidden, classes))
+
+
+def run_first_python_block(page: Path) -> None:
+    """Run the first ```python block of ``page`` (the README's or the docs' example) in the current
+    folder, and check what it promises: predictions for 5 inputs, a completed night, a store file
+    and a checkpoint on disk."""
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks, f"{page.name} has no python example"
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], str(page), "exec"), namespace)
+    assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
+    assert namespace["report"].completed  # type: ignore[attr-defined]
+    assert os.path.exists("replay.db") and os.path.isdir("ckpt")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import run_first_python_block
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
@@ -59,15 +61,8 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
 
 
 def test_getting_started_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    page = DOCS / "getting-started.md"
-    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
-    assert blocks, "docs/getting-started.md has no python example"
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {}
-    exec(compile(blocks[0], str(page), "exec"), namespace)
-    assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
-    assert namespace["report"].completed  # type: ignore[attr-defined]
-    assert os.path.exists("replay.db") and os.path.isdir("ckpt")
+    run_first_python_block(DOCS / "getting-started.md")
 
 
 def test_getting_started_gives_the_two_commands() -> None:

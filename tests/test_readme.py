@@ -4,12 +4,13 @@ the named results file says (the detailed tables are checked in tests/test_docs.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import run_first_python_block
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -25,14 +26,9 @@ def _text() -> str:
 
 def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md has no python example"
-    assert len(blocks[0].splitlines()) <= 20
+    assert blocks and len(blocks[0].splitlines()) <= 20
     monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)
-    assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
-    assert namespace["report"].completed  # type: ignore[attr-defined]
-    assert os.path.exists("replay.db") and os.path.isdir("ckpt")
+    run_first_python_block(README)
 
 
 def test_readme_is_a_front_page_of_at_most_200_lines() -> None:
