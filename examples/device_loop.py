@@ -9,12 +9,12 @@
    ``train.ptd``, ``consolidate.pte``, ``manifest.json``), and ``load_program`` runs ``infer.pte``
    through ExecuTorch: its logits match eager torch.
 3. The same checkpoint on the ExecuTorch engine (``engine="executorch"``): the next day (digits
-   turned by another angle) runs its wake steps through ``train.pte``, predictions through ``infer.pte``, a night on torch, then the
-   programs are exported again. The manifest's hashes show what a night changes: the ``.ptd``
+   turned by another angle) runs its wake steps through ``train.pte`` and its predictions through
+   ``infer.pte``; a night on torch; then the programs are exported again. The manifest's hashes show what a night changes: the ``.ptd``
    weight files, never a ``.pte`` program, so a night ships as weights only.
 
-``--quick`` uses fewer images (what the tests run). Each export lowers with ExecuTorch and takes
-seconds to tens of seconds on 2 cores.
+``--quick`` uses fewer images and leaves ``consolidate.pte`` out (what the tests run). Each export
+lowers with ExecuTorch and takes seconds to tens of seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the exports (default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="fewer images (what the tests run)")
     args = parser.parse_args(argv)
-    per_task = 4096 if args.quick else 16000
+    per_task = 2048 if args.quick else 16000
     out = args.out or Path(tempfile.mkdtemp(prefix="edge-sleep-device-"))
     tasks = rotated_mnist(3, 0, train_per_domain=per_task, test_per_domain=500)
     base = mlp(0)  # the base the app ships with: plain SGD on the upright digits
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     x_eval, _ = tasks[1].evaluation()
 
     # 2. what the app ships, and inference through ExecuTorch
-    manifest = export_programs(es, None, out / "day1", int8=False, onnx=False)
+    manifest = export_programs(es, None, out / "day1", int8=False, onnx=False, consolidate=not args.quick)
     program = load_program(out / "day1", "infer")
     gap = float((program(x_eval[:64]) - es.logits(x_eval[:64])).abs().max())
     print(f"exported {sorted(manifest.files)} to {out / 'day1'}")
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     for t in tasks)
     print(f"day 2 through train.pte: last loss {stats.loss:.3f}; accuracy: {acc}")
     report = device.sleep()
-    export_programs(device, None, out / "day2", int8=False, onnx=False)
+    export_programs(device, None, out / "day2", int8=False, onnx=False, consolidate=not args.quick)
     device.store.close()
     before, after = hashes(out / "day1"), hashes(out / "day2")
     changed = sorted(n for n in before if before[n] != after[n])

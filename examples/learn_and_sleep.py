@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a temporary one)")
     parser.add_argument("--quick", action="store_true", help="two small days (what the tests run)")
     args = parser.parse_args(argv)
-    days, per_day, night_min = (2, 1024, 20) if args.quick else (3, 4000, 50)
+    days, per_day, night_min = (2, 512, 16) if args.quick else (3, 4000, 50)
     torch.manual_seed(0)
     out = args.out or Path(tempfile.mkdtemp(prefix="edge-sleep-example-"))
     out.mkdir(parents=True, exist_ok=True)
