@@ -58,15 +58,3 @@ def run_first_python_block(page: Path) -> None:
     assert namespace["labels"].shape == (5,)  # type: ignore[attr-defined]
     assert namespace["report"].completed  # type: ignore[attr-defined]
     assert os.path.exists("replay.db") and os.path.isdir("ckpt")
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    """Skip the interpreter's last garbage collection over what the session leaves behind.
-
-    The export tests leave millions of tracked objects in torch.export and ExecuTorch caches;
-    the collection Python runs at exit walked them for about three minutes of CI. Frozen objects
-    are ignored by every later collection (``gc.freeze``); memory is returned at exit as usual.
-    """
-    import gc
-
-    gc.freeze()

@@ -267,3 +267,22 @@ def test_consolidate_pte_prunes_and_strengthens_like_the_torch_night(exported: E
         program(torch.zeros(3), torch.zeros(4), torch.ones(3, dtype=torch.bool), prune=1, strengthen_rank=None, eta=0.1)
     with pytest.raises(InputError, match=">= 0"):
         program(torch.ones(3), -torch.ones(3), torch.ones(3, dtype=torch.bool), prune=1, strengthen_rank=None, eta=0.1)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_an_export_keeps_no_reference_to_the_model(int8: bool) -> None:
+    """torch.export, PT2E and ExecuTorch keep module-level state that held every exported model
+    alive, weights included (edge_sleep.export.release); the export functions release it."""
+    import gc
+    import weakref
+
+    from edge_sleep.export import to_infer_program
+
+    def export() -> weakref.ref[torch.Tensor]:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        to_infer_program(model, torch.zeros(2, 8), int8=int8)
+        return weakref.ref(model[0].weight)
+
+    weight = export()
+    gc.collect()
+    assert weight() is None, "an export kept the model's weights alive"

@@ -27,6 +27,7 @@ from torch import nn
 from torch.export import Dim
 
 from edge_sleep.errors import ExportError, InputError
+from edge_sleep.export.release import releases_export_state
 from edge_sleep.export.manifest import read_manifest
 from edge_sleep.kernels import consolidate_radix, order_key_nonneg
 
@@ -42,6 +43,7 @@ class _Consolidate(nn.Module):
         return new_w, new_keep.to(weight.dtype), pruned, strong
 
 
+@releases_export_state
 def to_consolidate_program(max_numel: int) -> bytes:
     """The ``consolidate.pte`` bytes: flat inputs of 2 to ``max_numel`` elements, scalars as 0-d tensors.
 

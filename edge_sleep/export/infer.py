@@ -32,6 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from edge_sleep.adapters import LoRALinear
+from edge_sleep.export.release import releases_export_state
 from edge_sleep.modelio import logits_of
 
 __all__ = ["ProgramFiles", "to_infer_program", "inference_form", "positional_keys", "edge_config", "WEIGHTS_TAG"]
@@ -151,6 +152,7 @@ def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim
     return ({0: Dim("batch", min=1, max=max_batch)},)
 
 
+@releases_export_state
 def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = False, max_batch: int = 64,
                      calibration: list[torch.Tensor] | None = None, etrecord: bool = False) -> ProgramFiles:
     """Export ``model``'s forward as an XNNPACK-delegated ExecuTorch program with a dynamic batch.

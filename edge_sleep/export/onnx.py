@@ -9,9 +9,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from edge_sleep.export.release import releases_export_state
+
 __all__ = ["to_onnx"]
 
 
+@releases_export_state
 def to_onnx(model: nn.Module, example: torch.Tensor, *, max_batch: int = 64) -> bytes:
     """Export ``model``'s forward to one self-contained ONNX file (opset of the dynamo exporter).
 

@@ -34,6 +34,7 @@ from torch.export import Dim
 
 from edge_sleep.adapters import LoRALinear, lora_modules
 from edge_sleep.errors import ConfigError
+from edge_sleep.export.release import releases_export_state
 from edge_sleep.export.infer import ProgramFiles, positional_keys
 from edge_sleep.modelio import logits_of
 
@@ -185,6 +186,7 @@ def _without_empty_permuted(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+@releases_export_state
 def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, *,
                      anchor_coefs: dict[str, torch.Tensor] | None = None,
                      references: dict[str, torch.Tensor] | None = None,
