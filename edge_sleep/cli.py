@@ -48,6 +48,57 @@ def _format_matrix(acc: np.ndarray) -> str:
     return "\n".join(rows)
 
 
+def _one_line(error: BaseException | str) -> str:
+    """``error``'s message on one line (multi-line messages joined by spaces)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _fail(command: str, error: BaseException | str) -> int:
+    """Print ``edge-sleep COMMAND: MESSAGE`` as one line on stderr; the exit code of a refused command (2)."""
+    print(f"edge-sleep {command}: {_one_line(error)}", file=sys.stderr)
+    return 2
+
+
+def _check_out_file(path: Path, flag: str) -> None:
+    """Refuse an output file path that is a folder or sits where no file can be written (nothing is kept).
+
+    Raises:
+        InputError: ``path`` is a folder, or its folder cannot be created or written.
+    """
+    from edge_sleep.errors import InputError
+
+    if path.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a folder; expected the path of a file to write. "
+                         f"Fix: pass a file name, e.g. {str(path / 'out.png')!r}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e} in {str(path.parent)!r}); "
+                         "expected a file in a writable folder. Fix: pass a path in a folder you can write.") from None
+
+
+def _check_out_folder(path: Path, flag: str) -> None:
+    """Refuse an output folder path that is a file or cannot be created (created if missing).
+
+    Raises:
+        InputError: ``path`` exists and is not a folder, or it cannot be created or written.
+    """
+    from edge_sleep.errors import InputError
+
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise InputError(f"{flag} {str(path)!r} is a file, not a folder; expected a folder (or nothing) at that "
+                         "path to write into. Fix: remove or rename that file, or pass another folder.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {str(path)!r} cannot be written ({e.strerror or e}); expected a writable "
+                         "folder. Fix: pass a folder you can write, on a disk with free space.") from None
+
+
 def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2000,
              seed: int = 0, out: Path = Path("edge-sleep-demo.png"), profile: str = "galaxy-s24",
              days: int = 2) -> dict[str, np.ndarray]:
@@ -58,6 +109,10 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
     merges and consolidates them. No replay while awake in any of them. Then the on-device path
     lives ``days`` simulated days on ``profile`` (:mod:`edge_sleep.simulate.day`): learning while
     the phone is used, sleeping when it charges; its timeline goes beside ``out``.
+
+    Raises:
+        ProfileError: ``profile`` is unknown or invalid (checked before any training).
+        InputError: ``out`` is a folder or cannot be written (checked before any training).
     """
     import torch
     from tqdm import tqdm
@@ -67,7 +122,10 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
     from edge_sleep.bench.pmnist import evaluate, mlp, pretrain
     from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
     from edge_sleep.runtime import EdgeSleep
+    from edge_sleep.simulate.profiles import load_profile
 
+    prof = load_profile(profile)  # a wrong name fails now, not after the training (even with days=0)
+    _check_out_file(out, "--out")
     torch.set_num_threads(2)
     stream = permuted_mnist(tasks, seed, train_per_task=train_per_task, test_per_task=test_per_task)
     sleep = SleepConfig(steps_per_wake_step=2.0)
@@ -114,9 +172,7 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
         import shutil
 
         from edge_sleep.simulate.day import SimulationConfig, simulate
-        from edge_sleep.simulate.profiles import load_profile
 
-        prof = load_profile(profile)
         timeline = out.with_name(out.stem + "-timeline.png")
         print(f"\nthe on-device path, {days} simulated day(s) on {prof.name}: learning while the phone is in use, "
               "sleeping when it charges")
@@ -130,14 +186,19 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
 
 
 def _model_factory(spec: str) -> object:
-    """``"package.module:callable"`` -> the callable (which returns a fresh model); exits with the reason."""
-    from edge_sleep.errors import ConfigError
+    """``"package.module:callable"`` -> the callable (which returns a fresh model).
+
+    Raises:
+        InputError: ``spec`` is not ``MODULE:CALLABLE``, does not import, or names no callable.
+    """
+    from edge_sleep.errors import ConfigError, InputError
     from edge_sleep.modelio import import_model_factory
 
     try:
         return import_model_factory(spec)
     except ConfigError as e:
-        raise SystemExit(f"edge-sleep: --model: {e}") from None
+        raise InputError(f"--model {'; '.join(e.problems)}. Fix: pass MODULE:CALLABLE, a function that "
+                         "returns a fresh model of the checkpoint's architecture.") from None
 
 
 def run_profile(path: Path, *, runs: int = 50, batch: int = 1, top: int = 25) -> int:
@@ -149,7 +210,7 @@ def run_profile(path: Path, *, runs: int = 50, batch: int = 1, top: int = 25) ->
         directory, name = resolve_program(path)
         frame = profile_program(directory, name, runs=runs, batch=batch)
     except EdgeSleepError as e:
-        raise SystemExit(f"edge-sleep profile: {e}") from None
+        return _fail("profile", e)
     print(f"{directory / (name + '.pte')}: {runs} runs at batch {batch}, the {min(top, len(frame))} slowest "
           "events by median (ExecuTorch ETDump + Inspector)")
     print(format_profile(frame, top))
@@ -158,23 +219,31 @@ def run_profile(path: Path, *, runs: int = 50, batch: int = 1, top: int = 25) ->
 
 def run_export(checkpoint: Path, out: Path, model_spec: str, *, int8: bool = True, onnx: bool = True,
                max_batch: int = 64, etrecord: bool = False) -> int:
-    """Load a checkpoint around a fresh model from ``model_spec`` and export its programs."""
+    """Load a checkpoint around a fresh model from ``model_spec`` and export its programs.
+
+    A bad ``--model``, checkpoint or ``--out`` prints one line on stderr and returns 2, before
+    any program is lowered.
+    """
     import torch
 
-    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.errors import EdgeSleepError, InputError
     from edge_sleep.export import export_programs
     from edge_sleep.runtime import EdgeSleep
 
-    model = _model_factory(model_spec)()  # type: ignore[operator]
-    if not isinstance(model, torch.nn.Module):
-        raise SystemExit(f"edge-sleep: --model {model_spec!r} returned a {type(model).__name__}; "
-                         "expected an nn.Module.")
     t0 = time.perf_counter()
     try:
+        model = _model_factory(model_spec)()  # type: ignore[operator]
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"--model {model_spec!r} returned a {type(model).__name__}; expected an nn.Module. "
+                             "Fix: name a callable that returns a fresh model.")
         es = EdgeSleep.load(checkpoint, model, store=":memory:")
-        manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch, etrecord=etrecord)
-    except EdgeSleepError as e:
-        raise SystemExit(f"edge-sleep: {e}") from None
+        try:
+            manifest = export_programs(es, None, out, int8=int8, onnx=onnx, max_batch=max_batch,
+                                       etrecord=etrecord)
+        finally:
+            es.store.close()
+    except (EdgeSleepError, OSError) as e:
+        return _fail("export", e)
     for name, info in sorted(manifest.files.items()):
         print(f"{info['bytes']:>12,d}  {out / name}")
     print(f"exported {', '.join(sorted(manifest.programs))} in {time.perf_counter() - t0:.0f} s")
@@ -216,9 +285,13 @@ def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, cal
             raw = json.loads(calibration.read_text())
             cal = Calibration(host_seconds=raw["host_seconds"], reference_seconds=raw["reference_seconds"],
                               threads=raw.get("threads", 0))
-    except (EdgeSleepError, OSError, ValueError, KeyError) as e:
-        print(f"edge-sleep simulate: {e}", file=sys.stderr)
-        return 2
+        _check_out_folder(out, "--out")
+    except EdgeSleepError as e:
+        return _fail("simulate", e)
+    except (OSError, ValueError, KeyError, TypeError) as e:  # only the calibration file is read above
+        what = f"lacks the key {e}" if isinstance(e, KeyError) else f"cannot be read ({_one_line(e)})"
+        return _fail("simulate", f"--calibration {str(calibration)!r} {what}; expected a JSON object written by "
+                                 "tools/calibrate.py. Fix: run tools/calibrate.py again, or leave --calibration out.")
     report = simulate(prof, out, config, calibration=cal)
     print()
     print(_format_days(report))
@@ -233,15 +306,14 @@ def run_watch(checkpoint: Path, model_spec: str, policy: str, poll_s: float, min
     from edge_sleep.schedule import AdaptivePolicy, IdleAndCharging
     from edge_sleep.watch import watch
 
-    factory = _model_factory(model_spec)
     try:
+        factory = _model_factory(model_spec)
         device = IdleAndCharging(min_idle_s=min_idle_s)
         chosen = device if policy == "fixed" else AdaptivePolicy(device=device)
         watch(checkpoint, factory, policy=chosen, poll_s=poll_s, max_polls=polls,  # type: ignore[arg-type]
               log=lambda line: print(line, flush=True))
     except EdgeSleepError as e:
-        print(f"edge-sleep watch: {e}", file=sys.stderr)
-        return 2
+        return _fail("watch", e)
     except KeyboardInterrupt:
         return 0
     return 0
@@ -255,9 +327,10 @@ def _load_examples(path: Path, flag: str) -> tuple[Any, Any]:
 
     try:
         obj = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise InputError(f"{flag} {str(path)!r} could not be read ({e}); expected a file written by "
-                         "torch.save({'x': x, 'y': y}, path).") from None
+    except Exception as e:  # a damaged file raises OSError, EOFError, KeyError, UnpicklingError, ...
+        reason = (str(e).strip().splitlines() or [""])[0] or "no detail"
+        raise InputError(f"{flag} {str(path)!r} could not be read ({type(e).__name__}: {reason}); expected a file "
+                         "written by torch.save({'x': x, 'y': y}, path). Fix: pass such a file.") from None
     pair = (obj.get("x"), obj.get("y")) if isinstance(obj, dict) else tuple(obj) if isinstance(obj, (tuple, list)) else ()
     if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
         raise InputError(f"{flag} {str(path)!r} holds a {type(obj).__name__}; expected {{'x': tensor, 'y': tensor}} "
@@ -274,12 +347,16 @@ def run_audit(checkpoint: Path, model_spec: str, heldout: Path, members: Path | 
     from edge_sleep.errors import EdgeSleepError, InputError
     from edge_sleep.runtime import EdgeSleep
 
-    factory = _model_factory(model_spec)
     opened: list[EdgeSleep] = []
     try:
+        factory = _model_factory(model_spec)
         nonmember = _load_examples(heldout, "--heldout")
         member = None if members is None else _load_examples(members, "--members")
-        key = None if store_key_file is None else store_key_file.read_bytes()
+        try:
+            key = None if store_key_file is None else store_key_file.read_bytes()
+        except OSError as e:
+            raise InputError(f"--store-key-file {str(store_key_file)!r} cannot be read ({e.strerror or e}); expected "
+                             "the raw key bytes of the encrypted store. Fix: pass the file that holds them.") from None
         # the store is opened (and its writer lock taken) only when its records are the members
         es = EdgeSleep.load(checkpoint, factory(), store=":memory:" if member is not None else None,  # type: ignore[operator]
                             store_key=key)
@@ -305,14 +382,17 @@ def run_audit(checkpoint: Path, model_spec: str, heldout: Path, members: Path | 
             opened.append(ref)
         result = audit(es, member, nonmember, reference=ref)
     except (EdgeSleepError, OSError) as e:
-        print(f"edge-sleep audit: {e}", file=sys.stderr)
-        return 2
+        return _fail("audit", e)
     finally:
         for runtime in opened:
             runtime.store.close()
     print(result.text())
     if out is not None:
-        out.write_text(json.dumps(result.to_dict(), indent=2))
+        try:
+            out.write_text(json.dumps(result.to_dict(), indent=2))
+        except OSError as e:
+            return _fail("audit", f"--json {str(out)!r} cannot be written ({e.strerror or e}); expected a file "
+                                  "path in a writable folder. Fix: pass another --json path.")
         print(f"wrote {out}")
     return 0
 
@@ -416,7 +496,13 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{name.replace('_', '-')}={getattr(args, name)}; expected an integer >= 1")
         if args.days < 0:
             parser.error(f"--days={args.days}; expected an integer >= 0")
-        run_demo(args.tasks, args.train_per_task, args.test_per_task, args.seed, args.out, args.profile, args.days)
+        from edge_sleep.errors import EdgeSleepError
+
+        try:
+            run_demo(args.tasks, args.train_per_task, args.test_per_task, args.seed, args.out, args.profile,
+                     args.days)
+        except EdgeSleepError as e:
+            return _fail("demo", e)
         return 0
     from edge_sleep.bench.pmnist import main as bench_main
 

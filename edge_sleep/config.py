@@ -193,7 +193,8 @@ class StoreConfig:
     """Where and how the replay store keeps records.
 
     Args:
-        capacity_mb: byte budget of the stored records (codes, logits and fixed overhead).
+        capacity_mb: byte budget of the store's files on disk, open or closed (the database, its
+            write-ahead log and index; :mod:`edge_sleep.store.budget`).
         capacity_records: optional cap on the record count as well (the P-MNIST protocol's 500).
         eviction: ``"reservoir"`` (uniform over the stream) or ``"class_balanced"``.
         store_logits: also keep the logits the model gave when the record was written (fp16).

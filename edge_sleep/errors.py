@@ -20,6 +20,7 @@ __all__ = [
     "CorruptRecordError",
     "CallOrderError",
     "ExportError",
+    "CheckpointError",
     "NativeKernelError",
     "check_format_version",
 ]
@@ -76,6 +77,11 @@ class CallOrderError(EdgeSleepError, RuntimeError):
 
 class ExportError(EdgeSleepError, RuntimeError):
     """An exported program, its weights or its manifest is missing, damaged or mismatched."""
+
+
+class CheckpointError(EdgeSleepError, OSError):
+    """A checkpoint or export folder cannot be written or read: the path is a file, its parent is
+    not writable, the disk is full, or a file in the folder is missing or damaged."""
 
 
 class NativeKernelError(EdgeSleepError, RuntimeError):

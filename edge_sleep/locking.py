@@ -1,12 +1,16 @@
-"""One writer per replay store: an exclusive lock on a file beside the database.
+"""One writer per replay store: exclusive locks on the database file and on a file beside it.
 
 SQLite serializes transactions, but the store also keeps an in-memory mirror of its slots; two
 processes appending to one file would each pick slots from a stale mirror and overwrite each
 other's records. :class:`WriterLock` makes that an error instead: the first process to open a
-store holds ``<store>-lock`` with ``flock`` (``LOCK_EX | LOCK_NB``), and any other process that
-opens it gets :class:`~edge_sleep.errors.StoreBusyError` at once. The kernel drops the lock when
-the holder closes the store or dies, even by ``kill -9``, so a crash never leaves a store locked.
-Where ``fcntl`` does not exist (Windows) the lock is not taken and a ``RuntimeWarning`` says so.
+store holds ``flock`` (``LOCK_EX | LOCK_NB``) on ``<store>-lock`` beside the resolved path and on
+the database file itself, and any other process that opens it gets
+:class:`~edge_sleep.errors.StoreBusyError` at once. The lock on the database file is what catches
+an alias: a symbolic link resolves to the same ``-lock`` file, and a hard link (another name for
+the same inode) shares the database file's lock. On Linux and Android ``flock`` locks are
+independent of the POSIX record locks SQLite takes on the same file. The kernel drops the locks
+when the holder closes the store or dies, even by ``kill -9``, so a crash never leaves a store
+locked. Where ``fcntl`` does not exist (Windows) no lock is taken and a ``RuntimeWarning`` says so.
 
 Example:
     >>> import tempfile, os
@@ -40,38 +44,53 @@ __all__ = ["WriterLock"]
 
 
 class WriterLock:
-    """An exclusive, non-blocking ``flock`` on ``<path>-lock``; :meth:`release` (or exit) frees it."""
+    """Exclusive, non-blocking ``flock`` locks on ``<resolved path>-lock`` and on the database
+    file (created, owner-only, if missing); :meth:`release` (or exit) frees both."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(f"{path}-lock")
-        self._fd: int | None = None
+        self.target = Path(path)
+        self.path = Path(f"{Path(path).resolve()}-lock")
+        self._fds: list[int] = []
+
+    def keys(self) -> list[str]:
+        """Names of the locked file that aliases share: its resolved path, and its device and inode."""
+        out = [str(self.target.resolve())]
+        try:
+            st = os.stat(self.target)
+            out.append(f"inode:{st.st_dev}:{st.st_ino}")
+        except OSError:
+            pass
+        return out
 
     def acquire(self) -> None:
-        """Take the lock or raise :class:`StoreBusyError` (never waits)."""
-        if self._fd is not None:
+        """Take both locks or raise :class:`StoreBusyError` (never waits)."""
+        if self._fds:
             return
         if fcntl is None:  # pragma: no cover - Windows
             warnings.warn(f"no flock on this platform: {str(self.path)!r} is not locked against a second "
                           "process", RuntimeWarning, stacklevel=3)
             return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
+            for name, flags in ((self.path, os.O_RDWR | os.O_CREAT), (self.target, os.O_RDONLY | os.O_CREAT)):
+                fd = os.open(name, flags, 0o600)
+                self._fds.append(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            self.release()
             raise StoreBusyError(
-                f"the replay store {str(self.path)[:-5]!r} is open for writing elsewhere (another "
-                f"process, or another ReplayStore in this one holds {str(self.path)!r}). One writer "
-                "per store: two would overwrite each other's records. Fix: close the other store "
-                "first, or give each process its own store path."
+                f"the replay store {str(self.target)!r} is open for writing elsewhere (another process, "
+                "or another ReplayStore in this one, holds it, possibly through another path to the same "
+                "file: a symbolic or hard link). One writer per store: two would overwrite each other's "
+                "records. Fix: close the other store first, or give each process its own store path."
             ) from e
-        self._fd = fd
+        except BaseException:
+            self.release()
+            raise
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+        while self._fds:
+            os.close(self._fds.pop())  # closing a descriptor drops its flock
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return bool(self._fds)

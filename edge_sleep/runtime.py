@@ -276,6 +276,18 @@ class EdgeSleep:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
         self._engine.check_batch(self, x)  # before the store's generator moves
+        # a step that raises leaves both generators where they were: a retry draws what a clean run draws
+        generators = (self.store.rng.bit_generator.state,
+                      None if self._privacy_generator is None else self._privacy_generator.get_state())
+        try:
+            return self._learn_checked(x, y, stream)
+        except BaseException:
+            self.store.rng.bit_generator.state = generators[0]
+            if generators[1] is not None and self._privacy_generator is not None:
+                self._privacy_generator.set_state(generators[1])
+            raise
+
+    def _learn_checked(self, x: torch.Tensor, y: torch.Tensor, stream: str) -> WakeStats:
         cfg = self.wake_config
         self.model.train()
         r1 = r2 = None
@@ -293,7 +305,7 @@ class EdgeSleep:
             warnings.warn(f"learn() undid a wake step: {stats.skipped} (loss {stats.loss:.4g}, gradient "
                           f"norm {stats.grad_norm:.4g}); the weights are unchanged and the batch was not "
                           "stored. Fix: lower WakeConfig.lr or max_grad_norm, or check the batch's scale.",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=4)
             return stats
         if self.masks and cfg.train == "all":
             apply_masks_(dict(self.model.named_parameters()), self.masks)
@@ -499,22 +511,40 @@ class EdgeSleep:
     def save(self, directory: str | Path) -> Path:
         """Write ``state.pt`` and ``config.json`` to ``directory`` atomically (all or nothing).
 
-        The replay store stays where it is; ``config.json`` records its path.
+        The replay store stays where it is; ``config.json`` records its path. Runtimes saving to
+        one folder at once (threads or processes) each complete; the last one wins.
+
+        Raises:
+            CheckpointError: ``directory`` exists and is not a folder (refused before anything is
+                written), or the files cannot be written (a full disk, no permission); the
+                checkpoint already there, if any, is unchanged.
         """
+        from edge_sleep.errors import CheckpointError, EdgeSleepError
+
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
-            torch.save(self.state_dict(), tmp / "state.pt")
-            meta = {
-                "format_version": RUNTIME_FORMAT_VERSION,
-                "wake": dataclasses.asdict(self.wake_config),
-                "sleep": dataclasses.asdict(self.sleep_config),
-                "store_config": dataclasses.asdict(self.store_config),
-                "store_path": str(self.store.path.resolve()) if str(self.store.path) != ":memory:" else None,
-                "seed": self.seed,
-                "engine": self.engine,
-                "privacy": dataclasses.asdict(self.privacy),
-            }
-            (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        state = self.state_dict()
+        meta = {
+            "format_version": RUNTIME_FORMAT_VERSION,
+            "wake": dataclasses.asdict(self.wake_config),
+            "sleep": dataclasses.asdict(self.sleep_config),
+            "store_config": dataclasses.asdict(self.store_config),
+            "store_path": str(self.store.path.resolve()) if str(self.store.path) != ":memory:" else None,
+            "seed": self.seed,
+            "engine": self.engine,
+            "privacy": dataclasses.asdict(self.privacy),
+        }
+        try:
+            with atomic_directory(directory) as tmp:
+                torch.save(state, tmp / "state.pt")
+                (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        except EdgeSleepError:
+            raise
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            raise CheckpointError(
+                f"EdgeSleep.save could not write the checkpoint {str(directory)!r}: {reason}; the checkpoint "
+                f"there before (if any) is unchanged. Fix: free space on the disk of {str(directory.parent)!r} "
+                "and check that it is writable, then save again.") from e
         return directory
 
     @classmethod
@@ -528,18 +558,63 @@ class EdgeSleep:
             store: the replay store; default: the path recorded at save time.
             store_key: the key of an encrypted store (not kept in the checkpoint).
             engine: ``"torch"`` or ``"executorch"``; ``None``: the engine it was saved with.
+
+        Raises:
+            CallOrderError: no checkpoint at ``directory`` (no ``config.json``).
+            CheckpointError: ``config.json`` is not JSON or lacks keys, or ``state.pt`` is missing,
+                truncated, damaged or lacks keys (each names the file).
+            FormatVersionError: the checkpoint was written by a newer version.
+            ConfigError: the checkpoint belongs to a model of another architecture.
         """
+        from edge_sleep.errors import CheckpointError
+
         directory = Path(directory)
         old = previous_of(directory)
-        if not directory.exists() and old.exists():  # a crash between save()'s two renames
+        if not directory.exists() and old.is_dir():  # a crash between save()'s two renames
             directory = old
         if not (directory / "config.json").exists():
             raise CallOrderError(f"no checkpoint at {str(directory)!r} (config.json is missing); "
                                  "expected a folder written by EdgeSleep.save(). Fix: check the path.")
-        meta = json.loads((directory / "config.json").read_text())
-        check_format_version(f"checkpoint {str(directory)!r}", meta.get("format_version"), RUNTIME_FORMAT_VERSION)
-        state = torch.load(directory / "state.pt", weights_only=True)
-        check_format_version("EdgeSleep state", state.get("format_version"), RUNTIME_FORMAT_VERSION)
+        config_path, state_path = directory / "config.json", directory / "state.pt"
+        fix = "Fix: pass an intact checkpoint (save it again, or restore a copy)."
+
+        def damaged(path: Path, problem: str, expected: str) -> CheckpointError:
+            return CheckpointError(f"{str(path)!r} {problem}; expected {expected}. {fix}")
+
+        try:
+            meta = json.loads(config_path.read_text())
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            raise damaged(config_path, f"cannot be read as JSON ({reason})",
+                          "the config.json EdgeSleep.save() writes") from e
+        if not isinstance(meta, dict):
+            raise damaged(config_path, f"holds a JSON {type(meta).__name__}", "a JSON object")
+        if "format_version" in meta:  # a newer version may have other keys: say that first
+            check_format_version(f"checkpoint {str(directory)!r}", meta["format_version"], RUNTIME_FORMAT_VERSION)
+        missing = [k for k in ("format_version", "wake", "sleep", "store_config", "store_path", "seed")
+                   if k not in meta]
+        mistyped = [k for k in ("wake", "sleep", "store_config", "privacy")
+                    if k in meta and not isinstance(meta[k], dict)]
+        if missing or mistyped:
+            problems = ([f"lacks the key(s) {missing}"] if missing else []) + (
+                [f"has {mistyped} that are not JSON objects"] if mistyped else [])
+            raise damaged(config_path, " and ".join(problems), "every key EdgeSleep.save() writes, as it wrote it")
+        if not state_path.is_file():
+            raise damaged(state_path, "is missing", "the state.pt EdgeSleep.save() writes beside config.json")
+        try:
+            state = torch.load(state_path, weights_only=True)
+        except Exception as e:  # a damaged file raises OSError, EOFError, KeyError, UnpicklingError, ...
+            reason = (str(e).strip().splitlines() or [""])[0] or "no detail"
+            raise damaged(state_path, f"cannot be read ({type(e).__name__}: {reason}); it is truncated or damaged",
+                          "the state.pt EdgeSleep.save() writes") from e
+        if not isinstance(state, dict):
+            raise damaged(state_path, f"holds a {type(state).__name__}", "the dict EdgeSleep.state_dict() returns")
+        if "format_version" in state:
+            check_format_version("EdgeSleep state", state["format_version"], RUNTIME_FORMAT_VERSION)
+        missing = [k for k in ("format_version", "fingerprint", "model", "anchor", "masks", "wake_steps_since_sleep",
+                               "num_classes", "input_spec", "sleep_state", "generator", "store") if k not in state]
+        if missing:
+            raise damaged(state_path, f"lacks the key(s) {missing}", "the dict EdgeSleep.state_dict() returns")
         store_config = config_from_dict(StoreConfig, meta["store_config"])
         fingerprint = model_fingerprint(model, store_config.latent_layer)
         if state["fingerprint"] != fingerprint:  # before the model gets adapters or the store opens

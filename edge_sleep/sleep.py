@@ -38,7 +38,7 @@ from edge_sleep.fisher import FisherPlan, fisher_sums, fisher_sums_loop, fisher_
 from edge_sleep.kernels import consolidate_, prune_count
 from edge_sleep.memory import ResidentPeak, saved_activation_bytes
 from edge_sleep.store import ReplayStore
-from edge_sleep.wake import Anchor, all_finite, effective_weights
+from edge_sleep.wake import Anchor, all_finite, effective_weights, elements_finite
 
 __all__ = ["Night", "SleepState", "SleepReport", "ConsolidationNoise", "replay_loss", "run_sleep",
            "consolidate_weights_", "mask_sparsity", "SLEEP_FORMAT_VERSION"]
@@ -336,7 +336,7 @@ def run_sleep(
                             sums = fisher_sums_loop(head, head_names, *fb, fisher_loss)
                 if peak.extra_bytes is not None:
                     peak_bytes = max(peak_bytes or 0, peak.extra_bytes)
-                if not all_finite(list(sums.values())):
+                if not elements_finite(list(sums.values())):  # a large finite Fisher is a Fisher
                     return _abort(params, start_weights, state, steps_run, masks, start,
                                   f"non-finite Fisher at replay step {state.step + 1} of {state.total_steps}")
                 if not accumulated:

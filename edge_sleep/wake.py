@@ -24,7 +24,8 @@ from edge_sleep.adapters import LoRALinear
 from edge_sleep.errors import check_format_version
 from edge_sleep.store import ReplayBatch
 
-__all__ = ["Anchor", "WakeStats", "wake_step", "effective_weights", "all_finite", "ANCHOR_FORMAT_VERSION"]
+__all__ = ["Anchor", "WakeStats", "wake_step", "effective_weights", "all_finite", "elements_finite",
+           "ANCHOR_FORMAT_VERSION"]
 
 ANCHOR_FORMAT_VERSION = 1
 
@@ -32,10 +33,17 @@ ANCHOR_FORMAT_VERSION = 1
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """Every element of every tensor is finite, checked with one fused norm.
 
-    Values beyond about 1e19 overflow the norm and count as non-finite too: weights that large
-    are broken anyway.
+    Values beyond about 1e19 overflow the norm and count as non-finite too: weights or gradients
+    that large are broken anyway. Sums that may legitimately be that large (a Fisher of raw
+    0-255 inputs reaches 1e22) are checked with :func:`elements_finite`.
     """
     return not tensors or math.isfinite(float(torch.nn.utils.get_total_norm(tensors)))
+
+
+def elements_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite, however large: the fused norm answers when it
+    does not overflow, and only then are the elements checked one by one."""
+    return all_finite(tensors) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def effective_weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:

@@ -209,7 +209,8 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
             logits BLOB, checksum INTEGER NOT NULL);
         INSERT INTO r1 SELECT slot, created_s, stream, label, codes, scale, zero_point, logits, checksum
         FROM records; DROP TABLE records; ALTER TABLE r1 RENAME TO records;
-        UPDATE meta SET value='1' WHERE key='format_version';""")
+        UPDATE meta SET value='1' WHERE key='format_version'; ALTER TABLE meta DROP COLUMN checksum;""")
+    (tmp_path / "old.db-witness").unlink()  # format 1 kept neither metadata checksums nor a witness
     from edge_sleep.store.codec import checksum_v1  # what format 1 wrote
 
     for slot, codes, logits, label in db.execute("SELECT slot, codes, logits, label FROM records").fetchall():

@@ -132,3 +132,16 @@ def test_effective_weights_fold_the_masked_adapter() -> None:
     x = torch.randn(5, 8)
     torch.testing.assert_close(lora(x), F.linear(x, expected, lora.bias))
     assert es.base_parameters.keys() == {n for n, _ in model.named_parameters() if "lora_" not in n}
+
+
+def test_a_large_finite_fisher_counts_as_finite_and_an_inf_does_not() -> None:
+    """Issue 21: a night aborted on 'non-finite Fisher' when every value was finite (the largest
+    4.8e22): squaring such values in a norm overflows float32."""
+    from edge_sleep.wake import all_finite, elements_finite
+
+    big = [torch.full((3, 3), 4.8e22), torch.ones(2)]
+    assert not all_finite(big)  # the norm overflows: weights this large are broken
+    assert elements_finite(big)
+    assert not elements_finite([torch.ones(2), torch.tensor([1.0, float("inf")])])
+    assert not elements_finite([torch.tensor([float("nan")])])
+    assert elements_finite([]) and elements_finite([torch.ones(3)])

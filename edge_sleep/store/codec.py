@@ -20,7 +20,6 @@ from edge_sleep.seal import Sealer
 __all__ = ["EncodedRows", "ReplayBatch", "aad", "checksum", "checksum_v1", "decode_row", "decode_rows",
            "encode_rows", "privacy_bytes", "seal_rows"]
 
-RECORD_OVERHEAD_BYTES = 32  # id, slot, label, scale, zero point, checksum, time
 FP16_MAX = 65504.0  # logits are stored as fp16, saturated to its finite range
 
 

@@ -11,18 +11,21 @@ import json
 import os
 import sqlite3
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from edge_sleep.errors import StoreError, StoreKeyError, StorePathError
 from edge_sleep.seal import KEY_CHECK, Sealer
+from edge_sleep.store import budget
 from edge_sleep.store.codec import checksum, checksum_v1
 
-__all__ = ["STORE_FORMAT_VERSION", "connect", "get_meta", "migrate", "path_error", "quarantine", "set_meta",
-           "storage_error", "transaction"]
+__all__ = ["STORE_FORMAT_VERSION", "connect", "migrate", "path_error", "quarantine", "read_meta",
+           "set_meta", "storage_error", "transaction"]
 
-STORE_FORMAT_VERSION = 2  # 2: each record keeps the privacy parameters it was written with
+# 2: each record keeps the privacy parameters it was written with; 3: each metadata row has a checksum
+STORE_FORMAT_VERSION = 3
 PRIVACY_COLUMNS = ("dp_epsilon", "dp_delta", "dp_max_norm", "dp_sigma", "label_epsilon")
 COLUMNS = ("slot", "created_s", "stream", "label", "codes", "scale", "zero_point", "logits", "checksum",
            *PRIVACY_COLUMNS)
@@ -35,7 +38,7 @@ SELECT_RECORDS = ("SELECT slot, stream, label, codes, scale, zero_point, logits,
 STORAGE_ERRORS = (sqlite3.Error, json.JSONDecodeError, UnicodeDecodeError)
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, checksum INTEGER);
 CREATE TABLE IF NOT EXISTS records (
     slot INTEGER PRIMARY KEY,
     created_s REAL NOT NULL,
@@ -87,8 +90,12 @@ def check_not_empty(path: Path) -> None:
             "(or restore it from a backup).")
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def connect(path: Path, capacity_mb: float = 16.0) -> sqlite3.Connection:
     """Open (creating, owner-only) the database at ``path`` in WAL mode with the store's schema.
+
+    A new file gets the page size of its budget (:func:`edge_sleep.store.budget.page_size_for`);
+    the write-ahead log is checkpointed every :func:`~edge_sleep.store.budget.wal_pages` pages and
+    truncated back to that size, so the files stay within ``capacity_mb`` while the store is open.
 
     Raises:
         StorePathError: the file or its folder cannot be created or opened.
@@ -103,10 +110,14 @@ def connect(path: Path) -> sqlite3.Connection:
         db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         # damaged text decodes with replacement characters (then fails its checksum), never raises
         db.text_factory = lambda raw: raw.decode("utf-8", "replace")
-        db.execute("PRAGMA page_size=16384")  # a new file only: ~1 KB records waste less per page
+        db.execute(f"PRAGMA page_size={budget.page_size_for(capacity_mb)}")  # a new file only
         db.execute("PRAGMA secure_delete=ON")  # deleted and replaced records are overwritten with zeros
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
+        page = int(db.execute("PRAGMA page_size").fetchone()[0])
+        wal = budget.wal_pages(capacity_mb, page)
+        db.execute(f"PRAGMA wal_autocheckpoint={wal}")
+        db.execute(f"PRAGMA journal_size_limit={wal * (page + 24)}")
         db.executescript(_SCHEMA)
         return db
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:
@@ -132,38 +143,72 @@ def transaction(db: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def get_meta(db: sqlite3.Connection, key: str) -> Any:
-    row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-    return None if row is None else json.loads(row[0])
+def meta_checksum(key: str, text: str) -> int:
+    """CRC32 of a metadata row: its key and its JSON text, so a flip in either is caught."""
+    return zlib.crc32(key.encode("utf-8", "replace") + b"\0" + text.encode("utf-8", "replace"))
 
 
 def set_meta(db: sqlite3.Connection, key: str, value: Any) -> None:
-    db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-               (key, json.dumps(value)))
+    text = json.dumps(value)
+    db.execute("INSERT INTO meta(key, value, checksum) VALUES(?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+               "value=excluded.value, checksum=excluded.checksum", (key, text, meta_checksum(key, text)))
 
 
-def write_key_check(db: sqlite3.Connection, sealer: Sealer) -> None:
-    """Record that the store is encrypted, with a sealed constant that only its key opens."""
-    set_meta(db, "encryption", {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex()})
+def read_meta(db: sqlite3.Connection) -> tuple[dict[str, Any], int]:
+    """``(metadata, damaged)``: every metadata row whose checksum holds, and how many did not.
+
+    The rows are read by scanning the table, not through its key index, so a flipped bit in the
+    index cannot hide a key; an index that disagrees with the table is rebuilt first. Damaged rows
+    (checksum, JSON, a key seen twice) are deleted: the caller restores their values from the
+    witness (:mod:`edge_sleep.store.witness`) or refuses the store.
+    """
+    if "checksum" not in {row[1] for row in db.execute("PRAGMA table_info(meta)")}:  # format 1 and 2
+        with transaction(db):
+            db.execute("ALTER TABLE meta ADD COLUMN checksum INTEGER")
+            for key, text in db.execute("SELECT key, value FROM meta").fetchall():
+                if isinstance(key, str) and isinstance(text, str):
+                    db.execute("UPDATE meta SET checksum=? WHERE key=?", (meta_checksum(key, text), key))
+    if [row[0] for row in db.execute("PRAGMA integrity_check(meta)")] != ["ok"]:
+        db.execute("REINDEX meta")
+    meta: dict[str, Any] = {}
+    bad: list[int] = []
+    for rowid, key, text, check in db.execute("SELECT rowid, key, value, checksum FROM meta NOT INDEXED").fetchall():
+        try:
+            if not isinstance(key, str) or not isinstance(text, str) or key in meta \
+                    or meta_checksum(key, text) != check:
+                raise ValueError(key)
+            meta[key] = json.loads(text)
+        except ValueError:  # json.JSONDecodeError is one
+            bad.append(rowid)
+    if bad:
+        with transaction(db):
+            db.executemany("DELETE FROM meta WHERE rowid=?", [(r,) for r in bad])
+    return meta, len(bad)
 
 
-def check_key(db: sqlite3.Connection, sealer: Sealer | None, path: Path) -> None:
-    """The key opens the store's key check; an unencrypted store with records refuses a key.
+def key_check(sealer: Sealer) -> dict[str, str]:
+    """The metadata that records a store as encrypted: a sealed constant only its key opens."""
+    return {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex()}
+
+
+def check_key(db: sqlite3.Connection, enc: Any, sealer: Sealer | None, path: Path) -> dict[str, str] | None:
+    """The key opens the store's key check (``enc``, its ``encryption`` metadata); an unencrypted
+    store with records refuses a key. Returns the key check to record when an empty, unencrypted
+    store is given a key, else ``None``.
 
     Raises:
         StoreKeyError: a missing key, a wrong key, or a key for an unencrypted store with records.
     """
-    enc = get_meta(db, "encryption")
     if enc is None:
         if sealer is None:
-            return
+            return None
         if db.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
             raise StoreKeyError(f"replay store {str(path)!r} is not encrypted and holds records; a key "
                                 "was given. Fix: open it without a key, or start a new store with the key.")
-        write_key_check(db, sealer)
-        return
+        return key_check(sealer)
     if sealer is None:
-        raise StoreKeyError(f"replay store {str(path)!r} is encrypted ({enc.get('cipher')}); no key was "
+        cipher = enc.get("cipher") if isinstance(enc, dict) else None
+        raise StoreKeyError(f"replay store {str(path)!r} is encrypted ({cipher}); no key was "
                             "given. Fix: pass the key it was created with (key=..., from the platform keystore).")
     try:
         ok = sealer.open(bytes.fromhex(enc["key_check"]), b"meta") == KEY_CHECK
@@ -172,11 +217,16 @@ def check_key(db: sqlite3.Connection, sealer: Sealer | None, path: Path) -> None
     if not ok:
         raise StoreKeyError(f"replay store {str(path)!r} does not open with this key. Fix: pass the key "
                             "it was created with; without it its records cannot be read.")
+    return None
 
 
 def migrate(db: sqlite3.Connection, version: int) -> None:
-    """Bring a version-1 file to this version: add the privacy columns (NULL: none applied)."""
+    """Bring a version-1 or 2 file to this version: add the privacy columns (NULL: none applied)
+    and the metadata checksums (added by :func:`read_meta`, which runs first)."""
     if version >= STORE_FORMAT_VERSION:
+        return
+    if version >= 2:
+        set_meta(db, "format_version", STORE_FORMAT_VERSION)
         return
     have = {row[1] for row in db.execute("PRAGMA table_info(records)")}
     with transaction(db):

@@ -7,12 +7,14 @@ sampling). Every public method holds the store's lock, so any thread may call it
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,9 +36,9 @@ from edge_sleep.locking import WriterLock
 from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
 from edge_sleep.quant import row_bounds
 from edge_sleep.seal import Sealer
+from edge_sleep.store import budget
 from edge_sleep.store import database as sql
 from edge_sleep.store.codec import (
-    RECORD_OVERHEAD_BYTES,
     ReplayBatch,
     aad,
     checksum,
@@ -47,6 +49,7 @@ from edge_sleep.store.codec import (
     seal_rows,
 )
 from edge_sleep.store.policy import Slots
+from edge_sleep.store.witness import Witness, reconcile
 
 __all__ = ["ReplayStore"]
 
@@ -55,6 +58,10 @@ _STATE_FORMAT_VERSION = 1
 # the store each database file has open in this process (a second one takes over from the first)
 _OPEN: dict[str, weakref.ref[ReplayStore]] = {}
 _OPEN_LOCK = threading.RLock()
+# a row whose largest value exceeds this many times the records' median largest value is far out
+_RANGE_FACTOR = 50.0
+_RANGE_MIN_RECORDS = 16
+_STREAM_BYTES = 64  # stream tag bytes the byte budget counts per record, at least
 
 
 def _locked(method: _F) -> _F:
@@ -109,34 +116,44 @@ class ReplayStore:
         self._closed: str | None = None
         in_memory = str(path) == ":memory:"
         self._writer = WriterLock(self.path) if not in_memory else None
+        self._witness = Witness(self.path.resolve()) if not in_memory else None
+        self._meta: dict[str, Any] = {}
+        self._slots = Slots()
+        self._mirror: dict[str, np.ndarray] = {}
+        self._typical_absmax: tuple[int, float] | None = None  # (records it was taken over, value)
+        self._range_warned = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise sql.path_error(self.path, e) from e
-        self._take_over()
-        try:
-            if not in_memory:
-                sql.check_not_empty(self.path)
-            self._db = sql.connect(self.path)
-        except BaseException:
-            self._release()
-            raise
-        self._layout_cache: dict[str, Any] | None = None
-        self._slots = Slots()
-        self._mirror: dict[str, np.ndarray] = {}
-        try:
-            self._check_meta(fingerprint)
-            self._seen = int(sql.get_meta(self._db, "seen") or 0)
-            self._load_mirror()
-        except BaseException as e:
-            self._db.close()
-            self._release()
-            if isinstance(e, sql.STORAGE_ERRORS):
-                raise sql.storage_error(self.path, e) from e
-            if isinstance(e, (TypeError, ValueError, KeyError)) and not isinstance(e, EdgeSleepError):
-                raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
-                                 f"{e}); the file is damaged. Fix: move it aside and start a new store.") from e
-            raise
+        # one open at a time per process: a second store of the same file (another thread's) waits,
+        # then takes over from a first one that is whole, never from one half-open
+        with _OPEN_LOCK:
+            existed = not in_memory and self.path.exists()
+            try:
+                self._take_over()
+            except OSError as e:  # the lock files cannot be created (StoreBusyError is no OSError)
+                self._release()
+                raise sql.path_error(self.path, e) from e
+            try:
+                if existed:
+                    sql.check_not_empty(self.path)
+                self._db = sql.connect(self.path, self.config.capacity_mb)
+            except BaseException:
+                self._release()
+                raise
+            try:
+                self._open_meta(fingerprint, existed)
+                self._load_mirror()
+            except BaseException as e:
+                self._db.close()
+                self._release()
+                if isinstance(e, sql.STORAGE_ERRORS):
+                    raise sql.storage_error(self.path, e) from e
+                if isinstance(e, (TypeError, ValueError, KeyError)) and not isinstance(e, EdgeSleepError):
+                    raise StoreError(f"replay store {str(self.path)!r} has unreadable metadata ({type(e).__name__}: "
+                                     f"{e}); the file is damaged. Fix: move it aside and start a new store.") from e
+                raise
 
     # ------------------------------------------------------------- ownership
     def _take_over(self) -> None:
@@ -145,22 +162,26 @@ class ReplayStore:
         only while it has the store open (:class:`StoreBusyError` otherwise)."""
         if self._writer is None:
             return
-        key = str(self.path.resolve())
         with _OPEN_LOCK:
-            ref = _OPEN.get(key)
-            other = ref() if ref is not None else None
-            if other is not None and other is not self:
-                other._close(f"another ReplayStore in this process opened {str(self.path)!r}")
+            for key in self._writer.keys():  # the resolved path, and the file's device and inode
+                ref = _OPEN.get(key)
+                other = ref() if ref is not None else None
+                if other is not None and other is not self:
+                    other._close(f"another ReplayStore in this process opened {str(self.path)!r}")
             self._writer.acquire()
-            _OPEN[key] = weakref.ref(self)
+            for key in self._writer.keys():
+                _OPEN[key] = weakref.ref(self)
 
     def _release(self) -> None:
-        if self._writer is not None:
-            self._writer.release()
         with _OPEN_LOCK:
-            key = str(self.path.resolve()) if self._writer is not None else None
-            if key is not None and (ref := _OPEN.get(key)) is not None and ref() is self:
-                del _OPEN[key]
+            if self._writer is not None:
+                for key in self._writer.keys():
+                    if (ref := _OPEN.get(key)) is not None and ref() is self:
+                        del _OPEN[key]
+                self._writer.release()
+            if self._witness is not None:
+                with contextlib.suppress(OSError):
+                    self._witness.close()
 
     # ----------------------------------------------------------------- setup
     def _load_mirror(self) -> None:
@@ -175,7 +196,7 @@ class ReplayStore:
         Raises:
             StoreError: the store's own metadata (layout, capacity) cannot be read.
         """
-        layout, cap = sql.get_meta(self._db, "layout"), sql.get_meta(self._db, "capacity_records")
+        layout, cap = self._meta.get("layout"), self._meta.get("capacity_records")
         self._slots, self._mirror = Slots(), {}
         if layout is None or cap is None:
             return
@@ -200,6 +221,8 @@ class ReplayStore:
             self._put(row[0], row[2], codes, row[4], row[5], logits)
         if bad:
             sql.quarantine(self._db, bad)
+            with self._write():  # the witness learns the new record count
+                pass
             shown = ", ".join(f"slot {slot!r}: {why}" for slot, why in bad[:5])
             warnings.warn(
                 f"replay store {str(self.path)!r}: {len(bad)} damaged record(s) moved to its quarantine table "
@@ -222,27 +245,93 @@ class ReplayStore:
             m["logits"][slot] = np.frombuffer(logits, dtype=np.float16)
         self._slots.put(slot, label)
 
-    def _check_meta(self, fingerprint: str | None) -> None:
+    def _open_meta(self, fingerprint: str | None, existed: bool) -> None:
+        """Read and verify the metadata, reconcile it with the witness, then check or create it.
+
+        A damaged or missing metadata value comes back from the witness with a ``RuntimeWarning``
+        naming it; a database behind its witness (write-ahead log frames lost) is reported the
+        same way, with how many writes and records went missing. A database file this open
+        created is a new store: a witness left from a deleted one is overwritten.
+
+        Raises:
+            StoreError: metadata the records need is damaged and no witness holds it.
+        """
         db = self._db
-        version = sql.get_meta(db, "format_version")
+        meta, damaged = sql.read_meta(db)
+        records = int(db.execute("SELECT COUNT(*) FROM records").fetchone()[0])
+        witness, problem = self._witness.read() if self._witness is not None and existed else (None, None)
+        if problem is not None:
+            warnings.warn(f"replay store {str(self.path)!r}: its witness ({self.path.name}-witness) is damaged "
+                          f"({problem}); writes lost from the database's write-ahead log before this open cannot "
+                          "be detected. It is rewritten now.", RuntimeWarning, stacklevel=3)
+        plan = reconcile(meta, damaged, witness, records)
+        if plan.unrecoverable:
+            raise StoreError(f"replay store {str(self.path)!r}: {damaged} metadata row(s) are damaged and "
+                             f"{', '.join(plan.unrecoverable)} cannot be recovered (no witness holds them), so its "
+                             f"{records} records cannot be decoded. Fix: restore the file and its -witness from a "
+                             "backup, or move it aside and start a new store.")
+        self._meta = plan.meta
+        said = []
+        if damaged or plan.restored:
+            said.append(f"{damaged} damaged metadata row(s) dropped"
+                        + (f", {', '.join(plan.restored)} restored from its witness" if plan.restored else ""))
+        if plan.lost is not None:
+            said.append(f"the database came back behind its witness, {plan.lost} (the write-ahead log was "
+                        "damaged or lost, or the file was replaced by an older copy)")
+        if said:
+            warnings.warn(f"replay store {str(self.path)!r}: {'; '.join(said)}. The records it holds now are "
+                          "verified and usable.", RuntimeWarning, stacklevel=3)
+            with self._write() as updates:  # the repaired metadata, durable; the witness now agrees
+                updates.update(plan.meta)
+        version = self._meta.get("format_version")
         if version is None:
-            with sql.transaction(db):
-                sql.set_meta(db, "format_version", sql.STORE_FORMAT_VERSION)
-                sql.set_meta(db, "config", asdict(self.config))
-                sql.set_meta(db, "seen", 0)
+            with self._write() as updates:
+                updates.update(format_version=sql.STORE_FORMAT_VERSION, config=asdict(self.config),
+                               seen=int(self._meta.get("seen", 0)))
                 if fingerprint is not None:
-                    sql.set_meta(db, "fingerprint", fingerprint)
+                    updates["fingerprint"] = fingerprint
                 if self._sealer is not None:
-                    sql.write_key_check(db, self._sealer)
+                    updates["encryption"] = sql.key_check(self._sealer)
+        else:
+            try:
+                check_format_version(f"replay store {str(self.path)!r}", version, sql.STORE_FORMAT_VERSION)
+                sql.migrate(db, int(version))
+                self._meta["format_version"] = max(int(version), sql.STORE_FORMAT_VERSION)
+                enc = sql.check_key(db, self._meta.get("encryption"), self._sealer, self.path)
+                if enc is not None:
+                    with self._write() as updates:
+                        updates["encryption"] = enc
+                self.bind(fingerprint)
+            except (FormatVersionError, FingerprintMismatchError, StoreKeyError):
+                db.close()
+                raise
+        self._seen = int(self._meta.get("seen") or 0)
+        if self._witness is not None and witness is None:
+            self._write_witness()
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[dict[str, Any]]:
+        """One write transaction; metadata put in the yielded dict is written in it, with the
+        write count, and the witness is rewritten once it commits."""
+        updates: dict[str, Any] = {}
+        with sql.transaction(self._db):
+            yield updates
+            updates["commits"] = int(self._meta.get("commits", 0)) + 1
+            for k, v in updates.items():
+                sql.set_meta(self._db, k, v)
+        self._meta.update(updates)
+        self._write_witness()
+
+    def _write_witness(self) -> None:
+        if self._witness is None:
             return
+        doc: dict[str, Any] = {k: self._meta[k] for k in ("format_version", "layout", "capacity_records", "fingerprint",
+                                          "encryption", "commits", "seen") if k in self._meta}
         try:
-            check_format_version(f"replay store {str(self.path)!r}", version, sql.STORE_FORMAT_VERSION)
-            sql.migrate(db, int(version))
-            sql.check_key(db, self._sealer, self.path)
-            self.bind(fingerprint)
-        except (FormatVersionError, FingerprintMismatchError, StoreKeyError):
-            db.close()
-            raise
+            self._witness.write({**doc, "records": len(self._slots)})
+        except OSError as e:  # the database write stands; only the loss detection is weaker
+            warnings.warn(f"replay store {str(self.path)!r}: its witness could not be written ({e}); writes "
+                          "lost from the write-ahead log later may go unnoticed.", RuntimeWarning, stacklevel=4)
 
     @_locked
     def bind(self, fingerprint: str | None) -> None:
@@ -253,7 +342,7 @@ class ReplayStore:
         """
         if fingerprint is None:
             return
-        stored = sql.get_meta(self._db, "fingerprint")
+        stored = self._meta.get("fingerprint")
         if stored is not None and stored != fingerprint:
             raise FingerprintMismatchError(
                 f"replay store {str(self.path)!r} was written by a model with fingerprint "
@@ -261,7 +350,8 @@ class ReplayStore:
                 "model, or load the model the store belongs to."
             )
         if stored is None:
-            sql.set_meta(self._db, "fingerprint", fingerprint)
+            with self._write() as updates:
+                updates["fingerprint"] = fingerprint
 
     # ------------------------------------------------------------ properties
     @_locked
@@ -278,7 +368,8 @@ class ReplayStore:
         """Records that fit the byte budget (known after the first append)."""
         if self._mirror:
             return int(self._mirror["label"].shape[0])
-        return sql.get_meta(self._db, "capacity_records")
+        cap = self._meta.get("capacity_records")  # the cached metadata: readable on a closed store too
+        return None if cap is None else int(cap)
 
     @_locked
     def privacy_report(self) -> PrivacyReport:
@@ -301,11 +392,17 @@ class ReplayStore:
 
     @_locked
     def bytes_used(self) -> int:
-        """Bytes of record payload held (codes, logits and fixed overhead per record)."""
-        row = self._db.execute(
-            "SELECT COALESCE(SUM(LENGTH(codes) + COALESCE(LENGTH(logits), 0)), 0), COUNT(*) FROM records"
-        ).fetchone()
-        return int(row[0]) + RECORD_OVERHEAD_BYTES * int(row[1])
+        """Bytes the store's files take on disk now: the database, its write-ahead log, its
+        ``-shm`` index and its witness (what ``capacity_mb`` bounds). An in-memory store: its rows' bytes."""
+        if str(self.path) == ":memory:":
+            row = self._db.execute("SELECT COALESCE(SUM(LENGTH(codes) + COALESCE(LENGTH(logits), 0) + "
+                                   "LENGTH(stream)), 0), COUNT(*) FROM records").fetchone()
+            return int(row[0]) + budget.ROW_OVERHEAD_BYTES * int(row[1])
+        total = 0
+        for suffix in ("", "-wal", "-shm", "-witness"):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.path.getsize(f"{self.path}{suffix}")
+        return total
 
     @_locked
     def class_counts(self) -> dict[int, int]:
@@ -393,10 +490,12 @@ class ReplayStore:
         if self.config.store_logits is False:
             logits = None
         layout = self._layout(latents, logits)
+        if bounds is not None:
+            self._check_range(torch.maximum(bounds[0].abs(), bounds[1].abs()))
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         labels_l = [int(v) for v in labels.tolist()]
-        cap = self.capacity_records or self._capacity_for(flat, logits)
+        cap = self.capacity_records or self._capacity_for(flat, logits, stream)
         seen = self._seen
         before = self._slots.snapshot()
         chosen: list[tuple[int, int]] = []  # (row, slot)
@@ -407,7 +506,8 @@ class ReplayStore:
                 chosen.append((i, slot))
         if not chosen:  # nothing kept: no encoding, but the count of offered records is durable
             try:
-                sql.set_meta(self._db, "seen", seen)  # one autocommitted statement
+                with self._write() as updates:
+                    updates["seen"] = seen
             except BaseException:
                 self._slots.restore(before)
                 raise
@@ -427,10 +527,9 @@ class ReplayStore:
         dp_bytes = privacy_bytes(dp_row)
         now = time.time()
         try:
-            with sql.transaction(self._db):
+            with self._write() as updates:
                 if not self._mirror:  # the first records fix the layout and the capacity
-                    sql.set_meta(self._db, "layout", layout)
-                    sql.set_meta(self._db, "capacity_records", cap)
+                    updates.update(layout=layout, capacity_records=cap)
                 self._db.executemany(sql.UPSERT, [
                     (s, now, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j], stored_logits[j],
                      checksum(s, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j],
@@ -438,12 +537,11 @@ class ReplayStore:
                      *dp_row)
                     for j, (s, y) in enumerate(zip(slot_l, label_l))
                 ])
-                sql.set_meta(self._db, "seen", seen)
+                updates["seen"] = seen
         except BaseException:
             self._slots.restore(before)
             raise
         self._seen = seen
-        self._layout_cache = layout
         if not self._mirror:
             self._alloc_mirror(layout, cap)
         # the mirror in one go per array (a slot written twice in this batch keeps its last record)
@@ -459,17 +557,49 @@ class ReplayStore:
             where[i] = slot
         return where
 
-    def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None) -> int:
-        """Records that fit the byte budget, from the size of one record of this layout."""
+    def _check_range(self, absmax: torch.Tensor) -> None:
+        """Warn once when a row's largest value is far beyond what the store's records hold.
+
+        Such a row (raw 0-255 pixels among inputs scaled to [0, 1], say) is stored like any
+        other, but its gradients dwarf the others' and can make a night's Fisher overflow.
+        """
+        if self._range_warned or len(self._slots) < _RANGE_MIN_RECORDS:
+            return
+        held = len(self._slots)
+        if self._typical_absmax is None or held >= 2 * self._typical_absmax[0]:  # refreshed as the store grows
+            occupied = self._slots.occupied()
+            m = self._mirror
+            scale, zp = m["scale"][occupied].astype(np.float64), m["zero_point"][occupied].astype(np.float64)
+            per_record = np.maximum(np.abs(scale * (-128 - zp)), np.abs(scale * (127 - zp)))
+            self._typical_absmax = (held, float(np.median(per_record)))
+        typical = self._typical_absmax[1]
+        worst = int(torch.argmax(absmax))
+        if float(absmax[worst]) > _RANGE_FACTOR * max(typical, 1e-12):
+            self._range_warned = True
+            warnings.warn(
+                f"replay store {str(self.path)!r}: row {worst} of this batch reaches {float(absmax[worst]):.4g}, "
+                f"{float(absmax[worst]) / max(typical, 1e-12):.0f}x the typical largest value of the {held} records "
+                f"held ({typical:.4g}). It is stored, but a row that far out dominates replay and can make a "
+                "night's Fisher overflow (the night is then abandoned). Fix: scale every input the same way "
+                "(e.g. pixels / 255) before learn(). Said once per store.", RuntimeWarning, stacklevel=4)
+
+    def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None, stream: str) -> int:
+        """Records that fit the byte budget on disk (:mod:`edge_sleep.store.budget`), from the
+        size of one row of this layout; stream tags are counted at their first length, at least
+        ``_STREAM_BYTES``."""
         code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
-        per_record = code_bytes + (0 if logits is None else 2 * logits.shape[1]) + RECORD_OVERHEAD_BYTES
-        cap = int(self.config.capacity_mb * 1e6) // per_record
+        row = budget.row_bytes(code_bytes, None if logits is None else int(logits.shape[1]),
+                               max(len(stream.encode()), _STREAM_BYTES), self._sealer is not None)
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        cap = budget.capacity_for(self.config.capacity_mb, row, page)
         if self.config.capacity_records is not None:
             cap = min(cap, self.config.capacity_records)
         if cap < 1:
             raise InputError(
-                f"one record takes {per_record} bytes but capacity_mb={self.config.capacity_mb}; "
-                "expected room for at least one record. Fix: raise capacity_mb."
+                f"capacity_mb={self.config.capacity_mb} leaves no room for one record of {row} bytes (about "
+                f"{budget.disk_bytes_per_record(row, page):.0f} on disk) beside the store's fixed "
+                f"{budget.fixed_bytes(self.config.capacity_mb, page)} bytes (schema pages, write-ahead log, "
+                f"index); expected room for at least one. Fix: raise capacity_mb."
             )
         return cap
 
@@ -494,9 +624,14 @@ class ReplayStore:
         held = sorted({s for s in wanted if s in self._slots.labels})
         if not held:
             return 0
-        with sql.transaction(self._db):
-            self._db.executemany("DELETE FROM records WHERE slot=?", [(s,) for s in held])
-        self._slots.remove(held)
+        before = self._slots.snapshot()
+        try:
+            with self._write():
+                self._db.executemany("DELETE FROM records WHERE slot=?", [(s,) for s in held])
+                self._slots.remove(held)  # before the commit: the witness counts what is held after it
+        except BaseException:
+            self._slots.restore(before)
+            raise
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return len(held)
 
@@ -536,9 +671,7 @@ class ReplayStore:
         return decode_rows(self._meta_layout(), self._mirror, np.asarray(slots, dtype=np.int64))
 
     def _meta_layout(self) -> Any:
-        if self._layout_cache is None:
-            self._layout_cache = sql.get_meta(self._db, "layout")
-        return self._layout_cache
+        return self._meta.get("layout")
 
     # ----------------------------------------------------------------- state
     @_locked
@@ -576,14 +709,18 @@ class ReplayStore:
         with self._lock:
             if self._closed is not None:
                 return
+            db = getattr(self, "_db", None)
             try:
-                with sql.transaction(self._db):
-                    sql.set_meta(self._db, "seen", self._seen)
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                if db is not None:
+                    if self._meta.get("seen") != self._seen:
+                        with self._write() as updates:
+                            updates["seen"] = self._seen
+                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             except sql.STORAGE_ERRORS:
                 pass  # the records are committed; only the stream length may be older
             finally:
-                self._db.close()
+                if db is not None:
+                    db.close()
                 self._closed = reason
                 self._release()
 
