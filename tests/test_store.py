@@ -98,6 +98,32 @@ def test_the_files_stay_within_the_budget_open_and_closed(tmp_path: Path, case: 
     assert peak <= 1.1e6 and files() <= 1.0e6, (peak, files())
 
 
+def test_an_append_too_large_for_the_logs_share_warns_with_the_batch_that_fits(tmp_path: Path) -> None:
+    """An append is one transaction: once the store is full its records replace others on pages all
+    over the file, and the log holds every one of them until the checkpoint (issue 21)."""
+    import re
+
+    def run(folder: Path, batch: int) -> tuple[int, list[str]]:
+        folder.mkdir()
+        store = ReplayStore(folder / "r.db", StoreConfig(capacity_mb=1.0), seed=0)
+        peak, said = 0, []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            while store.seen < 3 * (store.capacity_records or batch):
+                store.append(torch.rand(batch, 784), torch.randint(0, 10, (batch,)), torch.randn(batch, 10))
+                peak = max(peak, sum(p.stat().st_size for p in folder.glob("r.db*")))
+        store.close()
+        return peak, [str(w.message) for w in caught if "write-ahead log holds" in str(w.message)]
+
+    peak, said = run(tmp_path / "large", 256)
+    assert len(said) == 1 and "keeps 256 records" in said[0] and "capacity_mb=1.0" in said[0], said
+    assert peak > 1.1e6  # what the warning is about: the log holds the whole transaction
+    fits = int(re.search(r"batches of at most (\d+) records", said[0]).group(1))
+    assert 4 <= fits < 256
+    peak, said = run(tmp_path / "fits", fits)
+    assert said == [] and peak <= 1.0e6, (fits, peak, said)
+
+
 def test_balanced_sampling_draws_rare_classes(tmp_path: Path) -> None:
     store = make(tmp_path, capacity_records=100)
     store.append(torch.rand(100, 2), torch.tensor([0] * 95 + [1] * 5))

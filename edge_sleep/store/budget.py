@@ -8,8 +8,11 @@ over SQLite's file format (https://www.sqlite.org/fileformat2.html):
 * a record's row is its fields plus about 90 bytes of SQLite and edge-sleep overhead (record
   header, cell, fixed-width columns, the five privacy parameters), sealing adds 28 bytes (nonce and
   tag) to each sealed field, and rows pack whole into B-tree pages, the rest of a page unused;
-* the log is checkpointed every :func:`wal_pages` pages and truncated back to that size, so it
-  never holds more than that plus one transaction;
+* the write-ahead log gets :func:`wal_pages` of the budget: it is checkpointed once it holds
+  :func:`checkpoint_pages` and truncated back to that size, so it holds at most that plus one
+  transaction, and a transaction that rewrites up to the rest (:func:`append_pages`) keeps the
+  files within the budget; a larger one (an append whose records land on more pages) exceeds it
+  until the next checkpoint, which :func:`pages_rewritten` estimates;
 * the ``-shm`` index takes 32 KiB while the store is open, the witness 8 KiB, and a few pages
   hold the schema and the metadata.
 
@@ -24,7 +27,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["FIXED_PAGES", "SHM_BYTES", "WITNESS_BYTES", "capacity_for", "disk_bytes_per_record", "fixed_bytes", "page_size_for",
+__all__ = ["FIXED_PAGES", "SHM_BYTES", "WITNESS_BYTES", "append_pages", "capacity_for", "checkpoint_pages",
+           "disk_bytes_per_record", "fixed_bytes", "page_size_for", "pages_per_record", "pages_rewritten", "peak_bytes",
            "row_bytes", "wal_pages"]
 
 SHM_BYTES = 32768  # the WAL index while the store is open (SQLite's smallest)
@@ -34,7 +38,7 @@ SEAL_BYTES = 28  # AES-GCM: 12-byte nonce and 16-byte tag per sealed field
 # SQLite's record header and cell (sizes, rowid, pointer) and the fixed-width columns: creation
 # time, scale, zero point, label, checksum and the five privacy parameters
 ROW_OVERHEAD_BYTES = 92
-WAL_SHARE = 0.05  # of the budget, for the write-ahead log between checkpoints
+WAL_SHARE = 0.10  # of the budget, for the write-ahead log: frames before a checkpoint and one transaction
 LEAF_HEADER = 8
 
 
@@ -44,8 +48,36 @@ def page_size_for(capacity_mb: float) -> int:
 
 
 def wal_pages(capacity_mb: float, page: int) -> int:
-    """Pages between checkpoints: ``WAL_SHARE`` of the budget, at least 4."""
-    return max(4, int(WAL_SHARE * capacity_mb * 1e6) // (page + 24))
+    """Frames (a page and its 24-byte header) the write-ahead log may hold: ``WAL_SHARE`` of the
+    budget, at least 8."""
+    return max(8, int(WAL_SHARE * capacity_mb * 1e6) // (page + 24))
+
+
+def checkpoint_pages(capacity_mb: float, page: int) -> int:
+    """Frames after which a commit checkpoints the log (``wal_autocheckpoint``), and the size the
+    log is truncated back to (``journal_size_limit``): a quarter of :func:`wal_pages`."""
+    return max(2, wal_pages(capacity_mb, page) // 4)
+
+
+def append_pages(capacity_mb: float, page: int) -> int:
+    """Pages one transaction may rewrite with the files staying within the budget."""
+    return wal_pages(capacity_mb, page) - checkpoint_pages(capacity_mb, page)
+
+
+def pages_per_record(row: int, page: int) -> int:
+    """Pages a record's row spans: its leaf, plus its overflow pages when it does not fit one."""
+    return max(1, round(disk_bytes_per_record(row, page) / page)) if row > page - 35 else 1
+
+
+def pages_rewritten(records: int, held: int, row: int, page: int) -> int:
+    """Expected pages a transaction rewrites when it writes ``records`` rows into random slots of a
+    store of ``held`` records: the distinct leaves they land on (each leaf holds several rows), the
+    rows' overflow pages, and two more (the metadata and an interior page)."""
+    per_leaf = max(1, int(page // disk_bytes_per_record(row, page))) if row <= page - 35 else 1
+    leaves = max(1, -(-held // per_leaf))
+    distinct = leaves * (1 - (1 - 1 / leaves) ** records)
+    overflow = (pages_per_record(row, page) - 1) * records
+    return math.ceil(distinct) + overflow + 2
 
 
 def fixed_bytes(capacity_mb: float, page: int) -> int:
@@ -82,3 +114,11 @@ def capacity_for(capacity_mb: float, row: int, page: int) -> int:
     """Records whose rows fit the budget beside the fixed bytes (0: not even one)."""
     room = capacity_mb * 1e6 - fixed_bytes(capacity_mb, page)
     return max(0, int(room // disk_bytes_per_record(row, page)))
+
+
+def peak_bytes(capacity_mb: float, records: int, row: int, page: int, rewritten: int) -> float:
+    """The files' size while a transaction that rewrote ``rewritten`` pages waits for its
+    checkpoint, with ``records`` rows in the database: the fixed pages, the ``-shm`` index and the
+    witness, the rows, and a log of :func:`checkpoint_pages` plus those pages."""
+    log = (checkpoint_pages(capacity_mb, page) + rewritten) * (page + 24)
+    return FIXED_PAGES * page + SHM_BYTES + WITNESS_BYTES + records * disk_bytes_per_record(row, page) + log

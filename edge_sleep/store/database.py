@@ -94,8 +94,9 @@ def connect(path: Path, capacity_mb: float = 16.0) -> sqlite3.Connection:
     """Open (creating, owner-only) the database at ``path`` in WAL mode with the store's schema.
 
     A new file gets the page size of its budget (:func:`edge_sleep.store.budget.page_size_for`);
-    the write-ahead log is checkpointed every :func:`~edge_sleep.store.budget.wal_pages` pages and
-    truncated back to that size, so the files stay within ``capacity_mb`` while the store is open.
+    the write-ahead log is checkpointed every :func:`~edge_sleep.store.budget.checkpoint_pages`
+    pages and truncated back to that size, so the files stay within ``capacity_mb`` while the store
+    is open and each transaction rewrites at most :func:`~edge_sleep.store.budget.append_pages`.
 
     Raises:
         StorePathError: the file or its folder cannot be created or opened.
@@ -115,9 +116,9 @@ def connect(path: Path, capacity_mb: float = 16.0) -> sqlite3.Connection:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         page = int(db.execute("PRAGMA page_size").fetchone()[0])
-        wal = budget.wal_pages(capacity_mb, page)
-        db.execute(f"PRAGMA wal_autocheckpoint={wal}")
-        db.execute(f"PRAGMA journal_size_limit={wal * (page + 24)}")
+        frames = budget.checkpoint_pages(capacity_mb, page)
+        db.execute(f"PRAGMA wal_autocheckpoint={frames}")
+        db.execute(f"PRAGMA journal_size_limit={frames * (page + 24) + 32}")  # the frames and the log's header
         db.executescript(_SCHEMA)
         return db
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:

@@ -122,6 +122,7 @@ class ReplayStore:
         self._mirror: dict[str, np.ndarray] = {}
         self._typical_absmax: tuple[int, float] | None = None  # (records it was taken over, value)
         self._range_warned = False
+        self._size_warned = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -513,6 +514,7 @@ class ReplayStore:
                 raise
             self._seen = seen
             return np.full(n, -1, dtype=np.int64)
+        self._check_append_size(len(chosen), cap, flat, logits, stream)
         rows = torch.tensor([i for i, _ in chosen], dtype=torch.int64)
         enc = encode_rows(flat[rows], layout["latent_kind"], None if logits is None else logits.detach()[rows],
                           None if bounds is None else (bounds[0][rows], bounds[1][rows]))
@@ -558,38 +560,76 @@ class ReplayStore:
         return where
 
     def _check_range(self, absmax: torch.Tensor) -> None:
-        """Warn once when a row's largest value is far beyond what the store's records hold.
+        """Warn once when a row's largest value is far beyond what the store's records hold, or,
+        before the store holds ``_RANGE_MIN_RECORDS`` records, far beyond unit scale.
 
-        Such a row (raw 0-255 pixels among inputs scaled to [0, 1], say) is stored like any
-        other, but its gradients dwarf the others' and can make a night's Fisher overflow.
+        Such a row (raw 0-255 pixels, or one row scaled by 100 among inputs in [0, 1]) is stored
+        like any other, but its gradients dwarf the others' and can make a night diverge or its
+        Fisher overflow (the night is then abandoned and undone).
         """
-        if self._range_warned or len(self._slots) < _RANGE_MIN_RECORDS:
+        if self._range_warned:
             return
         held = len(self._slots)
-        if self._typical_absmax is None or held >= 2 * self._typical_absmax[0]:  # refreshed as the store grows
-            occupied = self._slots.occupied()
-            m = self._mirror
-            scale, zp = m["scale"][occupied].astype(np.float64), m["zero_point"][occupied].astype(np.float64)
-            per_record = np.maximum(np.abs(scale * (-128 - zp)), np.abs(scale * (127 - zp)))
-            self._typical_absmax = (held, float(np.median(per_record)))
-        typical = self._typical_absmax[1]
+        if held < _RANGE_MIN_RECORDS:
+            typical, against = 1.0, "unit scale (the store holds too few records to compare with)"
+        else:
+            if self._typical_absmax is None or held >= 2 * self._typical_absmax[0]:  # refreshed as the store grows
+                occupied = self._slots.occupied()
+                m = self._mirror
+                scale, zp = m["scale"][occupied].astype(np.float64), m["zero_point"][occupied].astype(np.float64)
+                per_record = np.maximum(np.abs(scale * (-128 - zp)), np.abs(scale * (127 - zp)))
+                self._typical_absmax = (held, float(np.median(per_record)))
+            typical = max(self._typical_absmax[1], 1e-12)
+            against = f"the typical largest value of the {held} records held ({typical:.4g})"
         worst = int(torch.argmax(absmax))
-        if float(absmax[worst]) > _RANGE_FACTOR * max(typical, 1e-12):
+        if float(absmax[worst]) > _RANGE_FACTOR * typical:
             self._range_warned = True
             warnings.warn(
                 f"replay store {str(self.path)!r}: row {worst} of this batch reaches {float(absmax[worst]):.4g}, "
-                f"{float(absmax[worst]) / max(typical, 1e-12):.0f}x the typical largest value of the {held} records "
-                f"held ({typical:.4g}). It is stored, but a row that far out dominates replay and can make a "
-                "night's Fisher overflow (the night is then abandoned). Fix: scale every input the same way "
-                "(e.g. pixels / 255) before learn(). Said once per store.", RuntimeWarning, stacklevel=4)
+                f"{float(absmax[worst]) / typical:.0f}x {against}. It is stored, but a row that far out dominates "
+                "replay and can make a night diverge or its Fisher overflow (the night is then abandoned and "
+                "undone). Fix: scale every input the same way (e.g. pixels / 255) before learn(). "
+                "Said once per store.", RuntimeWarning, stacklevel=4)
+
+    def _row_bytes(self, flat: torch.Tensor, logits: torch.Tensor | None, stream: str) -> int:
+        """Bytes of one row of this layout in SQLite; the stream tag counted at least ``_STREAM_BYTES``."""
+        code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
+        return budget.row_bytes(code_bytes, None if logits is None else int(logits.shape[1]),
+                                max(len(stream.encode()), _STREAM_BYTES), self._sealer is not None)
+
+    def _check_append_size(self, kept: int, cap: int, flat: torch.Tensor, logits: torch.Tensor | None,
+                           stream: str) -> None:
+        """Warn once when this append's transaction rewrites more pages than the write-ahead log's
+        share of the budget leaves room for: an append is atomic, so until the next checkpoint
+        the log holds every page it rewrote and the files exceed ``capacity_mb``."""
+        if self._size_warned or str(self.path) == ":memory:":
+            return
+        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        budget_mb = self.config.capacity_mb
+        row = self._row_bytes(flat, logits, stream)
+        pages = budget.pages_rewritten(kept, cap, row, page)  # once full: slots drawn from all of them
+        room = budget.append_pages(budget_mb, page)
+        ratio = budget.peak_bytes(budget_mb, cap, row, page, pages) / (budget_mb * 1e6)
+        if pages <= room or ratio <= 1.0:
+            return
+        self._size_warned = True
+        low, high = 1, kept  # the largest append that fits (at least 1)
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if budget.pages_rewritten(mid, cap, row, page) <= room else (low, mid - 1)
+        fits = low
+        warnings.warn(
+            f"replay store {str(self.path)!r}: this append keeps {kept} records; once the store is full "
+            f"such an append replaces records on about {pages} pages of the database in one transaction, "
+            f"so until the next checkpoint the write-ahead log holds all of them and the files reach up to about {ratio:.2f}x "
+            f"capacity_mb={budget_mb} ({room} pages fit its log's share). Fix: learn or append in batches "
+            f"of at most {fits} records, or raise capacity_mb. Said once per store.", RuntimeWarning, stacklevel=4)
 
     def _capacity_for(self, flat: torch.Tensor, logits: torch.Tensor | None, stream: str) -> int:
         """Records that fit the byte budget on disk (:mod:`edge_sleep.store.budget`), from the
         size of one row of this layout; stream tags are counted at their first length, at least
         ``_STREAM_BYTES``."""
-        code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
-        row = budget.row_bytes(code_bytes, None if logits is None else int(logits.shape[1]),
-                               max(len(stream.encode()), _STREAM_BYTES), self._sealer is not None)
+        row = self._row_bytes(flat, logits, stream)
         page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         cap = budget.capacity_for(self.config.capacity_mb, row, page)
         if self.config.capacity_records is not None:
