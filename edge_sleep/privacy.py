@@ -312,9 +312,9 @@ class PrivacyReport:
             lines.append(
                 f"{self.private} have a differentially private latent: clipped to L2 norm {self.max_norm:g} and "
                 f"noised with Gaussian sigma {self.sigma:.4g} per coordinate (the analytic Gaussian mechanism), so "
-                f"each is ({self.epsilon:g}, {self.delta:g})-DP: whether or not a given example was stored changes "
-                f"the probability of anything learned from it by a factor of at most e^{self.epsilon:g}, except "
-                f"with probability {self.delta:g}.")
+                f"each latent is ({self.epsilon:g}, {self.delta:g})-DP{self._raw_labels()}: whether or not a given "
+                f"example was stored changes the probability of anything learned from its latent by a factor of at "
+                f"most e^{self.epsilon:g}, except with probability {self.delta:g}.")
         if self.labels_randomized:
             lines.append(f"{self.labels_randomized} have their label through k-ary randomized response "
                          f"({self.label_epsilon:g}-DP).")
@@ -326,9 +326,20 @@ class PrivacyReport:
             if eps is not None and count > 1:
                 lines.append(f"Stream {stream!r}: {count} records; if one person gave them all, together they are "
                              f"({eps:.3g}, {self.delta:g})-DP for that person (Opacus RDP accountant).")
-        lines.append("The guarantee covers what the store keeps (the latents, labels and the logits computed from "
-                     "the noised latents), not the model's weights, which were trained on the raw examples.")
+        covered = "the noised latents" + (" and the randomized labels" if self.labels_randomized else "")
+        lines.append(f"The guarantee covers {covered}. It does not cover labels stored as they are, the stored "
+                     "logits (computed by weights that had just trained on the raw batch), the records' cleartext "
+                     "fields (scale, creation time, slot), or the model's weights, which were trained on the raw "
+                     "examples.")
         return "\n".join(lines)
+
+    def _raw_labels(self) -> str:
+        """The clause, beside the epsilon, that says which private records' labels are public."""
+        raw = self.private - min(self.labels_randomized, self.private)
+        if not raw:
+            return ""
+        which = "their labels are" if raw == self.private else f"the labels of {raw} of them are"
+        return f" while {which} stored as they are (public: no epsilon covers them)"
 
     def __str__(self) -> str:
         return self.text()

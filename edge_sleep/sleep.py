@@ -438,8 +438,12 @@ class RestorePoint:
         else:
             self._file = store_path.with_name(store_path.name + ".restore.pt")
         try:
-            # read back only by this process, during this call: no need to survive a crash
-            torch.save({n: p.detach() for n, p in params.items()}, self._file)
+            # read back only by this process, during this call: no need to survive a crash. Owner-only
+            # like the store beside it: these weights were trained on the raw examples
+            fd = os.open(self._file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # a file a killed night left keeps its mode through O_CREAT
+            with os.fdopen(fd, "wb") as f:
+                torch.save({n: p.detach() for n, p in params.items()}, f)
         except OSError as e:
             self._file = None
             raise StoreError(f"the night could not write its restore point beside the store ({e}). Fix: free "

@@ -154,7 +154,8 @@ def test_the_store_keeps_only_noised_records_and_says_so(tmp_path: Path) -> None
     count, eps = report.per_stream["alice"]
     assert count == 256 and eps is not None and eps > 7.0
     text = str(report)
-    assert "(4, 1e-05)-DP" in text and "randomized response (3-DP)" in text and "not the model's weights" in text
+    assert "(4, 1e-05)-DP" in text and "randomized response (3-DP)" in text and "or the model's weights" in text
+    assert "covers the noised latents and the randomized labels" in text and "public" not in text
     es.store.close()
 
 
@@ -224,3 +225,18 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     store.append(torch.rand(2, 3), torch.arange(2), privacy=RecordPrivacy(label_epsilon=1.0))
     assert store.privacy_report().labels_randomized == 2
     store.close()
+
+
+def test_the_report_says_raw_labels_are_public_beside_the_epsilon() -> None:
+    """Issue 20, item 2: with label_epsilon=None (the default) the labels are stored as they are,
+    and the report's epsilon sentence says so instead of covering them."""
+    from edge_sleep.privacy import RecordPrivacy, summarize_privacy
+
+    raw = summarize_privacy([(RecordPrivacy(8.0, 1e-5, 1.0, 0.5, None), "a", 10)])
+    sentence = next(line for line in str(raw).splitlines() if "(8, 1e-05)-DP" in line)
+    assert "their labels are stored as they are (public: no epsilon covers them)" in sentence
+    assert "covers the noised latents." in str(raw) and "randomized labels" not in str(raw)
+    mixed = summarize_privacy([(RecordPrivacy(8.0, 1e-5, 1.0, 0.5, None), "a", 6),
+                               (RecordPrivacy(8.0, 1e-5, 1.0, 0.5, 2.0), "a", 4)])
+    sentence = next(line for line in str(mixed).splitlines() if "(8, 1e-05)-DP" in line)
+    assert "the labels of 6 of them are stored as they are" in sentence

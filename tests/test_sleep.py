@@ -255,9 +255,13 @@ def test_a_disk_restore_point_lives_only_while_the_night_runs(tmp_path: Path) ->
                    sleep=SleepConfig(min_steps=10, check_every=5, restore_point="disk"))
     feed(es, 4, seed=0)
     seen: list[bool] = []
+    (tmp_path / "r.db.restore.pt").write_bytes(b"left by a killed night")
+    (tmp_path / "r.db.restore.pt").chmod(0o644)
 
     def stop() -> bool:  # asked mid-night: the file is there, holding the weights the night began with
-        seen.append((tmp_path / "r.db.restore.pt").exists())
+        file = tmp_path / "r.db.restore.pt"
+        # owner-only like the store (issue 20): weights trained on the raw examples
+        seen.append(file.exists() and file.stat().st_mode & 0o777 == 0o600)
         return False
 
     assert es.sleep(should_stop=stop).completed

@@ -389,6 +389,34 @@ def test_a_streams_records_can_be_deleted_and_leave_no_trace_on_disk(tmp_path: P
     again.close()
 
 
+def test_forgetting_a_stream_also_empties_the_quarantine(tmp_path: Path) -> None:
+    """Issue 20, item 5: a quarantined record's plaintext stayed after its stream was deleted."""
+    marker = 0x5EC12E7_0DDBA11
+    store = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=20), seed=0)
+    store.append(torch.full((4, 3), marker), torch.zeros(4, dtype=torch.long), stream="bob")
+    store.append(torch.arange(18).reshape(6, 3), torch.ones(6, dtype=torch.long), stream="alice")
+    store.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    db.execute("UPDATE records SET label=7 WHERE slot=0")  # bob's first record no longer matches its CRC
+    db.commit()
+    db.close()
+
+    def on_disk() -> bool:
+        raw = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("r.db") and p.is_file())
+        return marker.to_bytes(8, "little") in raw
+
+    with pytest.warns(RuntimeWarning, match="quarantine"):
+        store = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=20), seed=0)
+    assert store.stream_slots("bob").tolist() == [1, 2, 3]
+    with pytest.raises(InputError, match="forget got stream=3"):
+        store.forget(3)  # type: ignore[arg-type]
+    assert store.delete(store.stream_slots("bob")) == 3 and on_disk()  # the quarantined copy is still there
+    assert store.forget("bob") == 0 and not on_disk()
+    assert len(store) == 6 and store.forget("nobody") == 0
+    assert sqlite3.connect(tmp_path / "r.db").execute("SELECT COUNT(*) FROM quarantine").fetchone() == (0,)
+    store.close()
+
+
 def _flip_in_file(path: Path, needle: bytes, which: int, bit: int) -> None:
     raw = bytearray(path.read_bytes())
     at = [i for i in range(len(raw)) if raw.startswith(needle, i)]

@@ -661,13 +661,37 @@ class ReplayStore:
         if bad:
             raise InputError(f"delete got slots {bad[:5]}; expected integers in [0, {cap}) (the store's "
                              "capacity). Fix: pass slots from slots(), offer() or WakeStats.slots.")
-        held = sorted({s for s in wanted if s in self._slots.labels})
-        if not held:
+        return self._delete(sorted({s for s in wanted if s in self._slots.labels}), quarantine=False)
+
+    @_locked
+    def forget(self, stream: str) -> int:
+        """Forget a stream (a user's request to be forgotten): delete every record kept with
+        stream tag ``stream``, and every quarantined record, in one transaction, then checkpoint,
+        so that with ``secure_delete`` they are gone from the database file and its write-ahead
+        log. A quarantined record failed its checksum, so its tag cannot say whose it is; it is
+        never replayed, so emptying the quarantine loses nothing a night uses.
+
+        Returns:
+            How many records were deleted from the store (quarantined ones not counted).
+        """
+        if not isinstance(stream, str):
+            raise InputError(f"forget got stream={stream!r}; expected the str tag the records were "
+                             "offered with. Fix: pass the same stream= as learn() or append().")
+        return self._delete(self.stream_slots(stream).tolist(), quarantine=True)
+
+    def _delete(self, held: list[int], *, quarantine: bool) -> int:
+        """Delete the records at ``held`` (slots that hold one) and, with ``quarantine``, the whole
+        quarantine table, in one transaction; then truncate the log."""
+        purge = quarantine and self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='quarantine'").fetchone() is not None
+        if not held and not purge:
             return 0
         before = self._slots.snapshot()
         try:
             with self._write():
                 self._db.executemany("DELETE FROM records WHERE slot=?", [(s,) for s in held])
+                if purge:
+                    self._db.execute("DELETE FROM quarantine")
                 self._slots.remove(held)  # before the commit: the witness counts what is held after it
         except BaseException:
             self._slots.restore(before)
