@@ -140,3 +140,117 @@ def test_an_encrypted_stores_records_are_found_by_stream_and_deleted(tmp_path: P
     assert store.delete(store.stream_slots("bob")) == 3 and len(store) == 2
     assert store.privacy_report().per_stream.keys() == {"alice"}
     store.close()
+
+
+def _forge(path: Path, slot: int, **changes: object) -> None:
+    """Change clear fields of a record and recompute its CRC, as someone with the file could."""
+    db = sqlite3.connect(path)
+    cols = "slot, stream, label, codes, scale, zero_point, logits, dp_epsilon, dp_delta, dp_max_norm, dp_sigma, label_epsilon"
+    row = dict(zip(cols.split(", "), db.execute(f"SELECT {cols} FROM records WHERE slot=?", (slot,)).fetchone()))
+    row.update(changes)
+    privacy = tuple(row[k] for k in ("dp_epsilon", "dp_delta", "dp_max_norm", "dp_sigma", "label_epsilon"))
+    check = checksum(slot, row["stream"], row["label"], row["codes"], row["scale"], row["zero_point"], row["logits"],
+                     privacy)
+    sets = ", ".join(f"{k}=?" for k in changes)
+    db.execute(f"UPDATE records SET {sets}, checksum=? WHERE slot=?", (*changes.values(), check, slot))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("forgery", ["tripled scale", "dp_epsilon", "label", "copied from another store"])
+def test_a_forged_clear_field_makes_the_record_fail_to_open(tmp_path: Path, forgery: str) -> None:
+    """Issue 20, item 4: a CRC is not a MAC. The clear fields and a per-store id are AES-GCM's
+    associated data, so a forged field (with its CRC recomputed) is quarantined, not believed."""
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=8)
+    store.append(torch.arange(24).reshape(4, 6) * 1.0, torch.arange(4), torch.randn(4, 3), stream="alice")
+    store.close()
+    if forgery == "tripled scale":
+        _forge(tmp_path / "r.db", 0, scale=3.0)
+    elif forgery == "dp_epsilon":
+        _forge(tmp_path / "r.db", 0, dp_epsilon=0.01)
+    elif forgery == "label":
+        _forge(tmp_path / "r.db", 0, label=3)
+    else:  # another store under the same key: its record 0, moved into this file
+        other = token_store(tmp_path / "o.db", KEY, capacity_records=8)
+        other.append(torch.ones(4, 6), torch.arange(4), torch.randn(4, 3), stream="alice")
+        other.close()
+        db = sqlite3.connect(tmp_path / "o.db")
+        cols = "stream, label, codes, scale, zero_point, logits, checksum"
+        moved = db.execute(f"SELECT {cols} FROM records WHERE slot=0").fetchone()
+        db.close()
+        db = sqlite3.connect(tmp_path / "r.db")
+        db.execute(f"UPDATE records SET ({cols}) = (?, ?, ?, ?, ?, ?, ?) WHERE slot=0", moved)
+        db.commit()
+        db.close()
+    with pytest.warns(RuntimeWarning, match="1 damaged record"):
+        store = token_store(tmp_path / "r.db", KEY, capacity_records=8)
+    assert store.slots().tolist() == [1, 2, 3]
+    store.close()
+
+
+def test_an_encrypted_stores_clear_fields_say_nothing_about_a_record(tmp_path: Path) -> None:
+    """Issue 20, item 3: the exact scale (the row's range), the creation time and the stream tag's
+    length were in the clear; an embedding's scale matched members 200 of 200 times."""
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=8)
+    x = torch.randn(4, 6) * torch.tensor([[1.0], [5.0], [0.1], [3.0]])
+    store.append(x[:2], torch.arange(2), stream="bob")
+    store.append(x[2:], torch.arange(2), stream="alice-private-notes")
+    assert torch.allclose(store.read(store.slots()).x, x, atol=0.2)
+    store.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    rows = db.execute("SELECT created_s, scale, zero_point, LENGTH(stream) FROM records").fetchall()
+    db.close()
+    assert {r[:3] for r in rows} == {(0.0, 1.0, 0)} and len({r[3] for r in rows}) == 1, rows
+    again = token_store(tmp_path / "r.db", KEY)
+    assert torch.allclose(again.read(again.slots()).x, x, atol=0.2)
+    assert again.stream_slots("alice-private-notes").tolist() == [2, 3]
+    again.close()
+
+
+def test_a_store_sealed_in_the_first_format_is_resealed_on_open(tmp_path: Path) -> None:
+    """A store encrypted before the store id and the clear fields were bound: its records are
+    re-sealed once, in one transaction, and read back the same."""
+    from edge_sleep.seal import Sealer
+    from edge_sleep.store import database as sql
+    from edge_sleep.store.codec import aad, decode_row, privacy_bytes, unpad_stream
+
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=8)
+    x = torch.randn(3, 6) * 4
+    store.append(x, torch.arange(3), torch.randn(3, 3), stream="carol")
+    before = store.read(store.slots())
+    store_id = store._store_id
+    store.close()
+    sealer, db = Sealer(KEY), sqlite3.connect(tmp_path / "r.db")
+    for row in db.execute(sql.SELECT_RECORDS).fetchall():  # write each record back as the first format did
+        why, codes, logits, scale, zp = decode_row(row, 8, 6, 3, sealer, store_id)
+        assert why is None
+        slot, label, privacy = row[0], row[2], tuple(row[8:13])
+        tag = unpad_stream(sealer.open(row[1], sql_record_aad(store_id, slot, label, privacy)))
+        stream = sealer.seal(tag.encode(), aad(slot, label, b"stream"))
+        codes = sealer.seal(codes, aad(slot, label, b"codes"))
+        logits = sealer.seal(logits, aad(slot, label, b"logits"))
+        check = checksum(slot, stream, label, codes, scale, zp, logits, privacy_bytes(privacy))
+        db.execute("UPDATE records SET stream=?, codes=?, scale=?, zero_point=?, logits=?, checksum=? WHERE slot=?",
+                   (stream, codes, scale, zp, logits, check, slot))
+    enc = {"cipher": "AES-GCM", "key_check": sql.key_check(sealer)["key_check"]}
+    sql.set_meta(db, "encryption", enc)
+    db.commit()
+    db.close()
+    (tmp_path / "r.db-witness").unlink()  # stores of that format had none
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = token_store(tmp_path / "r.db", KEY)
+    after = again.read(again.slots())
+    assert torch.equal(after.x, before.x) and torch.equal(after.logits, before.logits)
+    assert again.stream_slots("carol").tolist() == [0, 1, 2] and again._store_id not in (None, store_id)
+    again.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    assert {r for r in db.execute("SELECT scale, zero_point FROM records")} == {(1.0, 0)}
+    db.close()
+
+
+def sql_record_aad(store_id: bytes | None, slot: int, label: int, privacy: tuple[object, ...]) -> bytes:
+    from edge_sleep.store.codec import privacy_bytes, record_aad
+
+    assert store_id is not None
+    return record_aad(store_id, slot, label, privacy_bytes(privacy), b"stream")  # type: ignore[arg-type]

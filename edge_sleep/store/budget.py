@@ -7,7 +7,8 @@ over SQLite's file format (https://www.sqlite.org/fileformat2.html):
 
 * a record's row is its fields plus about 90 bytes of SQLite and edge-sleep overhead (record
   header, cell, fixed-width columns, the five privacy parameters), sealing adds 28 bytes (nonce and
-  tag) to each sealed field, and rows pack whole into B-tree pages, the rest of a page unused;
+  tag) to each sealed field and 16 to the codes (the scale and zero point sealed with them), and
+  rows pack whole into B-tree pages, the rest of a page unused;
 * the write-ahead log gets :func:`wal_pages` of the budget: it is checkpointed once it holds
   :func:`checkpoint_pages` and truncated back to that size, so it holds at most that plus one
   transaction, and a transaction that rewrites up to the rest (:func:`append_pages`) keeps the
@@ -89,7 +90,8 @@ def row_bytes(code_bytes: int, num_logits: int | None, stream_bytes: int, sealed
     """Bytes of one record's row in SQLite: its blobs and tag (sealed or not) plus the overhead."""
     seal = SEAL_BYTES if sealed else 0
     logits = 0 if num_logits is None else 2 * num_logits + seal
-    return code_bytes + seal + logits + stream_bytes + seal + ROW_OVERHEAD_BYTES
+    scale_zp = 16 if sealed else 0  # a sealed record keeps its scale and zero point inside its codes
+    return code_bytes + scale_zp + seal + logits + stream_bytes + seal + ROW_OVERHEAD_BYTES
 
 
 def disk_bytes_per_record(row: int, page: int) -> float:

@@ -17,10 +17,15 @@ from edge_sleep.errors import StoreKeyError
 from edge_sleep.quant import dequantize_rows, quantize_rows
 from edge_sleep.seal import Sealer
 
-__all__ = ["EncodedRows", "ReplayBatch", "aad", "checksum", "checksum_v1", "decode_row", "decode_rows",
-           "encode_rows", "privacy_bytes", "seal_rows"]
+__all__ = ["SEALED_SCALE", "SEALED_ZERO_POINT", "EncodedRows", "ReplayBatch", "aad", "checksum", "checksum_v1",
+           "decode_row", "decode_rows", "encode_rows", "pad_stream", "privacy_bytes", "record_aad", "seal_rows",
+           "unpad_stream"]
 
 FP16_MAX = 65504.0  # logits are stored as fp16, saturated to its finite range
+# the clear scale and zero point of a sealed record (its real ones are sealed with its codes)
+SEALED_SCALE, SEALED_ZERO_POINT = 1.0, 0
+STREAM_PAD = 64  # a sealed stream tag's length is a multiple of this, so it does not tell the tag's length
+_SCALE_ZP = struct.Struct("<dq")  # the scale and zero point sealed in front of the codes
 
 
 @dataclass
@@ -77,8 +82,40 @@ def row_bytes(a: np.ndarray) -> list[bytes]:
 
 
 def aad(slot: int, label: int, field: bytes) -> bytes:
-    """What a sealed field is bound to: its record's slot and label, and which field it is."""
+    """What a sealed field of the first sealed format was bound to: its record's slot and label,
+    and which field it is (read only to migrate such stores to :func:`record_aad`)."""
     return struct.pack("<qq", slot, label) + field
+
+
+def record_aad(store_id: bytes, slot: int, label: int, privacy: bytes, field: bytes) -> bytes:
+    """What a sealed field is bound to: the store (its random id, so a record copied from
+    another store under the same key does not open), the record's clear fields (slot, label,
+    the five privacy parameters as :func:`privacy_bytes`) and which field it is. Changing any of
+    them makes the record fail to open, so a forged clear field is detected, not just a damaged one."""
+    return store_id + struct.pack("<qq", slot, label) + privacy + field
+
+
+def pad_stream(tag: str) -> bytes:
+    """A stream tag as sealed: its length (2 bytes), its UTF-8 bytes, zeros up to a multiple of
+    ``STREAM_PAD`` bytes.
+
+    Example:
+        >>> len(pad_stream("bob")) == len(pad_stream("alice-private-notes")) == 64
+        True
+        >>> unpad_stream(pad_stream("bob"))
+        'bob'
+    """
+    raw = tag.encode()
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"a stream tag of {len(raw)} bytes; at most 65535")
+    n = 2 + len(raw)
+    return struct.pack("<H", len(raw)) + raw + bytes(-n % STREAM_PAD)
+
+
+def unpad_stream(padded: bytes) -> str:
+    """The tag :func:`pad_stream` padded."""
+    (n,) = struct.unpack_from("<H", padded)
+    return padded[2:2 + n].decode()
 
 
 @dataclass
@@ -111,49 +148,72 @@ def encode_rows(flat: torch.Tensor, kind: str, logits: torch.Tensor | None,
     return EncodedRows(codes, scales, zps, logits_np, row_bytes(codes), logit_bytes)
 
 
-def seal_rows(sealer: Sealer, rows: EncodedRows, slots: list[int], labels: list[int],
-              stream: str) -> tuple[list[bytes], list[bytes | None], list[bytes]]:
-    """Codes, logits and stream tag of each row sealed under the store's key, each bound to its
-    record's slot and label and to the field it is."""
-    codes = [sealer.seal(c, aad(s, y, b"codes")) for c, s, y in zip(rows.code_bytes, slots, labels)]
-    logits = [None if lb is None else sealer.seal(lb, aad(s, y, b"logits"))
+def seal_rows(sealer: Sealer, rows: EncodedRows, slots: list[int], labels: list[int], stream: str,
+              store_id: bytes, privacy: bytes) -> tuple[list[bytes], list[bytes | None], list[bytes]]:
+    """Codes (with the row's scale and zero point in front), logits and stream tag (padded) of
+    each row sealed under the store's key, each bound by :func:`record_aad` to the store, to its
+    record's clear fields and to the field it is."""
+    tag = pad_stream(stream)
+
+    def bound(s: int, y: int, field: bytes) -> bytes:
+        return record_aad(store_id, s, y, privacy, field)
+
+    codes = [sealer.seal(_SCALE_ZP.pack(scale, zp) + c, bound(s, y, b"codes"))
+             for c, scale, zp, s, y in zip(rows.code_bytes, rows.scales, rows.zero_points, slots, labels)]
+    logits = [None if lb is None else sealer.seal(lb, bound(s, y, b"logits"))
               for lb, s, y in zip(rows.logit_bytes, slots, labels)]
-    streams = [sealer.seal(stream.encode(), aad(s, y, b"stream")) for s, y in zip(slots, labels)]
+    streams = [sealer.seal(tag, bound(s, y, b"stream")) for s, y in zip(slots, labels)]
     return codes, logits, streams
 
 
 def decode_row(row: tuple[Any, ...], cap: int, code_bytes: int, num_logits: int | None,
-               sealer: Sealer | None) -> tuple[str | None, bytes, bytes | None]:
-    """``(problem, codes, logits)`` of a stored row: ``problem`` says why it cannot be trusted
-    (types, ranges, checksum, a sealed field that does not open, blob lengths), else ``None``."""
+               sealer: Sealer | None, store_id: bytes | None = None) -> tuple[str | None, bytes, bytes | None, float, int]:
+    """``(problem, codes, logits, scale, zero_point)`` of a stored row: ``problem`` says why it
+    cannot be trusted (types, ranges, checksum, a sealed field that does not open, blob
+    lengths), else ``None``. A sealed row opens with ``store_id``'s :func:`record_aad`, its scale
+    and zero point sealed with its codes; with ``store_id=None``, as the first sealed format."""
     slot, stream, label, codes, scale, zp, logits, check = row[:8]
     privacy = tuple(row[8:13])
     if not isinstance(slot, int) or not 0 <= slot < cap:
-        return f"slot {slot!r} outside 0..{cap - 1}", b"", None
+        return f"slot {slot!r} outside 0..{cap - 1}", b"", None, scale, zp
     if not isinstance(label, int) or label < 0:
-        return f"label {label!r} is not a class index", b"", None
+        return f"label {label!r} is not a class index", b"", None, scale, zp
     if not isinstance(stream, (bytes if sealer is not None else str)):
-        return "stream has the wrong type", b"", None
+        return "stream has the wrong type", b"", None, scale, zp
     if not isinstance(codes, bytes) or (logits is not None and not isinstance(logits, bytes)):
-        return "codes or logits are not blobs", b"", None
+        return "codes or logits are not blobs", b"", None, scale, zp
     if not isinstance(scale, float) or not np.isfinite(scale) or scale <= 0 or not isinstance(zp, int):
-        return f"scale {scale!r} / zero point {zp!r} out of range", b"", None
+        return f"scale {scale!r} / zero point {zp!r} out of range", b"", None, scale, zp
     if any(v is not None and not isinstance(v, (int, float)) for v in privacy):
-        return "privacy parameters are not numbers", b"", None
+        return "privacy parameters are not numbers", b"", None, scale, zp
     if not isinstance(check, int) or checksum(slot, stream, label, codes, scale, zp, logits, privacy) != check:
-        return "checksum mismatch", b"", None
+        return "checksum mismatch", b"", None, scale, zp
+    if sealer is not None and store_id is not None and (scale, zp) != (SEALED_SCALE, SEALED_ZERO_POINT):
+        return f"clear scale {scale!r} / zero point {zp!r} of a sealed record were changed", b"", None, scale, zp
     if sealer is not None:
+        def bound(field: bytes) -> bytes:
+            if store_id is None:
+                return aad(slot, label, field)
+            return record_aad(store_id, slot, label, privacy_bytes(privacy), field)
+
         try:
-            codes = sealer.open(codes, aad(slot, label, b"codes"))
-            logits = None if logits is None else sealer.open(logits, aad(slot, label, b"logits"))
-            sealer.open(stream if isinstance(stream, bytes) else stream.encode(), aad(slot, label, b"stream"))
+            codes = sealer.open(codes, bound(b"codes"))
+            logits = None if logits is None else sealer.open(logits, bound(b"logits"))
+            sealer.open(stream if isinstance(stream, bytes) else stream.encode(), bound(b"stream"))
         except StoreKeyError:
-            return "a sealed field does not open", b"", None
+            return "a sealed field does not open (a damaged or forged record)", b"", None, scale, zp
+        if store_id is not None:
+            if len(codes) < _SCALE_ZP.size:
+                return "sealed codes too short", b"", None, scale, zp
+            scale, zp = _SCALE_ZP.unpack_from(codes)
+            codes = codes[_SCALE_ZP.size:]
+            if not np.isfinite(scale) or scale <= 0:
+                return f"sealed scale {scale!r} out of range", b"", None, scale, zp
     if len(codes) != code_bytes:
-        return f"codes are {len(codes)} bytes, expected {code_bytes}", b"", None
+        return f"codes are {len(codes)} bytes, expected {code_bytes}", b"", None, scale, zp
     if num_logits is not None and logits is not None and len(logits) != 2 * num_logits:
-        return f"logits are not {2 * num_logits} bytes", b"", None
-    return None, codes, logits
+        return f"logits are not {2 * num_logits} bytes", b"", None, scale, zp
+    return None, codes, logits, scale, zp
 
 
 def decode_rows(layout: dict[str, Any], mirror: dict[str, np.ndarray], slots: np.ndarray) -> ReplayBatch:

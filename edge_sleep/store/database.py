@@ -187,9 +187,12 @@ def read_meta(db: sqlite3.Connection) -> tuple[dict[str, Any], int]:
     return meta, len(bad)
 
 
-def key_check(sealer: Sealer) -> dict[str, str]:
-    """The metadata that records a store as encrypted: a sealed constant only its key opens."""
-    return {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex()}
+def key_check(sealer: Sealer, store_id: bytes | None = None) -> dict[str, str]:
+    """The metadata that records a store as encrypted: a sealed constant only its key opens, and
+    the store's random id (new, unless given) that every sealed field is bound to
+    (:func:`edge_sleep.store.codec.record_aad`)."""
+    store_id = os.urandom(16) if store_id is None else store_id
+    return {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex(), "store_id": store_id.hex()}
 
 
 def check_key(db: sqlite3.Connection, enc: Any, sealer: Sealer | None, path: Path) -> dict[str, str] | None:

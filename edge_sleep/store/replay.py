@@ -39,6 +39,9 @@ from edge_sleep.seal import Sealer
 from edge_sleep.store import budget
 from edge_sleep.store import database as sql
 from edge_sleep.store.codec import (
+    SEALED_SCALE,
+    SEALED_ZERO_POINT,
+    EncodedRows,
     ReplayBatch,
     aad,
     checksum,
@@ -46,7 +49,10 @@ from edge_sleep.store.codec import (
     decode_rows,
     encode_rows,
     privacy_bytes,
+    pad_stream,
+    record_aad,
     seal_rows,
+    unpad_stream,
 )
 from edge_sleep.store.policy import Slots
 from edge_sleep.store.witness import Witness, reconcile
@@ -213,13 +219,15 @@ class ReplayStore:
                              "cannot be decoded. Fix: move the file aside and start a new store.") from None
         self._alloc_mirror(layout, cap)
         code_bytes = width * (1 if kind == "int8q" else 8)
+        if self._sealer is not None and self._store_id is None:
+            self._reseal_first_format(cap, code_bytes, num_logits)
         bad: list[tuple[Any, str]] = []
         for row in self._db.execute(sql.SELECT_RECORDS).fetchall():
-            why, codes, logits = decode_row(row, cap, code_bytes, num_logits, self._sealer)
+            why, codes, logits, scale, zp = decode_row(row, cap, code_bytes, num_logits, self._sealer, self._store_id)
             if why is not None:
                 bad.append((row[0], why))
                 continue
-            self._put(row[0], row[2], codes, row[4], row[5], logits)
+            self._put(row[0], row[2], codes, scale, zp, logits)
         if bad:
             sql.quarantine(self._db, bad)
             with self._write():  # the witness learns the new record count
@@ -229,6 +237,41 @@ class ReplayStore:
                 f"replay store {str(self.path)!r}: {len(bad)} damaged record(s) moved to its quarantine table "
                 f"({shown}{', ...' if len(bad) > 5 else ''}); the other {len(self._slots)} records are usable. "
                 "The file was changed outside edge-sleep or damaged on disk.", RuntimeWarning, stacklevel=3)
+
+    @property
+    def _store_id(self) -> bytes | None:
+        """The random id an encrypted store's sealed fields are bound to (``None``: not encrypted,
+        or sealed in the first format, which bound them to slot and label only)."""
+        enc = self._meta.get("encryption")
+        store_id = enc.get("store_id") if isinstance(enc, dict) else None
+        return bytes.fromhex(store_id) if isinstance(store_id, str) else None
+
+    def _reseal_first_format(self, cap: int, code_bytes: int, num_logits: int | None) -> None:
+        """Re-seal the records of an encrypted store written before its sealed fields were bound
+        to the store's id and every clear field: one transaction, a new store id, the scale and
+        zero point sealed with the codes, padded stream tags, no creation times. A record that
+        does not open as written is left as it is (and quarantined by the load that follows)."""
+        assert self._sealer is not None
+        enc = sql.key_check(self._sealer)
+        store_id = bytes.fromhex(enc["store_id"])
+        rewritten = []
+        for row in self._db.execute(sql.SELECT_RECORDS).fetchall():
+            why, codes, logits, scale, zp = decode_row(row, cap, code_bytes, num_logits, self._sealer, None)
+            if why is not None:
+                continue
+            slot, stream, label = row[0], row[1], row[2]
+            privacy = tuple(row[8:13])
+            tag = self._sealer.open(stream, aad(slot, label, b"stream")).decode()
+            rows = EncodedRows(np.empty(0), [float(scale)], [int(zp)], None, [codes], [logits])
+            s_codes, s_logits, s_streams = seal_rows(self._sealer, rows, [slot], [label], tag, store_id,
+                                                     privacy_bytes(privacy))
+            check = checksum(slot, s_streams[0], label, s_codes[0], SEALED_SCALE, SEALED_ZERO_POINT, s_logits[0],
+                             privacy)
+            rewritten.append((0.0, s_streams[0], s_codes[0], SEALED_SCALE, SEALED_ZERO_POINT, s_logits[0], check, slot))
+        with self._write() as updates:
+            self._db.executemany("UPDATE records SET created_s=?, stream=?, codes=?, scale=?, zero_point=?, "
+                                 "logits=?, checksum=? WHERE slot=?", rewritten)
+            updates["encryption"] = enc
 
     def _alloc_mirror(self, layout: dict[str, Any], cap: int) -> None:
         width = int(np.prod(layout["latent_shape"]))
@@ -382,7 +425,7 @@ class ReplayStore:
         groups: dict[tuple[RecordPrivacy, str], int] = {}
         columns = ", ".join(sql.PRIVACY_COLUMNS)
         for row in self._db.execute(f"SELECT {columns}, stream, slot, label FROM records"):
-            key = (RecordPrivacy(*row[:5]), self._stream_tag(row[5], row[6], row[7]))
+            key = (RecordPrivacy(*row[:5]), self._stream_tag(row[5], row[6], row[7], row[:5]))
             groups[key] = groups.get(key, 0) + 1
         return summarize_privacy((p, stream, n) for (p, stream), n in groups.items())
 
@@ -480,6 +523,10 @@ class ReplayStore:
                 f"{None if logits is None else tuple(logits.shape)}; expected (N, ...), (N,), (N, C). "
                 "Fix: pass one label (and one logits row) per latent."
             )
+        if not isinstance(stream, str) or len(stream.encode()) > 0xFFFF:
+            raise InputError(f"append got stream={str(stream)[:40]!r}{'...' if len(str(stream)) > 40 else ''} "
+                             f"({type(stream).__name__}); expected a str tag of at most 65535 UTF-8 bytes. "
+                             "Fix: pass a short name for the task or the person (stream='alice').")
         flat = latents.detach().reshape(n, -1).cpu()
         bounds = row_bounds(flat) if flat.is_floating_point() and n > 0 else None
         if bounds is not None and not (torch.isfinite(bounds[0]).all() and torch.isfinite(bounds[1]).all()):
@@ -521,20 +568,25 @@ class ReplayStore:
         slot_l, label_l = [s for _, s in chosen], [labels_l[i] for i, _ in chosen]
         stored_codes, stored_logits = enc.code_bytes, enc.logit_bytes
         streams: list[str | bytes] = [stream] * len(chosen)
-        if self._sealer is not None:
-            stored_codes, stored_logits, sealed = seal_rows(self._sealer, enc, slot_l, label_l, stream)
-            streams = list(sealed)
         dp = privacy or RecordPrivacy()
         dp_row = (dp.epsilon, dp.delta, dp.max_norm, dp.sigma, dp.label_epsilon)
         dp_bytes = privacy_bytes(dp_row)
         now = time.time()
+        scales, zero_points = enc.scales, enc.zero_points
+        if self._sealer is not None:  # the real scale and zero point are sealed with the codes; no time kept
+            assert self._store_id is not None
+            stored_codes, stored_logits, sealed = seal_rows(self._sealer, enc, slot_l, label_l, stream,
+                                                            self._store_id, dp_bytes)
+            streams = list(sealed)
+            now = 0.0
+            scales, zero_points = [SEALED_SCALE] * len(chosen), [SEALED_ZERO_POINT] * len(chosen)
         try:
             with self._write() as updates:
                 if not self._mirror:  # the first records fix the layout and the capacity
                     updates.update(layout=layout, capacity_records=cap)
                 self._db.executemany(sql.UPSERT, [
-                    (s, now, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j], stored_logits[j],
-                     checksum(s, streams[j], y, stored_codes[j], enc.scales[j], enc.zero_points[j],
+                    (s, now, streams[j], y, stored_codes[j], scales[j], zero_points[j], stored_logits[j],
+                     checksum(s, streams[j], y, stored_codes[j], scales[j], zero_points[j],
                               stored_logits[j], dp_bytes),
                      *dp_row)
                     for j, (s, y) in enumerate(zip(slot_l, label_l))
@@ -592,10 +644,12 @@ class ReplayStore:
                 "Said once per store.", RuntimeWarning, stacklevel=4)
 
     def _row_bytes(self, flat: torch.Tensor, logits: torch.Tensor | None, stream: str) -> int:
-        """Bytes of one row of this layout in SQLite; the stream tag counted at least ``_STREAM_BYTES``."""
+        """Bytes of one row of this layout in SQLite; the stream tag counted at least ``_STREAM_BYTES``
+        (sealed: padded, :func:`~edge_sleep.store.codec.pad_stream`)."""
         code_bytes = flat.shape[1] * (1 if flat.is_floating_point() else 8)
+        tag = len(pad_stream(stream)) if self._sealer is not None else len(stream.encode())
         return budget.row_bytes(code_bytes, None if logits is None else int(logits.shape[1]),
-                                max(len(stream.encode()), _STREAM_BYTES), self._sealer is not None)
+                                max(tag, _STREAM_BYTES), self._sealer is not None)
 
     def _check_append_size(self, kept: int, cap: int, flat: torch.Tensor, logits: torch.Tensor | None,
                            stream: str) -> None:
@@ -703,13 +757,17 @@ class ReplayStore:
     def stream_slots(self, stream: str) -> np.ndarray:
         """The slots of the records kept with stream tag ``stream``, sorted (opened with the
         store's key when it is encrypted)."""
-        rows = self._db.execute("SELECT stream, slot, label FROM records")
-        return np.array(sorted(row[1] for row in rows if self._stream_tag(*row) == stream), dtype=np.int64)
+        columns = ", ".join(sql.PRIVACY_COLUMNS)
+        rows = self._db.execute(f"SELECT stream, slot, label, {columns} FROM records")
+        return np.array(sorted(row[1] for row in rows if self._stream_tag(row[0], row[1], row[2], row[3:]) == stream),
+                        dtype=np.int64)
 
-    def _stream_tag(self, stored: str | bytes, slot: int, label: int) -> str:
+    def _stream_tag(self, stored: str | bytes, slot: int, label: int, privacy: tuple[Any, ...]) -> str:
         """A record's stream tag as written: opened with the store's key where it is sealed."""
         if self._sealer is not None and isinstance(stored, bytes):
-            return self._sealer.open(stored, aad(slot, label, b"stream")).decode()
+            assert self._store_id is not None
+            bound = record_aad(self._store_id, slot, label, privacy_bytes(tuple(privacy)), b"stream")
+            return unpad_stream(self._sealer.open(stored, bound))
         return str(stored)
 
     # ----------------------------------------------------------------- reads
