@@ -326,11 +326,11 @@ class PrivacyReport:
             if eps is not None and count > 1:
                 lines.append(f"Stream {stream!r}: {count} records; if one person gave them all, together they are "
                              f"({eps:.3g}, {self.delta:g})-DP for that person (Opacus RDP accountant).")
-        covered = "the noised latents" + (" and the randomized labels" if self.labels_randomized else "")
-        lines.append(f"The guarantee covers {covered}. It does not cover labels stored as they are, the stored "
-                     "logits (computed by weights that had just trained on the raw batch), the records' cleartext "
-                     "fields (scale, creation time, slot), or the model's weights, which were trained on the raw "
-                     "examples.")
+        covered = ("the noised latents, the logits stored with them (computed from the noised latent by the "
+                   "weights before the step that trained on the raw batch)"
+                   + (", and the randomized labels" if self.labels_randomized else ""))
+        lines.append(f"The guarantee covers {covered}. It does not cover labels stored as they are, which record "
+                     "sits in which slot, or the model's weights, which were trained on the raw examples.")
         return "\n".join(lines)
 
     def _raw_labels(self) -> str:

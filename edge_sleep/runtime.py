@@ -317,7 +317,10 @@ class EdgeSleep:
                     noised, y, record = privatize(latent, y, self.privacy, int(self.num_classes or 2),
                                                   self._privacy_generator)
                     if logits is not None and noised is not latent:
-                        logits = self.record_logits(noised)
+                        # of the noised latent, by the weights before this step: weights that had
+                        # trained on the raw batch would carry it into the record (issue 20)
+                        with self._engine.weights_before_step(self):
+                            logits = self.record_logits(noised)
                     latent = noised
                 where = self.store.offer(latent, y, logits, stream=stream, privacy=record)
             except BaseException:  # the store and the weights stay in step: both or neither

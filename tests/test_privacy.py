@@ -155,7 +155,7 @@ def test_the_store_keeps_only_noised_records_and_says_so(tmp_path: Path) -> None
     assert count == 256 and eps is not None and eps > 7.0
     text = str(report)
     assert "(4, 1e-05)-DP" in text and "randomized response (3-DP)" in text and "or the model's weights" in text
-    assert "covers the noised latents and the randomized labels" in text and "public" not in text
+    assert "the logits stored with them" in text and ", and the randomized labels" in text and "public" not in text
     es.store.close()
 
 
@@ -235,8 +235,34 @@ def test_the_report_says_raw_labels_are_public_beside_the_epsilon() -> None:
     raw = summarize_privacy([(RecordPrivacy(8.0, 1e-5, 1.0, 0.5, None), "a", 10)])
     sentence = next(line for line in str(raw).splitlines() if "(8, 1e-05)-DP" in line)
     assert "their labels are stored as they are (public: no epsilon covers them)" in sentence
-    assert "covers the noised latents." in str(raw) and "randomized labels" not in str(raw)
+    assert "by the weights before the step" in str(raw) and "randomized labels" not in str(raw)
     mixed = summarize_privacy([(RecordPrivacy(8.0, 1e-5, 1.0, 0.5, None), "a", 6),
                                (RecordPrivacy(8.0, 1e-5, 1.0, 0.5, 2.0), "a", 4)])
     sentence = next(line for line in str(mixed).splitlines() if "(8, 1e-05)-DP" in line)
     assert "the labels of 6 of them are stored as they are" in sentence
+
+
+@pytest.mark.parametrize(("train", "engine"), [("all", "torch"), ("adapters", "torch"),
+                                             pytest.param("adapters", "executorch", marks=pytest.mark.export)])
+def test_a_private_records_logits_come_from_the_weights_before_the_step(tmp_path: Path, train: str,
+                                                                       engine: str) -> None:
+    """Issue 20, item 1: logits computed by the weights after the step on the raw batch let an
+    attacker who knows the weights before it simulate the step for each candidate example."""
+    import copy
+
+    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", store_config=StoreConfig(capacity_records=64),
+                   wake=WakeConfig(train=train, lr=2.0, replay_batch=0),  # type: ignore[arg-type]
+                   privacy=PrivacyConfig(epsilon=8.0, max_norm=4.0), engine=engine)
+    before = copy.deepcopy(es.model).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=g) * 2
+    es.learn(x, (x[:, 0] > 0).long())
+    stored = es.store.read(es.store.slots())
+    assert stored.logits is not None
+    after = copy.deepcopy(es.model).eval()
+    with torch.no_grad():
+        pre, post = before(stored.x), after(stored.x)
+    # int8 latents and fp16 logits: close to the pre-step model's output, far from the post-step one's
+    assert float((stored.logits - pre).abs().max()) < 0.1 < float((stored.logits - post).abs().max())
+    assert all(torch.equal(a, b) for a, b in zip(es.model.state_dict().values(), after.state_dict().values()))
+    es.store.close()

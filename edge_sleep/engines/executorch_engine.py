@@ -20,8 +20,10 @@ and the latency benchmark drive it from Python.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,6 +215,21 @@ class ExecuTorchEngine:
             p.copy_(before[n])
         self._before = None
         self.copy_adapters_to(learner.model)
+
+    @contextlib.contextmanager
+    def weights_before_step(self, learner: Learner) -> Iterator[None]:
+        """The eager model with the adapters the last step found; the program is not touched."""
+        if self._before is None:
+            yield
+            return
+        own = dict(learner.model.named_parameters())
+        with torch.no_grad():
+            for name, b in self._before.items():
+                own[name.removeprefix("model.")].copy_(b)
+        try:
+            yield
+        finally:
+            self.copy_adapters_to(learner.model)
 
     @torch.no_grad()
     def copy_adapters_to(self, model: torch.nn.Module) -> None:

@@ -10,6 +10,7 @@ runtime. Exports (:func:`edge_sleep.export.export_programs`) read a runtime thro
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -78,6 +79,12 @@ class Engine(Protocol):
 
     def undo_step(self, learner: Learner) -> None:
         """Put the trainable weights back where the last :meth:`step` found them."""
+        ...
+
+    def weights_before_step(self, learner: Learner) -> AbstractContextManager[None]:
+        """Inside: ``learner.model`` computes with the weights the last :meth:`step` found (what a
+        private record's logits are computed with, so that they are post-processing of the noised
+        latent and of weights that never saw the raw batch); after: the weights the step left."""
         ...
 
     def logits(self, learner: Learner, x: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,6 +80,22 @@ class TorchEngine:
         if optimizer is not None:
             self.optimizer.load_state_dict(optimizer)
         self._before = None
+
+    @contextlib.contextmanager
+    def weights_before_step(self, learner: Learner) -> Iterator[None]:
+        if self._before is None:
+            yield
+            return
+        with torch.no_grad():
+            after = [p.detach().clone() for p in self.params]
+            for p, b in zip(self.params, self._before[0]):
+                p.copy_(b)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, a in zip(self.params, after):
+                    p.copy_(a)
 
     def logits(self, learner: Learner, x: torch.Tensor, batch_size: int) -> torch.Tensor:
         return eval_logits(learner.model, lambda part: self.forward(part)[1], x, batch_size)
