@@ -23,6 +23,9 @@ Protocol:
   a reference model. Each (seed, epsilon) trains two runtimes that differ only in the store's
   random stream (which examples the reservoir keeps, the night's draws): each is the other's
   reference. ``mia_auc`` and ``tpr_at_1pct_fpr`` are those of the stronger attack (higher mean).
+* Store-side attack ``store_mia_auc`` (:func:`edge_sleep.audit.store_audit`): an attacker with the
+  store's file (and key) scores each member and non-member by its distance to the nearest record
+  of its label, both clipped like a private record and passed through the int8 codec.
 * Control ``seen_not_stored_auc``: the same attacks with streamed examples the store did not keep
   in place of members (seen once while awake, never replayed). What it shows is leakage of the
   day's single pass, which store privacy does not cover.
@@ -50,7 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_sleep.audit import audit
+from edge_sleep.audit import audit, store_audit
 from edge_sleep.bench.datasets import PermutedTask, load_mnist, permuted_mnist
 from edge_sleep.bench.metrics import average_accuracy
 from edge_sleep.bench.pmnist import TUNED, evaluate, mlp
@@ -107,13 +110,15 @@ def train(method_name: str, seed: int, store_seed: int, epsilon: float | None, *
             for j in range(t + 1):
                 acc[t, j] = evaluate(es, _test_view(stream[j]))
         present = set(es.store.slots().tolist())
+        records = es.store.read(es.store.slots())  # what an attacker with the store's file (and key) reads
         if checkpoint is not None:
             es.save(checkpoint)
         es.store.close()
     members = sorted(v for s, v in holds.items() if s in present)
     return {"method": method_name, "seed": seed, "store_seed": store_seed, "epsilon": epsilon,
             "max_norm": privacy.max_norm if epsilon is not None else None, "avg_acc": average_accuracy(acc),
-            "members": members, "wall_s": time.perf_counter() - t0}
+            "members": members, "records": (records.x.reshape(len(records.y), -1).clone(), records.y.clone()),
+            "wall_s": time.perf_counter() - t0}
 
 
 def _worker(args: tuple[str, int, int, float | None, dict[str, Any]]) -> dict[str, Any]:
@@ -165,10 +170,12 @@ def audit_pair(runs: tuple[dict[str, Any], dict[str, Any]], dirs: tuple[Path, Pa
             xs, ys = _examples(stream, seen)
             main = audit(target, (xm, ym), (xn, yn), reference=reference)
             control = audit(target, (xs, ys), (xn, yn), reference=reference)
+            on_disk = store_audit(runs[k]["records"], (xm, ym), (xn, yn), max_norm=runs[k]["max_norm"])
             out.append({"seed": seed, "store_seed": runs[k]["store_seed"], "members": len(members),
                         "nonmembers": len(nonmembers), "attacks": {a.attack: a.auc for a in main.attacks},
                         "tpr": {a.attack: a.tpr_at_1pct_fpr for a in main.attacks},
                         "seen_not_stored": {a.attack: a.auc for a in control.attacks},
+                        "store_auc": on_disk.auc, "store_tpr": on_disk.tpr_at_1pct_fpr,
                         "member_loss": main.member_loss, "nonmember_loss": main.nonmember_loss})
     finally:
         for m in model:
@@ -189,11 +196,14 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
     strongest = max(attacks, key=lambda a: per[a]["auc"][0])
     by_tpr = max(attacks, key=lambda a: per[a]["tpr_at_1pct_fpr"][0])
     acc_mean, acc_std = _mean_std(accs)
+    store_auc, store_auc_std = _mean_std([x["store_auc"] for x in audits])
     return {
         "epsilon": eps, "avg_acc": acc_mean, "avg_acc_std": acc_std,
         "mia_auc": per[strongest]["auc"][0], "mia_auc_std": per[strongest]["auc"][1], "mia_attack": strongest,
         "tpr_at_1pct_fpr": per[by_tpr]["tpr_at_1pct_fpr"][0], "tpr_attack": by_tpr,
         "seen_not_stored_auc": max(per[a]["seen_not_stored_auc"][0] for a in attacks),
+        "store_mia_auc": store_auc, "store_mia_auc_std": store_auc_std,
+        "store_tpr_at_1pct_fpr": statistics.fmean(x["store_tpr"] for x in audits),
         "attacks": {a: {"auc": v["auc"][0], "auc_std": v["auc"][1], "tpr_at_1pct_fpr": v["tpr_at_1pct_fpr"][0],
                         "tpr_at_1pct_fpr_std": v["tpr_at_1pct_fpr"][1],
                         "seen_not_stored_auc": v["seen_not_stored_auc"][0]} for a, v in per.items()},
@@ -206,8 +216,8 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
 def markdown_table(result: dict[str, Any]) -> str:
     """The table of ``result`` in docs/privacy.md (means over runs, ± the standard deviation)."""
     lines = ["| per-record epsilon | noise norm / clip norm | average accuracy | points lost | "
-             "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored |",
-             "|---|---|---|---|---|---|---|"]
+             "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored | store-side AUC |",
+             "|---|---|---|---|---|---|---|---|"]
     delta = result["protocol"]["delta"]
     for r in result["rows"]:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
@@ -216,9 +226,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         ratio = "-" if r["epsilon"] is None else f"{analytic_gaussian_sigma(r['epsilon'], delta, 2.0) * 28:.0f}"
         lines.append(f"| {eps} | {ratio} | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {lost} | "
                      f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f} ({r['mia_attack']}) | "
-                     f"{r['tpr_at_1pct_fpr']:.3f} | {r['seen_not_stored_auc']:.3f} |")
+                     f"{r['tpr_at_1pct_fpr']:.3f} | {r['seen_not_stored_auc']:.3f} | "
+                     f"{r['store_mia_auc']:.3f} ± {r['store_mia_auc_std']:.3f} |")
     c = result["controls"]["no_replay"]
-    lines.append(f"| no store at all (naive) | | {c['avg_acc']:.3f} ± {c['avg_acc_std']:.3f} | | | | |")
+    lines.append(f"| no store at all (naive) | | {c['avg_acc']:.3f} ± {c['avg_acc_std']:.3f} | | | | | |")
     return "\n".join(lines)
 
 

@@ -17,6 +17,10 @@ Attacks (higher score = "member"):
   calibration half of the held-out set that is then left out of the evaluation (class-dependent
   thresholds, Song and Mittal 2021).
 
+A third attack reads the store instead of querying the model (:func:`store_audit`): an attacker
+with the store's file (and its key) asks whether a candidate example's record is in it, scoring
+the candidate by its distance to the nearest record of its label.
+
 Members are the examples behind the store's records (the app's raw examples; with a private
 store the records themselves are noised and are not what an attacker would test), non-members
 held-out examples of the same distribution. An AUC of 0.5 and a TPR of 0.01 at 1% FPR are
@@ -46,7 +50,7 @@ from edge_sleep.errors import InputError
 if TYPE_CHECKING:
     from edge_sleep.runtime import EdgeSleep
 
-__all__ = ["AttackResult", "AuditReport", "audit", "example_losses", "roc_auc", "tpr_at_fpr"]
+__all__ = ["AttackResult", "AuditReport", "audit", "example_losses", "roc_auc", "store_audit", "tpr_at_fpr"]
 
 
 def roc_auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
@@ -196,3 +200,61 @@ def audit(
         results.append(AttackResult("calibrated", roc_auc(sm, sn), tpr_at_fpr(sm, sn), len(sm), len(sn),
                                     "per-class"))
     return AuditReport(tuple(results), float(lm.mean()), float(ln.mean()))
+
+
+def store_audit(
+    records: tuple[torch.Tensor, torch.Tensor],
+    members: tuple[torch.Tensor, torch.Tensor],
+    nonmembers: tuple[torch.Tensor, torch.Tensor],
+    *,
+    max_norm: float | None = None,
+) -> AttackResult:
+    """Store-side membership inference: given the store's records (as the store decodes them,
+    ``store.read(store.slots())``) and a candidate example, is the candidate's record there?
+
+    Each candidate goes through what the store does to an example before noise: clipped to
+    ``max_norm`` (the store's ``PrivacyConfig.max_norm``; ``None`` for a store without privacy)
+    and through the store's int8 codec, members and non-members alike, so the codec's rounding
+    cannot tell them apart. Its score is minus its distance to the nearest record of its label
+    (labels stored as they are narrow the search; a record's noise widens the distance).
+
+    Args:
+        records: ``(x, y)`` of the store's records: latents ``(R, ...)`` and labels ``(R,)``.
+        members: ``(x, y)``, the latents of the examples behind the records (the inputs, for a
+            store without ``latent_layer``).
+        nonmembers: ``(x, y)``, latents of held-out examples of the same distribution.
+        max_norm: the clipping norm of the store's privacy, or ``None``.
+
+    Returns:
+        An :class:`AttackResult` named ``"store"``. A store without privacy gives its members away
+        (AUC near 1); a private store's noise should bring it to 0.5.
+
+    Raises:
+        InputError: malformed examples, or records whose latents have another width.
+    """
+    from edge_sleep.privacy import clip_rows
+    from edge_sleep.quant import dequantize_rows, quantize_rows
+
+    _check_pair("records", *records)
+    _check_pair("members", *members)
+    _check_pair("nonmembers", *nonmembers)
+    rx = records[0].reshape(records[0].shape[0], -1).float()
+    ry = records[1]
+
+    def scores(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        flat = x.reshape(x.shape[0], -1).float()
+        if flat.shape[1] != rx.shape[1]:
+            raise InputError(f"store_audit got candidates of {flat.shape[1]} values a row and records of "
+                             f"{rx.shape[1]}; expected the same. Fix: pass the latents the store records.")
+        if max_norm is not None:
+            flat = clip_rows(flat, max_norm)
+        flat = dequantize_rows(*quantize_rows(flat))
+        out = np.full(flat.shape[0], -np.inf)
+        for label in torch.unique(y).tolist():
+            mine, theirs = (y == label).nonzero().flatten(), (ry == label).nonzero().flatten()
+            if len(theirs):
+                out[mine.numpy()] = -torch.cdist(flat[mine], rx[theirs]).min(dim=1).values.double().numpy()
+        return out
+
+    sm, sn = scores(*members), scores(*nonmembers)
+    return AttackResult("store", roc_auc(sm, sn), tpr_at_fpr(sm, sn), len(sm), len(sn), "nearest record")

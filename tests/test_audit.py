@@ -133,3 +133,34 @@ def test_cli_audit_attacks_a_saved_runtime_and_refuses_a_noised_store_without_me
     torch.save((torch.randn(16, 8), torch.randint(0, 3, (16,))), members)
     assert main(["audit", str(tmp_path / "pckpt"), "--model", spec, "--heldout", str(heldout),
                  "--members", str(members)]) == 0
+
+
+@pytest.mark.parametrize("epsilon", [None, 8.0])
+def test_the_store_side_attack_finds_plain_records_and_not_private_ones(tmp_path: Path, epsilon: float | None) -> None:
+    """Issue 20, item 9: with the store's file an attacker asks whether a candidate's record is in it."""
+    from edge_sleep.audit import store_audit
+    from edge_sleep.privacy import privatize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 64, generator=g)
+    y = torch.randint(0, 4, (400,), generator=g)
+    members, nonmembers = (x[:200], y[:200]), (x[200:], y[200:])
+    store = ReplayStore(tmp_path / "r.db", StoreConfig(capacity_records=200), seed=0)
+    max_norm = None
+    latents = members[0]
+    if epsilon is not None:
+        config = PrivacyConfig(epsilon=epsilon, max_norm=4.0)
+        with pytest.warns(UserWarning, match="repeatable"):
+            latents, _, _ = privatize(members[0], members[1], config, 4, torch.Generator().manual_seed(1))
+        max_norm = 4.0
+    store.append(latents, members[1])
+    stored = store.read(store.slots())
+    result = store_audit((stored.x, stored.y), members, nonmembers, max_norm=max_norm)
+    store.close()
+    assert result.attack == "store" and result.members == result.nonmembers == 200
+    if epsilon is None:  # every member's record is its own int8 copy
+        assert result.auc > 0.99 and result.tpr_at_1pct_fpr > 0.9
+    else:  # noise of about 34x the record's norm: nothing to find (sd of a null AUC here is about 0.03)
+        assert 0.38 < result.auc < 0.62
+    with pytest.raises(InputError, match="store_audit got candidates of 3 values"):
+        store_audit((stored.x, stored.y), (torch.rand(2, 3), torch.zeros(2, dtype=torch.long)), nonmembers)
