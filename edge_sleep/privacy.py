@@ -43,6 +43,7 @@ from edge_sleep.errors import ConfigError
 
 __all__ = [
     "DeterministicNoiseWarning",
+    "delta_problem",
     "gaussian_delta",
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
@@ -217,6 +218,13 @@ def record_privacy(config: PrivacyConfig) -> RecordPrivacy:
         return RecordPrivacy(label_epsilon=config.label_epsilon)
     sigma = analytic_gaussian_sigma(config.epsilon, config.delta, 2.0 * config.max_norm)
     return RecordPrivacy(config.epsilon, config.delta, config.max_norm, sigma, config.label_epsilon)
+
+
+def delta_problem(delta: float, records: int) -> str:
+    """Why ``delta`` is too large for a store of ``records`` records (``delta * records >= 1``)."""
+    return (f"delta={delta:g} with a store of {records} records; expected delta below 1/{records} = "
+            f"{1 / records:.3g}: each record may leak outright with probability delta, so at 1/n one of n "
+            "records is expected to. Fix: PrivacyConfig(delta=1e-5) or smaller")
 
 
 def privatize(

@@ -21,7 +21,7 @@ from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig, WakeConfi
 from edge_sleep.engines import Engine, TorchEngine
 from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
-from edge_sleep.privacy import privatize
+from edge_sleep.privacy import delta_problem, privatize
 from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
 from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats
@@ -96,6 +96,9 @@ class EdgeSleep:
             raise ConfigError("EdgeSleep", [f"privacy is a {type(privacy).__name__}; expected a PrivacyConfig or None"])
         if engine not in ("torch", "executorch"):
             raise ConfigError("EdgeSleep", [f"engine={engine!r}; expected 'torch' or 'executorch'"])
+        cap = None if store_config is None else store_config.capacity_records
+        if privacy is not None and privacy.epsilon is not None and cap is not None and privacy.delta * cap >= 1:
+            raise ConfigError("EdgeSleep", [delta_problem(privacy.delta, cap)])
         if engine == "executorch":
             problems = []
             if (wake or WakeConfig()).train != "adapters":

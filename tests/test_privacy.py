@@ -266,3 +266,19 @@ def test_a_private_records_logits_come_from_the_weights_before_the_step(tmp_path
     assert float((stored.logits - pre).abs().max()) < 0.1 < float((stored.logits - post).abs().max())
     assert all(torch.equal(a, b) for a, b in zip(es.model.state_dict().values(), after.state_dict().values()))
     es.store.close()
+
+
+def test_a_delta_too_large_for_the_store_is_refused_before_anything_is_stored(tmp_path: Path) -> None:
+    """Issue 20: a privacy config that cannot be met is refused with the value and the fix."""
+    with pytest.raises(ConfigError, match=r"delta=0.05 with a store of 100 records; expected delta below 1/100"):
+        EdgeSleep(small_mlp(), store=tmp_path / "a.db", store_config=StoreConfig(capacity_records=100),
+                  privacy=PrivacyConfig(epsilon=8.0, delta=0.05))
+    # the capacity from the byte budget is known only at the first batch: refused there, step undone
+    es = EdgeSleep(small_mlp(), store=tmp_path / "b.db", store_config=StoreConfig(capacity_mb=0.1),
+                   wake=WakeConfig(train="all", replay_batch=0), privacy=PrivacyConfig(epsilon=8.0, delta=0.5))
+    before = {n: p.detach().clone() for n, p in es.model.named_parameters()}
+    with pytest.raises(InputError, match=r"delta=0.5 with a store of \d+ records.*nothing is stored"):
+        es.learn(torch.randn(8, 8), torch.randint(0, 3, (8,)))
+    assert len(es.store) == 0 and es.store.seen == 0
+    assert all(torch.equal(p, before[n]) for n, p in es.model.named_parameters())
+    es.store.close()

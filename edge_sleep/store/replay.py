@@ -33,7 +33,7 @@ from edge_sleep.errors import (
     check_format_version,
 )
 from edge_sleep.locking import WriterLock
-from edge_sleep.privacy import PrivacyReport, RecordPrivacy, summarize_privacy
+from edge_sleep.privacy import PrivacyReport, RecordPrivacy, delta_problem, summarize_privacy
 from edge_sleep.quant import row_bounds
 from edge_sleep.seal import Sealer
 from edge_sleep.store import budget
@@ -544,6 +544,9 @@ class ReplayStore:
             return np.zeros(0, dtype=np.int64)
         labels_l = [int(v) for v in labels.tolist()]
         cap = self.capacity_records or self._capacity_for(flat, logits, stream)
+        if privacy is not None and privacy.epsilon is not None and privacy.delta is not None \
+                and privacy.delta * cap >= 1:
+            raise InputError(f"append got privacy {delta_problem(privacy.delta, cap)}; nothing is stored.")
         seen = self._seen
         before = self._slots.snapshot()
         chosen: list[tuple[int, int]] = []  # (row, slot)
