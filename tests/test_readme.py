@@ -81,3 +81,12 @@ def test_privacy_latency_kernel_fisher_and_simulation_headlines() -> None:
     assert all(r["fits_memory"] for r in summary) and len({r["profile"] for r in summary}) == 5
     worst = max(r["max_battery_share"] for r in summary if r["max_battery_share"] is not None)
     assert f"at most {worst:.3%} of a phone's battery" in text
+
+
+def test_the_fault_campaign_headline_is_what_the_benchmark_wrote() -> None:
+    faults, before = _result("faults"), _result("faults_before")
+    tries = sum(r["tries"] for r in faults["scenarios"].values())
+    assert all(r["raw"] == r["silent"] == 0 for r in faults["scenarios"].values())
+    failed_before = sum(1 for r in before["scenarios"].values() if r["raw"] or r["silent"])
+    assert (f"no raw error and no silent loss in {tries:,} tries over {len(faults['scenarios'])} scenarios "
+            f"({failed_before} of them failed before)") in _text()
