@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for r in rows:
         r["acc_loss_points"] = None if base is None else 100 * (base - r["avg_acc"])
     at8 = next((r for r in rows if r["epsilon"] == 8.0), None)
-    result = {
+    result: dict[str, Any] = {
         "rows": rows,
         "controls": {"no_replay": {"avg_acc": no_replay, "avg_acc_std": no_replay_std, "method": "naive"}},
         "protocol": {"method": args.method, "hyperparameters": TUNED.get(args.method), "tasks": args.tasks,

@@ -128,6 +128,11 @@ def test_privacy_table_is_what_the_benchmark_wrote() -> None:
     assert f"calibrated attack finds the store's examples (AUC {none['mia_auc']:.3f}, TPR {none['tpr_at_1pct_fpr']:.3f}" in text
     assert f"the attack is near chance (AUC {at8['mia_auc']:.3f} ± {at8['mia_auc_std']:.3f}; target at most 0.55: met)" in text
     assert f"accuracy falls by {at8['acc_loss_points']:.1f} points (target at most 3: **missed**)" in text
+    assert (f"finds every member of a plain store (AUC {none['store_mia_auc']:.3f}, TPR "
+            f"{none['store_tpr_at_1pct_fpr']:.3f} at 1% FPR) and none at epsilon 8 (AUC {at8['store_mia_auc']:.3f} ± "
+            f"{at8['store_mia_auc_std']:.3f})") in text
+    at1 = next(r for r in result["rows"] if r["epsilon"] == 1)
+    assert f"Accuracy barely improves from epsilon 1 to 8 ({at1['avg_acc']:.3f} to {at8['avg_acc']:.3f};" in text
 
 
 # The P-MNIST tables' rows, by the results key each one shows (benchmarks/results/pmnist.json's "methods").
