@@ -254,3 +254,24 @@ def sql_record_aad(store_id: bytes | None, slot: int, label: int, privacy: tuple
 
     assert store_id is not None
     return record_aad(store_id, slot, label, privacy_bytes(privacy), b"stream")  # type: ignore[arg-type]
+
+
+def test_an_empty_store_encrypted_in_the_first_format_takes_records(tmp_path: Path) -> None:
+    """Its encryption metadata has no store id and there is nothing to re-seal: the id is added."""
+    from edge_sleep.seal import Sealer
+    from edge_sleep.store import database as sql
+
+    token_store(tmp_path / "r.db", KEY).close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    sql.set_meta(db, "encryption", {"cipher": "AES-GCM", "key_check": sql.key_check(Sealer(KEY))["key_check"]})
+    db.commit()
+    db.close()
+    (tmp_path / "r.db-witness").unlink()
+    store = token_store(tmp_path / "r.db", KEY, capacity_records=4)
+    assert store._store_id is not None
+    store.append(torch.arange(12).reshape(2, 6), torch.tensor([0, 1]), stream="dana")
+    assert store.stream_slots("dana").tolist() == [0, 1]
+    store.close()
+    again = token_store(tmp_path / "r.db", KEY)
+    assert torch.equal(again.read(again.slots()).x, torch.arange(12).reshape(2, 6))
+    again.close()
