@@ -433,11 +433,13 @@ def try_kill_during_learn(d: Path, rng: random.Random, i: int) -> Outcome:
     return reopen_runtime_store(d, capacity, *last_committed(lines))
 
 
-def leftovers(d: Path, name: str = "ckpt") -> list[str]:
-    """Folders beside checkpoint ``name`` that a write left behind (``.ckpt.*``: temporary or old)."""
+def leftovers(d: Path, name: str = "ckpt") -> list[Outcome]:
+    """A silent outcome when folders a write left behind (``.ckpt.*``: temporary or old) sit beside
+    checkpoint ``name``; none otherwise."""
     # the random part of a temporary folder's name masked, so that one note stands for them all
-    return sorted(re.sub(r"[a-z0-9_]{8}$", "*", p.name) for p in d.iterdir()
+    left = sorted(re.sub(r"[a-z0-9_]{8}$", "*", p.name) for p in d.iterdir()
                   if p.is_dir() and p.name.startswith(f".{name}."))
+    return [silent(f"{len(left)} folder(s) left beside the checkpoint: {left[0]}")] if left else []
 
 
 def check_checkpoint(d: Path, saved: bool, g: torch.Generator) -> list[Outcome]:
@@ -460,9 +462,7 @@ def check_checkpoint(d: Path, saved: bool, g: torch.Generator) -> list[Outcome]:
         checks.append(from_error(e, "save after kill"))
     finally:
         es.store.close()
-    left = leftovers(d)
-    if left:
-        checks.append(silent(f"{len(left)} temporary folder(s) left beside the checkpoint: {left[0]}"))
+    checks += leftovers(d)
     return checks
 
 
@@ -504,9 +504,7 @@ def try_kill_during_sleep(d: Path, rng: random.Random, i: int) -> Outcome:
         checks.append(from_error(e, "night after a killed night"))
     finally:
         es.store.close()
-    left = leftovers(d)
-    if left:
-        checks.append(silent(f"{len(left)} folder(s) left beside the checkpoint: {left[0]}"))
+    checks += leftovers(d)
     return worst(checks)
 
 
@@ -751,9 +749,7 @@ def check_loads(d: Path) -> list[Outcome]:
         es.store.close()
     except Exception as e:  # every save reported success: a checkpoint that does not load is lost
         checks.append(silent(f"load: {short(e)}") if isinstance(e, EdgeSleepError) else from_error(e, "load"))
-    left = leftovers(d)
-    if left:
-        checks.append(silent(f"{len(left)} folder(s) left beside the checkpoint: {left[0]}"))
+    checks += leftovers(d)
     return checks
 
 

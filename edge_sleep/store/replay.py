@@ -146,6 +146,7 @@ class ReplayStore:
                 if existed:
                     sql.check_not_empty(self.path)
                 self._db = sql.connect(self.path, self.config.capacity_mb)
+                self._page = int(self._db.execute("PRAGMA page_size").fetchone()[0])  # fixed for the file
             except BaseException:
                 self._release()
                 raise
@@ -664,7 +665,7 @@ class ReplayStore:
         the log holds every page it rewrote and the files exceed ``capacity_mb``."""
         if self._size_warned or str(self.path) == ":memory:":
             return
-        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        page = self._page
         budget_mb = self.config.capacity_mb
         row = self._row_bytes(flat, logits, stream)
         pages = budget.pages_rewritten(kept, cap, row, page)  # once full: slots drawn from all of them
@@ -690,7 +691,7 @@ class ReplayStore:
         size of one row of this layout; stream tags are counted at their first length, at least
         ``_STREAM_BYTES``."""
         row = self._row_bytes(flat, logits, stream)
-        page = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        page = self._page
         cap = budget.capacity_for(self.config.capacity_mb, row, page)
         if self.config.capacity_records is not None:
             cap = min(cap, self.config.capacity_records)
