@@ -187,18 +187,18 @@ def read_meta(db: sqlite3.Connection) -> tuple[dict[str, Any], int]:
     return meta, len(bad)
 
 
-def key_check(sealer: Sealer, store_id: bytes | None = None) -> dict[str, str]:
+def key_check(sealer: Sealer) -> dict[str, str]:
     """The metadata that records a store as encrypted: a sealed constant only its key opens, and
-    the store's random id (new, unless given) that every sealed field is bound to
+    a new random id of the store that every sealed field is bound to
     (:func:`edge_sleep.store.codec.record_aad`)."""
-    store_id = os.urandom(16) if store_id is None else store_id
-    return {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex(), "store_id": store_id.hex()}
+    return {"cipher": "AES-GCM", "key_check": sealer.seal(KEY_CHECK, b"meta").hex(), "store_id": os.urandom(16).hex()}
 
 
 def check_key(db: sqlite3.Connection, enc: Any, sealer: Sealer | None, path: Path) -> dict[str, str] | None:
     """The key opens the store's key check (``enc``, its ``encryption`` metadata); an unencrypted
-    store with records refuses a key. Returns the key check to record when an empty, unencrypted
-    store is given a key, else ``None``.
+    store with records refuses a key. Returns the key check to record when an empty store is
+    given a key and has no store id (unencrypted, or encrypted in the first format: nothing to
+    re-seal), else ``None``.
 
     Raises:
         StoreKeyError: a missing key, a wrong key, or a key for an unencrypted store with records.
@@ -221,6 +221,8 @@ def check_key(db: sqlite3.Connection, enc: Any, sealer: Sealer | None, path: Pat
     if not ok:
         raise StoreKeyError(f"replay store {str(path)!r} does not open with this key. Fix: pass the key "
                             "it was created with; without it its records cannot be read.")
+    if "store_id" not in enc and not db.execute("SELECT COUNT(*) FROM records").fetchone()[0]:
+        return key_check(sealer)
     return None
 
 

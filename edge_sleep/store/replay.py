@@ -207,9 +207,6 @@ class ReplayStore:
         layout, cap = self._meta.get("layout"), self._meta.get("capacity_records")
         self._slots, self._mirror = Slots(), {}
         if layout is None or cap is None:
-            if self._sealer is not None and self._store_id is None:  # encrypted in the first format, empty
-                with self._write() as updates:
-                    updates["encryption"] = sql.key_check(self._sealer)
             return
         try:
             width = int(np.prod(layout["latent_shape"]))
