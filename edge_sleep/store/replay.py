@@ -55,7 +55,7 @@ from edge_sleep.store.codec import (
     unpad_stream,
 )
 from edge_sleep.store.policy import Slots
-from edge_sleep.store.witness import Witness, reconcile
+from edge_sleep.store.witness import COUNTER_KEYS, IMMUTABLE_KEYS, Witness, reconcile
 
 __all__ = ["ReplayStore"]
 
@@ -370,8 +370,7 @@ class ReplayStore:
     def _write_witness(self) -> None:
         if self._witness is None:
             return
-        doc: dict[str, Any] = {k: self._meta[k] for k in ("format_version", "layout", "capacity_records", "fingerprint",
-                                          "encryption", "commits", "seen") if k in self._meta}
+        doc = {k: self._meta[k] for k in (*IMMUTABLE_KEYS, *COUNTER_KEYS) if k in self._meta}
         try:
             self._witness.write({**doc, "records": len(self._slots)})
         except OSError as e:  # the database write stands; only the loss detection is weaker

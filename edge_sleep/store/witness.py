@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IMMUTABLE_KEYS", "Reconciled", "Witness", "reconcile"]
+__all__ = ["COUNTER_KEYS", "IMMUTABLE_KEYS", "Reconciled", "Witness", "reconcile"]
 
 MAGIC = b"ESW1"
 SLOT_BYTES = 4096
