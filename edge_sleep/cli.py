@@ -323,12 +323,12 @@ def _load_examples(path: Path, flag: str) -> tuple[Any, Any]:
     """``(x, y)`` from a ``torch.save``d ``{"x": ..., "y": ...}`` or ``(x, y)``."""
     import torch
 
-    from edge_sleep.errors import InputError
+    from edge_sleep.errors import InputError, first_line
 
     try:
         obj = torch.load(path, weights_only=True)
     except Exception as e:  # a damaged file raises OSError, EOFError, KeyError, UnpicklingError, ...
-        reason = (str(e).strip().splitlines() or [""])[0] or "no detail"
+        reason = first_line(e, "no detail")
         raise InputError(f"{flag} {str(path)!r} could not be read ({type(e).__name__}: {reason}); expected a file "
                          "written by torch.save({'x': x, 'y': y}, path). Fix: pass such a file.") from None
     pair = (obj.get("x"), obj.get("y")) if isinstance(obj, dict) else tuple(obj) if isinstance(obj, (tuple, list)) else ()

@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "NativeKernelError",
     "check_format_version",
+    "first_line",
 ]
 
 
@@ -99,3 +100,13 @@ def check_format_version(owner: str, version: object, supported: int) -> None:
             f"{owner} has format_version={version!r}; this edge-sleep reads versions <= {supported}. "
             "Fix: upgrade edge-sleep, or start from fresh state."
         )
+
+
+def first_line(e: BaseException, empty: str) -> str:
+    r"""The first line of ``e``'s message, for a one-line error that names its cause (``empty``
+    when the message is blank).
+
+    >>> first_line(OSError("disk full\nmore detail"), "?"), first_line(EOFError(), "no detail")
+    ('disk full', 'no detail')
+    """
+    return (str(e).strip().splitlines() or [""])[0] or empty

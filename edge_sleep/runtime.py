@@ -19,7 +19,15 @@ from edge_sleep.adapters import LoRALinear, attach_lora, is_conv1d, lora_modules
 from edge_sleep.atomic import atomic_directory, previous_of
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig, WakeConfig, config_from_dict
 from edge_sleep.engines import Engine, TorchEngine
-from edge_sleep.errors import CallOrderError, ConfigError, InputError, check_format_version
+from edge_sleep.errors import (
+    CallOrderError,
+    CheckpointError,
+    ConfigError,
+    EdgeSleepError,
+    InputError,
+    check_format_version,
+    first_line,
+)
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
 from edge_sleep.privacy import delta_problem, privatize
 from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
@@ -525,8 +533,6 @@ class EdgeSleep:
                 written), or the files cannot be written (a full disk, no permission); the
                 checkpoint already there, if any, is unchanged.
         """
-        from edge_sleep.errors import CheckpointError, EdgeSleepError
-
         directory = Path(directory)
         state = self.state_dict()
         meta = {
@@ -546,7 +552,7 @@ class EdgeSleep:
         except EdgeSleepError:
             raise
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            reason = first_line(e, type(e).__name__)
             raise CheckpointError(
                 f"EdgeSleep.save could not write the checkpoint {str(directory)!r}: {reason}; the checkpoint "
                 f"there before (if any) is unchanged. Fix: free space on the disk of {str(directory.parent)!r} "
@@ -572,8 +578,6 @@ class EdgeSleep:
             FormatVersionError: the checkpoint was written by a newer version.
             ConfigError: the checkpoint belongs to a model of another architecture.
         """
-        from edge_sleep.errors import CheckpointError
-
         directory = Path(directory)
         old = previous_of(directory)
         if not directory.exists() and old.is_dir():  # a crash between save()'s two renames
@@ -590,7 +594,7 @@ class EdgeSleep:
         try:
             meta = json.loads(config_path.read_text())
         except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
-            reason = (str(e).strip().splitlines() or [""])[0] or type(e).__name__
+            reason = first_line(e, type(e).__name__)
             raise damaged(config_path, f"cannot be read as JSON ({reason})",
                           "the config.json EdgeSleep.save() writes") from e
         if not isinstance(meta, dict):
@@ -610,7 +614,7 @@ class EdgeSleep:
         try:
             state = torch.load(state_path, weights_only=True)
         except Exception as e:  # a damaged file raises OSError, EOFError, KeyError, UnpicklingError, ...
-            reason = (str(e).strip().splitlines() or [""])[0] or "no detail"
+            reason = first_line(e, "no detail")
             raise damaged(state_path, f"cannot be read ({type(e).__name__}: {reason}); it is truncated or damaged",
                           "the state.pt EdgeSleep.save() writes") from e
         if not isinstance(state, dict):
