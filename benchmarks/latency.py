@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -28,6 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# `python benchmarks/latency.py` puts this folder first on sys.path, where kernels.py would stand
+# in for the `kernels` package transformers looks for when MiniLM is imported
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np
 import torch
 
 from edge_sleep import EdgeSleep, SleepConfig, WakeConfig
@@ -142,6 +148,69 @@ def mlp_case(work: Path, repeats: int) -> dict[str, Any]:
     return result
 
 
+def paired_us(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 20) -> dict[str, float]:
+    """Medians in microseconds of each of ``fns``, called in turn (interleaved) ``repeats`` times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {f"{k}_us": statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def _wake_step_row(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torch.Tensor, replay: int,
+                   night: bool, repeats: int) -> dict[str, Any]:
+    """One wake step, eager torch (the torch engine: forward, backward, clipping, finite checks, SGD)
+    against one call of ``train.pte``'s ``step`` (the same work in the program) and the Python
+    ExecuTorch engine around it; after a night (the anchor on in both) when ``night``."""
+    from edge_sleep.store import ReplayBatch
+
+    cfg = WakeConfig(train="adapters", lora_rank=8, replay_batch=replay)
+    eager, et = (EdgeSleep(make(), wake=cfg, seed=0, engine=e) for e in ("torch", "executorch"))
+    for es in (eager, et):
+        es.learn(x, y)
+        if night:
+            es.sleep()
+        es.learn(x, y)
+    assert isinstance(eager._engine, TorchEngine) and et._engine is not None
+    rl = rb = None
+    if replay:
+        with torch.no_grad():
+            z = eager.logits(x[:replay])
+        rl = rb = ReplayBatch(x=x[:replay], y=y[:replay], logits=z, slots=np.arange(replay))
+    engine = et._engine
+    inputs = engine._step_inputs(x, y, rl, rb, et.wake_config)
+    method = engine._step
+    row = paired_us({"eager": lambda: eager._engine.step(eager, x, y, rl, rb),
+                     "pte": lambda: method.execute(inputs),
+                     "engine": lambda: engine.step(et, x, y, rl, rb)}, repeats)
+    row.update(batch=int(x.shape[0]), replay=replay, anchor=bool(eager.anchor), repeats=repeats,
+               pte_vs_eager=row["pte_us"] / row["eager_us"])
+    return row
+
+
+def device_case(repeats: int, minilm: bool) -> dict[str, Any]:
+    """``latency.json``'s ``device`` block: the wake step through ``train.pte`` against eager torch."""
+    torch.manual_seed(0)
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    out: dict[str, Any] = {
+        "wake_step_mlp": _wake_step_row(lambda: mlp(0), x, y, 0, True, repeats),
+        "wake_step_mlp_replay": _wake_step_row(lambda: mlp(0), x, y, 32, True, repeats),
+        "wake_step_mlp_first_day": _wake_step_row(lambda: mlp(0), x, y, 0, False, repeats),
+    }
+    if minilm:
+        from edge_sleep.bench.minilm import minilm_classifier
+
+        ids, labels = torch.randint(1000, 20000, (8, 32)), torch.randint(0, 4, (8,))
+        out["wake_step_minilm_layer"] = _wake_step_row(lambda: minilm_classifier(4, dropout=0.0, layers=1),
+                                                       ids, labels, 0, True, max(50, repeats // 4))
+    return out
+
+
 def minilm_case(work: Path, repeats: int) -> dict[str, Any]:
     from edge_sleep.bench.minilm import minilm_classifier
 
@@ -166,15 +235,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=400)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--device-only", action="store_true",
+                        help="only the device block (the wake step through train.pte), merged into --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     _unsafe_reset_threadpool(1)
-    with tempfile.TemporaryDirectory() as d:
-        result = mlp_case(Path(d), args.repeats)
-        if not args.skip_minilm:
-            result["minilm"] = minilm_case(Path(d), args.repeats)
+    if args.device_only:
+        result = json.loads(args.out.read_text()) if args.out.exists() else {}
+        result["device"] = device_case(max(200, args.repeats // 2), not args.skip_minilm)
+        result["device"].update(provenance())
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            result = mlp_case(Path(d), args.repeats)
+            if not args.skip_minilm:
+                result["minilm"] = minilm_case(Path(d), args.repeats)
+        result["device"] = device_case(max(200, args.repeats // 2), not args.skip_minilm)
+        result["device"].update(provenance())
     result["threads"] = 1
     result["torch"] = torch.__version__
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -196,8 +196,9 @@ class EdgeSleep:
         """``x`` checked as a batch of this model's inputs and moved to its device.
 
         Raises:
-            InputError: not a tensor, an empty batch, a complex or bool dtype, NaN/inf, or a
-                per-example shape or dtype kind other than the batches learned from so far.
+            InputError: not a tensor, an empty batch, a complex or bool dtype, a float dtype other
+                than the model's, NaN/inf, or a per-example shape or dtype kind other than the
+                batches learned from so far.
         """
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} is a {type(x).__name__}; expected a torch.Tensor batch. "
@@ -206,6 +207,10 @@ class EdgeSleep:
             raise InputError(f"{name} has shape {tuple(x.shape)}; expected a non-empty batch (B, ...).")
         if x.is_complex() or x.dtype == torch.bool:
             raise InputError(f"{name} has dtype {x.dtype}; expected a float or integer tensor.")
+        param = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if x.is_floating_point() and param is not None and x.dtype != param.dtype:
+            raise InputError(f"{name} has dtype {x.dtype}; this model computes in {param.dtype}. "
+                             f"Fix: {name}.to({param.dtype}).")
         if x.is_floating_point() and not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).any(dim=tuple(range(1, x.ndim))).sum()) if x.ndim > 1 else 1
             raise InputError(f"{name} holds NaN or inf in {bad} of {x.shape[0]} rows; expected finite "

@@ -80,7 +80,20 @@ def test_latency_table_is_what_the_benchmark_wrote() -> None:
         cells = "".join(f" {row[k]:,.0f} µs |" for k in keys)
         assert f"| {label} |{cells}" in text, label
     assert f"{result['infer']['pte_speedup_vs_torch']:.1f}x faster than eager torch" in text
-    assert f"{result['train_step']['pte_us']:,.0f} µs through `train.pte`" in text
+    device = result["device"]
+    assert device["commit"] == result["commit"]
+    for key, label in WAKE_ROWS.items():
+        if key not in device:
+            continue
+        row = device[key]
+        cells = "".join(f" {row[k]:,.0f} µs |" for k in ("eager_us", "pte_us", "engine_us"))
+        assert f"| {label} |{cells} {row['pte_vs_eager']:.2f}x |" in text, label
+
+
+WAKE_ROWS = {"wake_step_mlp": "MLP, after a night, no replay",
+             "wake_step_mlp_replay": "MLP, after a night, replay of 32 + 32",
+             "wake_step_mlp_first_day": "MLP, first day (no anchor yet)",
+             "wake_step_minilm_layer": "MiniLM's first layer, 8 x 32 tokens, after a night"}
 
 
 def test_kernel_table_is_what_the_benchmark_wrote() -> None:

@@ -220,6 +220,8 @@ def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: py
     table = capsys.readouterr().out
     assert "3 runs at batch 1" in table and "p50 (ms)" in table and "XnnpackBackend" in table
     assert main(["profile", str(exported.second), "--runs", "2", "--batch", "4"]) == 0  # no ETRecord
+    # the largest batch, many runs: timings only (a debug buffer for outputs ran out and aborted)
+    assert main(["profile", str(exported.second), "--runs", "200", "--batch", "64"]) == 0
     assert "Method::execute" in capsys.readouterr().out
     assert main(["profile", str(tmp_path / "nothing.txt")]) == 2
     assert "neither a .pte file nor an export folder" in capsys.readouterr().err

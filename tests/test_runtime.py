@@ -40,6 +40,8 @@ def test_learn_trains_only_adapters_by_default(tmp_path: Path) -> None:
         ([[0.0] * 8], torch.zeros(1, dtype=torch.long), "torch.Tensor"),
         (torch.randn(0, 8), torch.zeros(0, dtype=torch.long), "non-empty"),
         (torch.randint(0, 3, (4, 8)), torch.zeros(4, dtype=torch.long), "integer dtype"),
+        (torch.randn(4, 8, dtype=torch.float64), torch.zeros(4, dtype=torch.long), r"float64.*x.to\(torch.float32\)"),
+        (torch.randn(4, 8).half(), torch.zeros(4, dtype=torch.long), "dtype torch.float16; this model computes in"),
     ],
 )
 def test_bad_input_is_refused_and_changes_nothing(tmp_path: Path, x: object, y: object, match: str) -> None:

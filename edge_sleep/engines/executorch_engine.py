@@ -3,19 +3,22 @@
 ``EdgeSleep(..., engine="executorch")`` exports ``train.pte`` and ``infer.pte`` (with their ``.ptd``
 files) on first use and after every night (:meth:`ExecuTorchEngine.weights_changed`), and then:
 
-- ``learn`` runs the wake step through ``train.pte`` (loss and the adapters' gradients), clips the
-  gradient like ``torch.nn.utils.clip_grad_norm_``, applies SGD with ExecuTorch's optimizer, and
-  undoes a step whose loss, gradient or weights are not finite, as the torch engine does. The
-  adapters are copied back into the Python model after each step, so ``state_dict``, ``save`` and
-  the night see exactly what the program learned.
+- ``learn`` makes one call of ``train.pte``'s ``step`` per wake step: the program computes the
+  loss and the adapters' gradient, clips it, checks that the loss, the gradient and the new
+  adapters are finite, and returns the updated adapters (or the old ones, with a non-zero
+  ``status``, for a step that would go non-finite), as the torch engine does in eager torch. The
+  engine keeps the adapters and copies them into the Python model after each step, so
+  ``state_dict``, ``save`` and the night see exactly what the program learned.
 - ``logits``/``predict`` run ``infer.pte`` (adapters folded into the weights) while the adapters
   are as exported, and ``train.pte``'s ``logits`` method (adapters passed in) once a step moved them.
 - Before the first batch (no input shape to export with yet) ``logits`` runs the model eagerly.
-- The night stays on torch; the next call re-exports. ``train.pte`` and ``infer.pte`` come out
-  byte-identical (only the ``.ptd`` files change), which :meth:`rebuild` checks.
+- The night stays on torch; the next call writes the new weights into ``train.ptd`` and
+  ``weights.ptd`` at the offsets the export recorded, without exporting again (a folder that
+  cannot take them that way, say with convolutions, is exported again, and then ``train.pte`` and
+  ``infer.pte`` must come out byte-identical, which :meth:`rebuild` checks).
 
-This is what an app's native code does with the same files; the engine lets the conformance tests
-and the latency benchmark drive it from Python.
+Only ``executorch.runtime`` runs the programs: what an app's native code does with the same files.
+The engine lets the conformance tests and the latency benchmark drive them from Python.
 """
 
 from __future__ import annotations
@@ -33,24 +36,14 @@ from edge_sleep.engines.protocol import Learner, StepResult
 from edge_sleep.engines.torch_engine import eval_logits
 from edge_sleep.errors import ExportError, InputError
 from edge_sleep.export.manifest import Manifest
+from edge_sleep.export.train import STEP_OUTPUTS, STEP_STATUS
 from edge_sleep.modelio import logits_of
 from edge_sleep.store import ReplayBatch
-from edge_sleep.wake import all_finite
 
 if TYPE_CHECKING:
     from edge_sleep.config import WakeConfig
 
 __all__ = ["ExecuTorchEngine"]
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float | None) -> float:
-    """Scale ``grads`` in place to global L2 norm ``max_norm`` (torch's formula); the norm before."""
-    norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    if max_norm is not None and math.isfinite(norm):
-        coef = min(1.0, max_norm / (norm + 1e-6))
-        for g in grads:
-            g.mul_(coef)
-    return norm
 
 
 class ExecuTorchEngine:
@@ -71,13 +64,14 @@ class ExecuTorchEngine:
         self.directory = Path(directory if directory is not None else self._tmp.name) / "programs"  # type: ignore[union-attr]
         self.max_batch = max_batch
         self.manifest: Manifest | None = None
-        self.rebuilds = 0
-        self._train: Any = None
+        self.rebuilds = 0  # exports
+        self.weight_writes = 0  # .ptd files rewritten in place after a night
+        self._train: Any = None  # train.pte's program (methods step and logits)
+        self._step: Any = None
+        self._logits: Any = None
         self._infer: Any = None
-        self._params: dict[str, torch.Tensor] = {}
-        self._before: dict[str, torch.Tensor] | None = None  # the adapters before the last step
-        self._optimizer: Any = None
-        self._lr: float | None = None
+        self._adapters: list[torch.Tensor] = []  # in the manifest's order
+        self._before: list[torch.Tensor] | None = None  # the adapters before the last step
         self._moved = False
         self._stale = True
 
@@ -92,36 +86,44 @@ class ExecuTorchEngine:
 
     # ----------------------------------------------------------------- export
     def rebuild(self, learner: Learner) -> None:
-        """Export ``learner``'s programs (weights, masks, anchor as they are now) and load them."""
-        from executorch.extension.pybindings.portable_lib import _load_for_executorch
-        from executorch.extension.training import TrainingModule
+        """Load ``learner``'s programs with its weights, masks and anchor as they are now.
 
-        from edge_sleep.export import export_programs, load_program
+        After the first export, the new values are written into the ``.ptd`` files in place of
+        the old ones (:func:`edge_sleep.export.write_weights`, what a device does after a night);
+        only a folder that cannot take them that way is exported again."""
+        from edge_sleep.export import export_programs, load_program, write_weights
 
         before = self.manifest
-        with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
-            # the first export fixes the programs' bounds (replay inputs or not) for the engine's life
-            manifest = export_programs(learner, None, self.directory, int8=False, onnx=False, train=True,
-                                       consolidate=False, max_batch=self.max_batch,
-                                       max_replay=None if before is None else before.max_replay)
+        manifest = None if before is None else write_weights(learner, self.directory)
+        if manifest is not None:
+            self.weight_writes += 1
+        else:
+            with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
+                # the first export fixes the programs' bounds (replay inputs or not) for the engine's life
+                manifest = export_programs(learner, None, self.directory, int8=False, onnx=False, train=True,
+                                           consolidate=False, max_batch=self.max_batch,
+                                           max_replay=None if before is None else before.max_replay)
+            self.rebuilds += 1
         if before is not None:
             for name in ("train.pte", "infer.pte"):
                 if before.files[name]["sha256"] != manifest.files[name]["sha256"]:
                     raise ExportError(f"re-exporting after a night changed {name}; only the .ptd files may "
                                       "change. This is a bug in edge-sleep: please report it.")
         manifest.verify(self.directory, ["train.pte", "train.ptd"])  # load_program checks infer's
+        from executorch.runtime import Runtime
+
+        pte, ptd = self.directory / "train.pte", self.directory / "train.ptd"
         try:
-            module = _load_for_executorch(str(self.directory / "train.pte"),
-                                          data_path=str(self.directory / "train.ptd"))
+            program = Runtime.get().load_program(pte, data_path=ptd)
+            step = program.load_method("step")
         except RuntimeError as e:
-            raise ExportError(f"ExecuTorch could not load {str(self.directory / 'train.pte')!r} ({e}).") from e
-        self._train = TrainingModule(module)
-        self._module = module
+            raise ExportError(f"ExecuTorch could not load {str(pte)!r} with {str(ptd)!r} ({e}).") from e
+        self._train, self._step, self._logits = program, step, None
         self._infer = load_program(self.directory, "infer")
         self.manifest = manifest
-        self._params, self._optimizer, self._moved = {}, None, False
-        self._lr = None
-        self.rebuilds += 1
+        own = dict(learner.model.named_parameters())
+        self._adapters = [own[n].detach().cpu().clone() for n in manifest.adapters]
+        self._before, self._moved = None, False
 
     # ------------------------------------------------------------------- day
     def check_batch(self, learner: Learner, x: torch.Tensor) -> None:
@@ -152,9 +154,14 @@ class ExecuTorchEngine:
         return batch.x.to(x.dtype).contiguous(), logits.float(), batch.y.long(), float(weight)
 
     def _step_inputs(self, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
-                     replay_labels: ReplayBatch | None, cfg: WakeConfig) -> tuple[torch.Tensor, ...]:
-        """``forward``'s inputs in a ``train.pte`` with replay: the batch, both replay terms, their weights."""
+                     replay_labels: ReplayBatch | None, cfg: WakeConfig) -> list[torch.Tensor]:
+        """``step``'s inputs: the batch, both replay terms (in a program with replay), the hyperparameters
+        ``[lr, max_grad_norm, alpha, beta]`` and the adapters."""
         assert self.manifest is not None
+        max_norm = math.inf if cfg.max_grad_norm is None else cfg.max_grad_norm
+        if self.manifest.max_replay == 0:
+            hyper = torch.tensor([cfg.lr, max_norm, 0.0, 0.0], dtype=torch.float32)
+            return [x.contiguous(), y, hyper, *self._adapters]
         c = self.manifest.num_classes
         xd, zd, _, a = self._replay(replay_logits if (replay_logits is not None
                                                       and replay_logits.logits is not None) else None,
@@ -164,79 +171,60 @@ class ExecuTorchEngine:
             if r.shape[0] > self.manifest.max_replay:
                 raise InputError(f"a {name} replay batch of {r.shape[0]}; train.pte takes at most "
                                  f"{self.manifest.max_replay}. Fix: keep WakeConfig.replay_batch as exported.")
-        return x.contiguous(), y, xd, zd, xl, yl, torch.tensor([a, b], dtype=torch.float32)
+        hyper = torch.tensor([cfg.lr, max_norm, a, b], dtype=torch.float32)
+        return [x.contiguous(), y, xd, zd, xl, yl, hyper, *self._adapters]
 
     def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
              replay_labels: ReplayBatch | None) -> StepResult:
-        """One guarded wake step; the same contract as :func:`edge_sleep.wake.wake_step`."""
-        from executorch.extension.training import get_sgd_optimizer
-
+        """One guarded wake step: one call of ``step``; the same contract as :func:`edge_sleep.wake.wake_step`."""
         cfg: WakeConfig = learner.wake_config
         self.check_batch(learner, x)
-        assert self.manifest is not None
-        if self.manifest.max_replay == 0:
-            outs = self._train.forward_backward("forward", (x.contiguous(), y))
-        else:
-            outs = self._train.forward_backward("forward", self._step_inputs(x, y, replay_logits, replay_labels, cfg))
-        loss, new_loss, replay, penalty, logits = outs[:5]
-        losses: dict[str, Any] = {"loss": float(loss), "new_loss": float(new_loss), "replay_loss": float(replay),
-                                  "penalty": float(penalty), "grad_norm": float("nan"), "skipped": None}
-        if self._optimizer is None or self._lr != cfg.lr:
-            self._params = self._train.named_parameters()
-            self._optimizer = get_sgd_optimizer(self._params, cfg.lr, 0.0, 0.0, 0.0, False)
-            self._lr = cfg.lr
-        if not math.isfinite(losses["loss"]):
-            losses["skipped"] = "non-finite loss"
+        outs = self._step.execute(self._step_inputs(x, y.long(), replay_logits, replay_labels, cfg))
+        named = dict(zip(STEP_OUTPUTS, outs))
+        skipped = STEP_STATUS.get(int(named["status"]), f"status {int(named['status'])}")
+        losses: dict[str, Any] = {k: float(named[k]) for k in ("loss", "new_loss", "replay_loss", "penalty", "grad_norm")}
+        losses["skipped"] = skipped
+        if skipped == "non-finite loss":  # eager takes no gradient then
+            losses["grad_norm"] = float("nan")
+        logits = named["logits"].clone()
+        if skipped is not None:
             return losses, x, logits
-        grads = self._train.named_gradients()
-        losses["grad_norm"] = _clip_(list(grads.values()), cfg.max_grad_norm)
-        if not math.isfinite(losses["grad_norm"]):
-            losses["skipped"] = "non-finite gradient"
-            return losses, x, logits
-        before = {n: p.clone() for n, p in self._params.items()}
-        self._before = before
-        self._optimizer.step(grads)
-        if not all_finite(list(self._params.values())):
-            for n, p in self._params.items():
-                p.copy_(before[n])
-            losses["skipped"] = "non-finite weights"
-            return losses, x, logits
+        self._before = self._adapters
+        self._adapters = [t.clone() for t in outs[len(STEP_OUTPUTS):]]  # the outputs are the method's memory
         self._moved = True
         self.copy_adapters_to(learner.model)
         return losses, x, logits
 
     @torch.no_grad()
     def undo_step(self, learner: Learner) -> None:
-        """Put the adapters back where the last step found them, in the program and in the model."""
-        before = self._before
-        if before is None:
+        """Put the adapters back where the last step found them, in the engine and in the model."""
+        if self._before is None:
             return
-        for n, p in self._params.items():
-            p.copy_(before[n])
-        self._before = None
+        self._adapters, self._before = self._before, None
         self.copy_adapters_to(learner.model)
 
     @contextlib.contextmanager
     def weights_before_step(self, learner: Learner) -> Iterator[None]:
-        """The eager model with the adapters the last step found; the program is not touched."""
+        """The eager model with the adapters the last step found; the engine's are not touched."""
         if self._before is None:
             yield
             return
-        own = dict(learner.model.named_parameters())
-        with torch.no_grad():
-            for name, b in self._before.items():
-                own[name.removeprefix("model.")].copy_(b)
+        self._write(learner.model, self._before)
         try:
             yield
         finally:
             self.copy_adapters_to(learner.model)
 
-    @torch.no_grad()
     def copy_adapters_to(self, model: torch.nn.Module) -> None:
-        """Write the program's current adapters into ``model`` (names without the ``model.`` prefix)."""
+        """Write the engine's current adapters into ``model``."""
+        self._write(model, self._adapters)
+
+    @torch.no_grad()
+    def _write(self, model: torch.nn.Module, adapters: list[torch.Tensor]) -> None:
+        assert self.manifest is not None
         own = dict(model.named_parameters())
-        for name, p in self._params.items():
-            own[name.removeprefix("model.")].copy_(p)
+        for name, value in zip(self.manifest.adapters, adapters):
+            own[name].copy_(value)
 
     # ------------------------------------------------------------ predictions
     def logits(self, learner: Learner, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
@@ -253,9 +241,13 @@ class ExecuTorchEngine:
             if not self._moved:
                 chunks.append(self._infer(part))
             else:
-                adapters = [self._params[f"model.{n}"] for n in self.manifest.adapters]
-                chunks.append(self._module.run_method("logits", (part, *adapters))[0].clone())
+                chunks.append(self._logits_method().execute([part, *self._adapters])[0].clone())
         return torch.cat(chunks)
+
+    def _logits_method(self) -> Any:
+        if self._logits is None:
+            self._logits = self._train.load_method("logits")
+        return self._logits
 
     @property
     def serving_from(self) -> str:

@@ -16,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from edge_sleep.config import WakeConfig
+from edge_sleep.config import SleepConfig, WakeConfig
 from edge_sleep.store import ReplayBatch
 from edge_sleep.wake import Anchor
 
@@ -35,6 +35,7 @@ class Learner(Protocol):
     Attributes:
         model: the model, adapters attached, as it computes now.
         wake_config: the day's settings (learning rate, clipping, replay weights, anchor).
+        sleep_config: the night's settings (an export reads whether nights prune).
         anchor: the online Fisher anchor the wake step is penalised by.
         fingerprint: the model's architecture fingerprint (the store and the manifest carry it).
         num_classes: outputs of the model, ``None`` before the first batch.
@@ -44,6 +45,7 @@ class Learner(Protocol):
 
     model: nn.Module
     wake_config: WakeConfig
+    sleep_config: SleepConfig
     anchor: Anchor
     fingerprint: str
     num_classes: int | None

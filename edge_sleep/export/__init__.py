@@ -7,8 +7,9 @@ Every function here reads the runtime through :class:`edge_sleep.engines.Learner
 
 - ``infer.pte`` + ``weights.ptd``: fp32 inference, dynamic batch, every weight in the ``.ptd``;
 - ``infer_int8.pte`` + ``weights_int8.ptd``: PT2E int8 (per-channel weights, dynamic activations);
-- ``train.pte`` + ``train.ptd``: the wake step (loss and the adapters' gradients) and the live
-  logits, for a model with LoRA adapters (:mod:`edge_sleep.export.train`);
+- ``train.pte`` + ``train.ptd``: the whole wake step (loss, gradient, clipping, finite checks and
+  the SGD update of the adapters, one call) and the live logits, for a model with LoRA adapters
+  (:mod:`edge_sleep.export.train`);
 - ``consolidate.pte``: the night's Phase 2 for one weight matrix, exact selection of the prune and
   strengthen thresholds included (:mod:`edge_sleep.export.consolidate`);
 - ``model.onnx``: the same graph for ONNX Runtime, checked with ``onnx.checker``;
@@ -23,7 +24,11 @@ a program from Python with its files verified and its inputs checked.
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
 import torch
 
 from edge_sleep.adapters import lora_modules
@@ -35,9 +40,11 @@ from edge_sleep.export.infer import ProgramFiles, inference_form, to_infer_progr
 from edge_sleep.export.manifest import MANIFEST_FORMAT_VERSION, Manifest, read_manifest
 from edge_sleep.export.onnx import to_onnx
 from edge_sleep.export.runner import ExportedProgram, load_program
-from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program
+from edge_sleep.export.layout import Layout, module_tensors, patch, probed
+from edge_sleep.export.signature import infer_signature, train_signature
+from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program, train_state_module
 
-__all__ = ["export_programs", "export_onnx", "anchor_coefficients", "to_train_program", "load_consolidate",
+__all__ = ["export_programs", "write_weights", "learned_tensors", "export_onnx", "anchor_terms", "to_train_program", "load_consolidate",
            "ConsolidateProgram", "to_consolidate_program", "load_program", "read_manifest", "Manifest", "ExportedProgram",
            "ProgramFiles", "inference_form", "to_infer_program", "to_onnx", "MANIFEST_FORMAT_VERSION"]
 
@@ -83,14 +90,85 @@ def export_onnx(es: Learner, example_input: torch.Tensor | None, path: str | Pat
     return path
 
 
-def anchor_coefficients(es: Learner) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """``({weight: min(lambda F, 1/(2 lr))}, {weight: reference})`` of the wake-time anchor (empty if off)."""
+def anchor_terms(es: Learner) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``({weight: lambda F}, {weight: reference})`` of the wake-time anchor (empty if off or empty).
+
+    ``train.pte`` caps ``lambda F`` at ``1 / (2 lr)`` with the learning rate it is called with."""
     cfg = es.wake_config
     if not es.anchor or cfg.anchor_lambda <= 0:
         return {}, {}
-    cap = 1.0 / (2.0 * cfg.lr)
-    coefs = {n: (cfg.anchor_lambda * f).clamp(max=cap) for n, f in es.anchor.fisher.items()}
-    return coefs, dict(es.anchor.reference)
+    return {n: cfg.anchor_lambda * f for n, f in es.anchor.fisher.items()}, dict(es.anchor.reference)
+
+
+def _masked(es: Learner) -> Callable[[str], bool]:
+    """Which adapted weights ``train.pte`` keeps a keep-mask for: all when the nights prune (the
+    program must not change when the first night prunes), else those with a pruned weight already
+    (a checkpoint of a runtime that pruned; a night that does not prune leaves all-ones masks)."""
+    prunes = es.sleep_config.prune_frac > 0
+    masked = {f"{n}.weight" for n, m in lora_modules(es.model).items()
+              if m.weight_mask is not None and not bool(m.weight_mask.bool().all())}
+    return lambda key: prunes or key in masked
+
+
+def _train_settings(es: Learner) -> dict[str, Any]:
+    """What ``train.pte``'s frozen tensors are made of, as :func:`to_train_program` takes it."""
+    terms, refs = anchor_terms(es)
+    return {"lr": es.wake_config.lr, "masked": _masked(es), "anchored": es.wake_config.anchor_lambda > 0,
+            "fisher_terms": terms, "references": refs}
+
+
+def learned_tensors(es: Learner, ptd: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``ptd`` (``"weights.ptd"`` or ``"train.ptd"``) a night changes, as ``es`` holds
+    them now, under the names of the export folder's layout."""
+    if ptd == "weights.ptd":
+        module: torch.nn.Module = inference_form(es.model)
+        skip: frozenset[str] = frozenset()
+    elif ptd == "train.ptd":
+        module, names = train_state_module(es.model, **_train_settings(es))
+        skip = frozenset(f"model.{n}" for n in names)
+    else:
+        raise InputError(f"ptd={ptd!r}; expected 'weights.ptd' or 'train.ptd'.")
+    return {n: t.detach() for n, t in module_tensors(module).items() if n not in skip and probed(t)}
+
+
+def write_weights(es: Learner, out_dir: str | Path) -> Manifest | None:
+    """Write ``es``'s weights into an export folder's ``weights.ptd`` and ``train.ptd`` in place of
+    the old ones, without an export (what a device does after a night), and return the new manifest.
+
+    Every ``.pte`` stays as it is. Returns ``None``, changing nothing, when the folder cannot take
+    them that way: a ``.ptd`` without a layout (int8 weights, convolutions), or a model or
+    configuration whose tensors differ from the layout's (another architecture, the anchor or
+    pruning switched on or off); export again then.
+    """
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest.fingerprint != es.fingerprint:
+        return None
+    ptds = [p for p in ("weights.ptd", "train.ptd") if p in manifest.files]
+    if "weights_int8.ptd" in manifest.files or any(p not in manifest.layouts for p in ptds):
+        return None
+    new: dict[str, bytes] = {}
+    for name in ptds:
+        layout = Layout.from_json(manifest.layouts[name])
+        tensors = learned_tensors(es, name)
+        if set(tensors) != set(layout.tensors) | set(layout.unread):
+            return None
+        try:
+            new[name] = patch((out_dir / name).read_bytes(), layout, tensors)
+        except ValueError:
+            return None
+    manifest.verify(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        for kept in manifest.files:
+            if kept not in new:  # unchanged: a link to the same file (files are replaced, never edited)
+                try:
+                    os.link(out_dir / kept, tmp / kept)
+                except OSError:
+                    shutil.copy2(out_dir / kept, tmp / kept)
+        for written, data in new.items():
+            manifest.add_file(tmp, written, data)
+        manifest.write(tmp)
+    return manifest
 
 
 def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: str | Path, *,
@@ -154,17 +232,30 @@ def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: st
             (stem, data), = files.data.items()
             manifest.add_file(tmp, f"{name}.pte", files.program)
             manifest.add_file(tmp, f"{stem}.ptd", data)
+            if files.layout is not None:
+                manifest.layouts[f"{stem}.ptd"] = files.layout.to_json()
             manifest.programs[name] = {"pte": f"{name}.pte", "ptd": f"{stem}.ptd"}
+            manifest.signatures[name] = infer_signature(manifest.input_shape, manifest.input_dtype,
+                                                        manifest.num_classes)
             if files.etrecord is not None:
                 manifest.add_file(tmp, f"{name}.etrecord", files.etrecord)
                 manifest.programs[name]["etrecord"] = f"{name}.etrecord"
         if train:
-            coefs, refs = anchor_coefficients(es)
-            files = to_train_program(es.model, x, manifest.num_classes, anchor_coefs=coefs, references=refs,
+            files = to_train_program(es.model, x, manifest.num_classes, **_train_settings(es),
                                      max_batch=max_batch, max_replay=max_replay)
             manifest.add_file(tmp, "train.pte", files.program)
             manifest.add_file(tmp, "train.ptd", files.data[TRAIN_TAG])
+            if files.layout is not None:
+                manifest.layouts["train.ptd"] = files.layout.to_json()
             manifest.programs["train"] = {"pte": "train.pte", "ptd": "train.ptd"}
+            params = dict(es.model.named_parameters())
+            manifest.signatures["train"] = train_signature(
+                manifest.input_shape, manifest.input_dtype, manifest.num_classes, manifest.max_replay,
+                {n: list(params[n].shape) for n in manifest.adapters})
+            cfg = es.wake_config
+            manifest.hyperparameters = {
+                "lr": cfg.lr, "max_grad_norm": cfg.max_grad_norm, "replay_alpha": cfg.replay_alpha,
+                "replay_beta": cfg.replay_beta, "replay_batch": cfg.replay_batch, "anchor_lambda": cfg.anchor_lambda}
         if consolidate:
             largest = max((es.model.get_parameter(n).numel() for n in es.prunable), default=2)
             manifest.add_file(tmp, "consolidate.pte", to_consolidate_program(largest))

@@ -32,6 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from edge_sleep.adapters import LoRALinear
+from edge_sleep.export.layout import Layout, export_with_layout, unread_tensors
 from edge_sleep.export.release import releases_export_state
 from edge_sleep.modelio import logits_of
 
@@ -42,12 +43,14 @@ WEIGHTS_TAG = "weights"  # the .ptd file's stem: weights.ptd (int8: weights_int8
 
 @dataclass(frozen=True)
 class ProgramFiles:
-    """An exported program: the ``.pte`` bytes, its external data files ``{stem: bytes}`` and,
-    when asked for, its ETRecord (the graphs ``edge-sleep profile`` maps timings back to)."""
+    """An exported program: the ``.pte`` bytes, its external data files ``{stem: bytes}``, where
+    its learned tensors lie in its one ``.ptd`` (``None``: not known) and, when asked for, its
+    ETRecord (the graphs ``edge-sleep profile`` maps timings back to)."""
 
     program: bytes
     data: dict[str, bytes]
     etrecord: bytes | None = None
+    layout: Layout | None = None
 
 
 class _Logits(nn.Module):
@@ -176,9 +179,11 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
     tag = WEIGHTS_TAG + ("_int8" if int8 else "")
     was_training = model.training
     model.eval()
-    try:
+    record: list[bytes] = []
+
+    def export(module: nn.Module, unused: set[str]) -> tuple[bytes, bytes]:
         shapes = _dynamic_batch(example, max_batch)
-        module = torch.export.export(model, (example,), dynamic_shapes=shapes, strict=True).module()
+        graph = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=True).module()
         if int8:
             from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
                 XNNPACKQuantizer,
@@ -188,13 +193,14 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
 
             quantizer = XNNPACKQuantizer().set_global(
                 get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
-            prepared = prepare_pt2e(module, quantizer)  # type: ignore[arg-type]
+            prepared = prepare_pt2e(graph, quantizer)  # type: ignore[arg-type]
             with torch.no_grad():
                 for batch in calibration or [example]:
                     prepared(batch)
-            module = convert_pt2e(prepared)
-        delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda _: tag)
-        ep = torch.export.export(module, (example,), dynamic_shapes=shapes, strict=True)
+            graph = convert_pt2e(prepared)
+        delegate_external_constants_pass_unlifted(module=graph, gen_tag_fn=lambda _: tag)
+        ep = torch.export.export(graph, (example,), dynamic_shapes=shapes, strict=True)
+        unused.update(unread_tensors(ep))
         from executorch.backends.xnnpack.operators import node_visitor
 
         with positional_keys(node_visitor, tag):
@@ -204,12 +210,19 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
 
         with positional_keys(_emitter, tag):  # constants outside XNNPACK (embeddings...) as well
             program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: tag))
+        if etrecord:
+            buffer = io.BytesIO()
+            program.get_etrecord().save(buffer)
+            record[:] = [buffer.getvalue()]
+        (blob,) = program._tensor_data.values()
+        return bytes(program.buffer), bytes(blob)
+
+    try:
+        if int8 or etrecord:  # quantized weights are no probe's bytes; an ETRecord records the values
+            program, data = export(model, set())
+            layout = None
+        else:
+            program, data, layout = export_with_layout(model, export)
     finally:
         model.train(was_training)
-    data = {name: bytes(buf) for name, buf in program._tensor_data.items()}
-    record = None
-    if etrecord:
-        buffer = io.BytesIO()
-        program.get_etrecord().save(buffer)
-        record = buffer.getvalue()
-    return ProgramFiles(program=bytes(program.buffer), data=data, etrecord=record)
+    return ProgramFiles(program=program, data={tag: data}, etrecord=record[0] if record else None, layout=layout)

@@ -17,7 +17,7 @@ from edge_sleep.errors import ExportError, check_format_version
 
 __all__ = ["Manifest", "MANIFEST_FORMAT_VERSION", "sha256_of", "read_manifest"]
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: train.pte's one-call step, layouts
 
 
 def sha256_of(data: bytes) -> str:
@@ -43,6 +43,15 @@ class Manifest:
         programs: ``{name: {"pte": file, "ptd": file}}`` for the ExecuTorch programs, and
             ``{"onnx": {"onnx": file}}`` for the ONNX graph.
         files: ``{file: {"sha256", "bytes"}}`` for every file in the folder but the manifest.
+        signatures: ``{program: {method: {"inputs", "outputs"[, "conventions"]}}}``: what each
+            method takes and returns, in order (:mod:`edge_sleep.export.signature`).
+        hyperparameters: the wake step's settings at export (``lr``, ``max_grad_norm``,
+            ``replay_alpha``, ``replay_beta``, ``replay_batch``, ``anchor_lambda``), the values an
+            app passes in ``hyper``.
+        layouts: ``{ptd file: {tensor: {"shape", "dtype", "offsets"}}}``: where each learned tensor's
+            bytes lie in that ``.ptd`` (:mod:`edge_sleep.export.layout`), so a night's new weights
+            are written in place of the old ones without an export. A ``.ptd`` without an entry
+            (int8 weights, convolutions) needs a new export after a night.
     """
 
     fingerprint: str
@@ -55,6 +64,9 @@ class Manifest:
     adapters: list[str] = field(default_factory=list)
     programs: dict[str, dict[str, str]] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
     format_version: int = MANIFEST_FORMAT_VERSION
 
     def add_file(self, directory: Path, name: str, data: bytes) -> None:

@@ -61,8 +61,10 @@ def profile_program(directory: str | Path, name: str = "infer", *, runs: int = 5
     shape = (batch, *manifest.input_shape)
     x = (torch.rand(shape, generator=g) if manifest.input_dtype == "float32"
          else torch.randint(0, 100, shape, generator=g))
+    # timings only: no debug buffer (a buffer for intermediate outputs runs out at large batches
+    # and aborts the process)
     program = Runtime.get().load_program(directory / files["pte"], data_path=directory / files["ptd"],
-                                         enable_etdump=True, debug_buffer_size=1 << 20)
+                                         enable_etdump=True)
     method = program.load_method("forward")
     for _ in range(runs):
         method.execute([x])
