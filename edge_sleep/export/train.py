@@ -281,13 +281,23 @@ def _trace_step(loss: _Loss, names: list[str], example: tuple[torch.Tensor, ...]
     frozen = {n: t.detach() for n, t in state.items() if n not in adapter_keys}
     fn = _step_function(loss, adapter_keys, list(frozen))
     adapters = tuple(state[k].detach().clone() for k in adapter_keys)
-    graph = make_fx(fn, tracing_mode="symbolic")(*frozen.values(), *example, *adapters)
+    graph = make_fx(fn, tracing_mode="symbolic", decomposition_table=_decompositions())(
+        *frozen.values(), *example, *adapters)
     graph = _without_empty_permuted(graph)
     inputs = [n for n in graph.graph.nodes if n.op == "placeholder"]
     unused.update(name for name, node in zip(frozen, inputs) if not node.users)
     constants = _lift_constants(graph)
     return _tagged_export(_Traced(graph, {**constants, **frozen}), (*example, *adapters),
                           ((*shapes, *(None for _ in adapters)),))
+
+
+def _decompositions() -> dict[object, Callable[..., object]]:
+    """Backward operators ExecuTorch has no kernel for, written as the operators it has (LLaMA's
+    SiLU: ``silu_backward``)."""
+    from torch._decomp import get_decompositions
+
+    aten = torch.ops.aten
+    return get_decompositions([aten.silu_backward, aten.sigmoid_backward, aten.tanh_backward])  # type: ignore[no-any-return]
 
 
 def _lift_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
