@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -291,13 +292,13 @@ def _trace_step(loss: _Loss, names: list[str], example: tuple[torch.Tensor, ...]
                           ((*shapes, *(None for _ in adapters)),))
 
 
-def _decompositions() -> dict[object, Callable[..., object]]:
+def _decompositions() -> Any:
     """Backward operators ExecuTorch has no kernel for, written as the operators it has (LLaMA's
     SiLU: ``silu_backward``)."""
     from torch._decomp import get_decompositions
 
     aten = torch.ops.aten
-    return get_decompositions([aten.silu_backward, aten.sigmoid_backward, aten.tanh_backward])  # type: ignore[no-any-return]
+    return get_decompositions([aten.silu_backward, aten.sigmoid_backward, aten.tanh_backward])
 
 
 def _lift_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
