@@ -47,7 +47,7 @@ from edge_sleep.export.layout import export_with_layout, module_tensors
 from edge_sleep.export.release import releases_export_state
 from edge_sleep.modelio import logits_of
 
-__all__ = ["StepLinear", "to_train_program", "train_state_module", "adapter_names", "step_outputs", "TRAIN_TAG", "MAX_REPLAY",
+__all__ = ["StepLinear", "to_train_program", "train_state_module", "adapter_names", "STEP_OUTPUTS", "TRAIN_TAG", "MAX_REPLAY",
            "STEP_STATUS"]
 
 TRAIN_TAG = "train"  # train.ptd
@@ -56,11 +56,6 @@ MAX_REPLAY = 1024
 STEP_STATUS = {0: None, 1: "non-finite loss", 2: "non-finite gradient", 3: "non-finite weights"}
 #: the outputs of ``step`` before the new adapters, in order.
 STEP_OUTPUTS = ["loss", "new_loss", "replay_loss", "penalty", "grad_norm", "status", "logits"]
-
-
-def step_outputs() -> list[str]:
-    """The names of a step's outputs that come before the adapters, in order."""
-    return list(STEP_OUTPUTS)
 
 
 def _squares(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
