@@ -193,6 +193,79 @@ def _wake_step_row(make: Callable[[], torch.nn.Module], x: torch.Tensor, y: torc
     return row
 
 
+def _night_step_row(x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, dict[str, Any]]:
+    """``night_step_mlp``: one step of the night's Phase 1 on the MLP (batch of stored records,
+    consolidation noise on the hidden states, replay loss, gradient, SGD, keep-masks, finite
+    check), eager torch with the library's pieces against one call of ``night.pte``'s
+    ``replay_step``, each drawing its noise; ``fisher_step_mlp``: the Fisher sums of one batch of
+    ``fisher_batch`` records, :func:`edge_sleep.fisher.fisher_sums` against ``fisher_step``."""
+    from edge_sleep.adapters import merge_lora_
+    from edge_sleep.export.night import noise_shapes
+    from edge_sleep.export.runner import open_program
+    from edge_sleep.fisher import fisher_sums
+    from edge_sleep.sleep import ConsolidationNoise, apply_masks_, replay_loss
+    from edge_sleep.wake import all_finite
+
+    es = EdgeSleep(mlp(0), wake=WakeConfig(train="adapters", lora_rank=8, replay_batch=0),
+                   sleep=SleepConfig(prune_frac=0.1, min_steps=20), seed=0)
+    for _ in range(4):
+        es.learn(x, y)
+    es.sleep()
+    es.learn(x, y)
+    with tempfile.TemporaryDirectory() as d:
+        manifest = export_programs(es, None, Path(d), int8=False, onnx=False, train=False, consolidate=False)
+        program = open_program(Path(d), manifest, "night")
+        method, fisher = program.load_method("replay_step"), program.load_method("fisher_step")
+    merge_lora_(es.model)  # what a night starts from
+    cfg = es.sleep_config
+    names = manifest.night["weights"]
+    params = {n: p for n, p in es.model.named_parameters() if n in names}
+    with torch.no_grad():
+        target = es.logits(x)
+    shapes = noise_shapes(es.model, es.noise_layers, x)
+    weights = [p.detach().clone() for p in params.values()]
+    hyper = torch.tensor([cfg.lr, cfg.label_weight, cfg.distill_weight, cfg.noise_std])
+    generator = torch.Generator().manual_seed(0)
+    for p in es.model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    hooks = ConsolidationNoise(es.model, es.noise_layers, cfg.noise_std, generator)
+
+    def eager() -> None:
+        loss = replay_loss(es.model(x), y, target, cfg.label_weight, cfg.distill_weight)
+        loss.backward()
+        with torch.no_grad():
+            for p in params.values():
+                p -= cfg.lr * p.grad
+                p.grad = None
+            apply_masks_(params, es.masks)
+        all_finite(list(params.values()))
+
+    def pte() -> None:
+        noise = [torch.randn(s, generator=generator) for s in shapes]
+        method.execute([x, y, target, hyper, *noise, *weights])
+
+    row = paired_us({"eager": eager, "pte": pte}, repeats)
+    hooks.remove()
+    row.update(batch=int(x.shape[0]), repeats=repeats, weights=sum(w.numel() for w in weights),
+               pte_vs_eager=row["pte_us"] / row["eager_us"])
+
+    # the Fisher of one batch of fisher_batch records: the library's per-sample sums (torch.func)
+    # against one call of fisher_step
+    k = cfg.fisher_batch
+    valid, sums = torch.ones(k), [torch.zeros_like(w) for w in weights]
+
+    def loss_fn(out: torch.Tensor, yy: torch.Tensor, tt: torch.Tensor | None) -> torch.Tensor:
+        return replay_loss(out, yy, tt, cfg.label_weight, cfg.distill_weight)
+
+    fisher_row = paired_us({"eager": lambda: fisher_sums(es.model, names, x[:k], y[:k], target[:k], loss_fn, chunk=k),
+                            "pte": lambda: fisher.execute([x[:k], y[:k], target[:k], valid, hyper, *weights, *sums])},
+                           max(20, repeats // 10))
+    fisher_row.update(batch=k, pte_vs_eager=fisher_row["pte_us"] / fisher_row["eager_us"])
+    return {"night_step_mlp": row, "fisher_step_mlp": fisher_row}
+
+
 def device_case(repeats: int, minilm: bool) -> dict[str, Any]:
     """``latency.json``'s ``device`` block: the wake step through ``train.pte`` against eager torch."""
     torch.manual_seed(0)
@@ -201,6 +274,7 @@ def device_case(repeats: int, minilm: bool) -> dict[str, Any]:
         "wake_step_mlp": _wake_step_row(lambda: mlp(0), x, y, 0, True, repeats),
         "wake_step_mlp_replay": _wake_step_row(lambda: mlp(0), x, y, 32, True, repeats),
         "wake_step_mlp_first_day": _wake_step_row(lambda: mlp(0), x, y, 0, False, repeats),
+        **_night_step_row(x, y, repeats),
     }
     if minilm:
         from edge_sleep.bench.minilm import minilm_classifier
@@ -220,7 +294,7 @@ def minilm_case(work: Path, repeats: int) -> dict[str, Any]:
     es.learn(ids, torch.randint(0, 4, (8,)))
     out = work / "minilm"
     t0 = time.perf_counter()
-    export_programs(es, ids[:2], out, train=False, max_batch=8)
+    export_programs(es, ids[:2], out, train=False, night=False, max_batch=8)
     export_s = time.perf_counter() - t0
     row: dict[str, Any] = infer_latencies(es, out, ids[:1], max(20, repeats // 10))
     row["export_s"] = export_s

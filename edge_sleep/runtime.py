@@ -191,6 +191,17 @@ class EdgeSleep:
         """``{name: parameter}`` of the base weights: what a night trains and the anchor protects."""
         return dict(self._sleep_params)
 
+    @property
+    def encoder(self) -> nn.Module:
+        """Stored record <- input: the model's layers up to ``StoreConfig.latent_layer`` (the
+        identity when the store keeps inputs)."""
+        return self._encoder
+
+    @property
+    def replay_head(self) -> nn.Module:
+        """Logits <- stored record: the layers a night replays records through."""
+        return self._head
+
     # ----------------------------------------------------------------- input
     def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
         """``x`` checked as a batch of this model's inputs and moved to its device.

@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     x_eval, _ = tasks[1].evaluation()
 
     # 2. what the app ships, and inference through ExecuTorch
-    manifest = export_programs(es, None, out / "day1", int8=False, onnx=False, consolidate=not args.quick)
+    manifest = export_programs(es, None, out / "day1", int8=False, onnx=False, consolidate=not args.quick,
+                               night=not args.quick)
     program = load_program(out / "day1", "infer")
     gap = float((program(x_eval[:64]) - es.logits(x_eval[:64])).abs().max())
     print(f"exported {sorted(manifest.files)} to {out / 'day1'}")
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
                     for t in tasks)
     print(f"day 2 through train.pte: last loss {stats.loss:.3f}; accuracy: {acc}")
     report = device.sleep()
-    export_programs(device, None, out / "day2", int8=False, onnx=False, consolidate=not args.quick)
+    # the same export after a night (its id passed on): only the weights files may change
+    export_programs(device, None, out / "day2", int8=False, onnx=False, consolidate=not args.quick,
+                    night=not args.quick, export_id=manifest.export_id)
     device.store.close()
     before, after = hashes(out / "day1"), hashes(out / "day2")
     changed = sorted(n for n in before if before[n] != after[n])

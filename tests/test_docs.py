@@ -88,8 +88,14 @@ def test_latency_table_is_what_the_benchmark_wrote() -> None:
         row = device[key]
         cells = "".join(f" {row[k]:,.0f} µs |" for k in ("eager_us", "pte_us", "engine_us"))
         assert f"| {label} |{cells} {row['pte_vs_eager']:.2f}x |" in text, label
+    for key, label in NIGHT_ROWS.items():
+        row = device[key]
+        cells = "".join(f" {row[k]:,.0f} µs |" for k in ("eager_us", "pte_us"))
+        assert f"| {label} |{cells} {row['pte_vs_eager']:.2f}x |" in text, label
 
 
+NIGHT_ROWS = {"night_step_mlp": "MLP, a replay step, 32 records",
+              "fisher_step_mlp": "MLP, the Fisher of 32 records"}
 WAKE_ROWS = {"wake_step_mlp": "MLP, after a night, no replay",
              "wake_step_mlp_replay": "MLP, after a night, replay of 32 + 32",
              "wake_step_mlp_first_day": "MLP, first day (no anchor yet)",

@@ -57,8 +57,9 @@ def test_both_engines_take_the_same_wake_steps_and_nights(tmp_path: Path) -> Non
         assert et._engine.serving_from == "infer.pte"
         if day == 0:  # the weights written in place are, byte for byte, what an export writes
             fresh = tmp_path / "fresh"
-            export_programs(et, None, fresh, int8=False, onnx=False, consolidate=False,
-                            max_batch=et._engine.max_batch, max_replay=et._engine.manifest.max_replay)
+            export_programs(et, None, fresh, int8=False, onnx=False, consolidate=False, night=False,
+                            max_batch=et._engine.max_batch, max_replay=et._engine.manifest.max_replay,
+                            export_id=et._engine.manifest.export_id)
             for name in ("infer.pte", "weights.ptd", "train.pte", "train.ptd"):
                 assert (fresh / name).read_bytes() == (et._engine.directory / name).read_bytes(), name
     assert et._engine.rebuilds == 1 and et._engine.weight_writes == 2

@@ -48,7 +48,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     es.sleep()
     for x, y in tasks[1].batches(64):
         es.learn(x, y)
-    export_programs(es, held_out[:8], root / "second", int8=False, onnx=False)
+    # the same export again after a night (its id passed on): only the .ptd files may change
+    export_programs(es, held_out[:8], root / "second", int8=False, onnx=False, night=False,
+                    export_id=read_manifest(root / "first").export_id)
     return Exported(es, root / "first", root / "second", first_logits, held_out)
 
 
@@ -61,7 +63,7 @@ def test_the_folder_holds_what_the_manifest_says(exported: Exported) -> None:
     m = read_manifest(exported.first)
     names = {p.name for p in exported.first.iterdir()}
     assert names == {"infer.pte", "weights.ptd", "infer_int8.pte", "weights_int8.ptd", "train.pte",
-                     "train.ptd", "consolidate.pte", "model.onnx", "manifest.json"}
+                     "train.ptd", "night.pte", "night.ptd", "consolidate.pte", "model.onnx", "manifest.json"}
     assert set(m.files) == names - {"manifest.json"}
     assert m.fingerprint == exported.es.fingerprint and m.input_shape == [784] and m.input_dtype == "float32"
     assert m.num_classes == 10 and m.max_batch == 64
@@ -169,6 +171,249 @@ def test_damaged_folders_name_the_file(exported: Exported, tmp_path: Path) -> No
         load_program(exported.first, "train")
 
 
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export of another architecture (784-10, inference only): its .ptd holds other tensors."""
+    torch.manual_seed(1)
+    es = EdgeSleep(torch.nn.Sequential(torch.nn.Linear(784, 10)), seed=1)
+    es.learn(torch.rand(8, 784), torch.arange(8))
+    out = tmp_path_factory.mktemp("foreign") / "export"
+    export_programs(es, None, out, int8=False, onnx=False, consolidate=False, night=False)
+    return out
+
+
+def test_every_program_and_ptd_carries_the_export_id(exported: Exported) -> None:
+    from executorch.runtime import Runtime
+
+    m = read_manifest(exported.first)
+    assert len(m.export_id) == 32 and read_manifest(exported.second).export_id == m.export_id
+    for name, files in m.programs.items():
+        if "pte" not in files:
+            continue  # onnx
+        ptd = exported.first / files["ptd"] if "ptd" in files else None
+        program = Runtime.get().load_program(exported.first / files["pte"], data_path=ptd)
+        assert program.load_method("export_id").execute([]) == [m.export_id], name
+        assert set(m.signatures[name]) <= set(program.method_names), name
+        if ptd is not None:
+            (stored,) = program.load_method("weights_id").execute([])
+            assert bytes(stored.numpy()) == m.export_id.encode(), name
+    assert m.dims == {"batch": [1, 64], "distill": [1, 128], "label": [1, 128], "numel": [2, 78_400]}
+    with pytest.raises(InputError, match="export_id='xyz'; expected 32 lowercase hex"):
+        export_programs(exported.es, None, exported.first.parent / "never", export_id="xyz")
+
+
+# a child process runs each load: were ExecuTorch to crash on the bad files, the test fails instead
+# of taking the test run down with it
+_CHILD = """
+import sys
+from pathlib import Path
+from edge_sleep.errors import ExportError
+from edge_sleep.export import load_program, read_manifest
+from edge_sleep.export.runner import open_program
+folder, name = Path(sys.argv[1]), sys.argv[2]
+try:
+    open_program(folder, read_manifest(folder), name) if name == "train" else load_program(folder, name)
+except ExportError as e:
+    print("REFUSED", e)
+else:
+    print("LOADED")
+"""
+
+
+def _load_in_child(folder: Path, name: str = "infer") -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), name], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, f"the child died (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    return proc.stdout.strip()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _swap(folder: Path, name: str, source: Path) -> None:
+    """Put ``source`` at ``folder / name`` and re-hash the manifest, as someone copying files would."""
+    shutil.copy(source, folder / name)
+    m = read_manifest(folder)
+    m.files[name] = {"sha256": sha256_of((folder / name).read_bytes()), "bytes": (folder / name).stat().st_size}
+    m.write(folder)
+
+
+def test_files_of_another_export_are_refused_before_they_run(exported: Exported, foreign: Path,
+                                                              tmp_path: Path) -> None:
+    ours = read_manifest(exported.first).export_id
+    theirs = read_manifest(foreign).export_id
+    # another architecture's weights under a re-hashed manifest: refused by the id, not run
+    bad = _copy(exported.first, tmp_path / "ptd")
+    _swap(bad, "weights.ptd", foreign / "weights.ptd")
+    out = _load_in_child(bad)
+    assert out.startswith("REFUSED") and "weights.ptd" in out and theirs in out and "another export" in out, out
+    # the same for the training program, whose .ptd is replaced by an inference .ptd
+    bad = _copy(exported.first, tmp_path / "train")
+    _swap(bad, "train.ptd", foreign / "weights.ptd")
+    out = _load_in_child(bad, "train")
+    assert out.startswith("REFUSED") and "train.ptd" in out and "another export" in out, out
+    # another export's program with our weights
+    bad = _copy(exported.first, tmp_path / "pte")
+    _swap(bad, "infer.pte", foreign / "infer.pte")
+    out = _load_in_child(bad)
+    assert out.startswith("REFUSED") and "infer.pte" in out and theirs in out and ours in out, out
+    # a missing .ptd (with and without its manifest entry)
+    bad = _copy(exported.first, tmp_path / "missing")
+    (bad / "weights.ptd").unlink()
+    out = _load_in_child(bad)
+    assert out.startswith("REFUSED") and "weights.ptd" in out and "missing" in out, out
+    m = read_manifest(bad)
+    del m.files["weights.ptd"]
+    m.write(bad)
+    out = _load_in_child(bad)
+    assert out.startswith("REFUSED") and "weights.ptd" in out, out
+    # the untouched folder loads in the same child
+    assert _load_in_child(exported.first) == "LOADED"
+
+
+def test_a_manifest_that_disagrees_with_its_programs_is_refused(exported: Exported, tmp_path: Path) -> None:
+    cases = {
+        "input shape": lambda m: m.signatures["infer"]["forward"]["inputs"][0].__setitem__("shape", ["batch", 785]),
+        "input dtype": lambda m: m.signatures["infer"]["forward"]["inputs"][0].__setitem__("dtype", "int64"),
+        "bound": lambda m: m.dims.__setitem__("batch", [1, 128]),
+        "outputs": lambda m: m.signatures["train"]["step"]["outputs"].pop(),
+        "method": lambda m: m.signatures["infer"].__setitem__("backward", m.signatures["infer"]["forward"]),
+        "export id": lambda m: setattr(m, "export_id", "0" * 32),
+    }
+    for case, edit in cases.items():
+        bad = _copy(exported.first, tmp_path / case.replace(" ", "_"))
+        m = read_manifest(bad)
+        edit(m)
+        m.write(bad)
+        with pytest.raises(ExportError, match="manifest") as info:
+            if case == "outputs":
+                from edge_sleep.export.runner import open_program
+
+                open_program(bad, read_manifest(bad), "train")
+            else:
+                load_program(bad)
+        assert "Fix:" in str(info.value), case
+    # an export by an older edge-sleep (no ids in its files)
+    old = _copy(exported.first, tmp_path / "old")
+    raw = json.loads((old / "manifest.json").read_text())
+    raw["format_version"] = 2
+    (old / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ExportError, match="format_version=2: an export by an older edge-sleep"):
+        load_program(old)
+
+
+@pytest.mark.slow
+def test_the_cpp_loop_of_the_docs_runs_the_folder(exported: Exported, foreign: Path, tmp_path: Path) -> None:
+    """examples/cpp_loop: the loop docs/on-device.md shows, built with CMake against the wheel's
+    C++ SDK: wake steps through train.pte (adapters kept by the app), predictions, and a foreign
+    .ptd refused before it is read."""
+    import re
+    import subprocess
+
+    import executorch
+
+    if shutil.which("cmake") is None or shutil.which("c++") is None:
+        pytest.skip("needs cmake and a C++17 compiler")
+    source = Path(__file__).resolve().parents[1] / "examples" / "cpp_loop"
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                    f"-DCMAKE_PREFIX_PATH={executorch.__path__[0]}"], check=True, capture_output=True, timeout=300)
+    subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True, timeout=600)
+    run = subprocess.run([str(build / "cpp_loop"), str(exported.first), "12"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    steps = re.findall(r"step (\d+) loss ([\d.]+) status (\d+)", run.stdout)
+    assert len(steps) == 12 and all(status == "0" for *_, status in steps), run.stdout
+    losses = [float(loss) for _, loss, _ in steps]
+    assert losses[-1] < 0.5 * losses[0], losses  # the app's adapters learn the batch
+    assert "logits 2 x 10, forward 2 x 10" in run.stdout
+    bad = _copy(exported.first, tmp_path / "swapped")
+    _swap(bad, "weights.ptd", foreign / "weights.ptd")
+    run = subprocess.run([str(build / "cpp_loop"), str(bad)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "refused: weights.ptd holds the weights of export" in run.stderr, run.stderr
+
+
+def test_night_pte_takes_the_torch_nights_replay_step(exported: Exported, tmp_path: Path) -> None:
+    """night.pte's replay_step against one step of the torch night's Phase 1 (the library's
+    ConsolidationNoise, replay_loss, SGD and keep-masks), after write_weights brought the folder's
+    night.ptd's masks to the runtime's state at the offsets its layout records."""
+    import copy
+
+    from edge_sleep.adapters import merge_lora_
+    from edge_sleep.export import learned_tensors
+    from edge_sleep.export.layout import Layout, patch
+    from edge_sleep.export.night import noise_shapes
+    from edge_sleep.export.runner import open_program
+    from edge_sleep.sleep import ConsolidationNoise, apply_masks_, replay_loss
+
+    es = exported.es
+    folder = _copy(exported.first, tmp_path / "night")
+    m = read_manifest(folder)
+    data = patch((folder / "night.ptd").read_bytes(), Layout.from_json(m.layouts["night.ptd"]),
+                 learned_tensors(es, "night.ptd"))  # the masks the night pruned
+    _swap(folder, "night.ptd", _write(tmp_path / "night.ptd", data))
+    m = read_manifest(folder)
+    assert m.night["weights"] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
+    method = open_program(folder, m, "night").load_method("replay_step")
+    model = copy.deepcopy(es.model)
+    merge_lora_(model)  # what a night starts with
+    params = {n: p for n, p in model.named_parameters() if n in m.night["weights"]}
+    x, y = exported.held_out[:32], torch.arange(32) % 10
+    target = torch.randn(32, 10, generator=torch.Generator().manual_seed(1))
+    cfg = es.sleep_config
+    hyper = torch.tensor([cfg.lr, cfg.label_weight, 0.5, cfg.noise_std])
+    generator = torch.Generator().manual_seed(2)
+    copy_of = torch.Generator().set_state(generator.get_state())
+    noise = [torch.randn(shape, generator=copy_of) for shape in noise_shapes(model, es.noise_layers, x)]
+    weights = [p.detach().clone() for p in params.values()]
+    loss, status, *new = method.execute([x, y, target, hyper, *noise, *weights])
+    # the torch night's step, drawing the same noise from the same generator state
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    hooks = ConsolidationNoise(model, es.noise_layers, cfg.noise_std, generator)
+    eager = replay_loss(model(x), y, target, cfg.label_weight, 0.5)
+    eager.backward()
+    hooks.remove()
+    with torch.no_grad():
+        for p in params.values():
+            p -= cfg.lr * p.grad
+        apply_masks_(params, es.masks)
+    assert int(status) == 0 and abs(float(loss) - float(eager.detach())) <= 1e-5
+    for got, (name, want) in zip(new, params.items()):
+        assert (got - want).abs().max().item() <= 1e-5, name
+    pruned = ~es.masks["0.weight"]
+    assert pruned.any() and bool((new[0][pruned] == 0).all())  # pruned weights stay zero
+    # the Fisher of the weights after the step: the library's per-sample sums, 20 records padded
+    # to the program's fixed batch (fisher_batch) with rows that add nothing
+    from edge_sleep.fisher import fisher_sums
+
+    f = m.night["fisher_batch"]
+    n = 20
+    pad = f - n
+    fisher = open_program(folder, m, "night").load_method("fisher_step")
+    rows = [torch.cat([t[:n], torch.zeros((pad, *t.shape[1:]), dtype=t.dtype)]) for t in (x, y, target)]
+    valid = torch.cat([torch.ones(n), torch.zeros(pad)])
+    start = [torch.rand_like(w) for w in new]
+    sums = fisher.execute([*rows, valid, hyper, *new, *start])
+    want = fisher_sums(model, list(params), x[:n], y[:n], target[:n],
+                       lambda out, yy, tt: replay_loss(out, yy, tt, cfg.label_weight, 0.5))
+    for got, s0, name in zip(sums, start, params):
+        scale = float(want[name].abs().max())
+        assert scale > 0 and float((got - s0 - want[name]).abs().max()) <= 1e-5 * scale, name
+    # a non-finite record: the status says why (the night is then abandoned)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    loss, status, *_ = method.execute([bad, y, target, hyper, *noise, *weights])
+    assert int(status) == 1
+
+
 def test_a_pte_that_executorch_refuses_is_an_export_error(exported: Exported, tmp_path: Path) -> None:
     # a program whose bytes match a (rewritten) manifest but that ExecuTorch cannot parse
     bad = _copy(exported.first, tmp_path / "bad")
@@ -227,10 +472,13 @@ def test_cli_exports_a_checkpoint(exported: Exported, tmp_path: Path, capsys: py
     assert "neither a .pte file nor an export folder" in capsys.readouterr().err
     assert main(["profile", str(exported.second), "--batch", "65"]) == 2
     assert "batch=65" in capsys.readouterr().err
-    # same model, same weights: the same program and weights as the library call
-    want = read_manifest(exported.second).files
-    got = read_manifest(tmp_path / "out").files
-    assert got["infer.pte"] == want["infer.pte"] and got["weights.ptd"] == want["weights.ptd"]
+    # same model, same weights: the same program and weights as the library call, but for the
+    # export id (a new export draws a new one; it is in both files)
+    ids = read_manifest(tmp_path / "out").export_id.encode(), read_manifest(exported.second).export_id.encode()
+    assert ids[0] != ids[1]
+    for name in ("infer.pte", "weights.ptd"):
+        got = (tmp_path / "out" / name).read_bytes()
+        assert got.count(ids[0]) == 1 and got.replace(*ids) == (exported.second / name).read_bytes(), name
     for model, message in (("nocolon", "MODULE:CALLABLE"), ("tests.conftest:small_mlp", "fingerprint"),
                            ("no.such:thing", "cannot import")):
         assert main(["export", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o2"), "--model", model]) == 2

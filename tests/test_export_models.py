@@ -123,7 +123,7 @@ def test_minilm_encoder_exports_and_matches_eager(tmp_path: Path) -> None:
     torch.manual_seed(0)
     ids = torch.randint(1000, 20000, (4, 16))
     es.learn(ids, torch.randint(0, 4, (4,)))  # the adapters move: the export folds them in
-    manifest = export_programs(es, ids[:2], tmp_path / "minilm", int8=False, onnx=False, train=False,
+    manifest = export_programs(es, ids[:2], tmp_path / "minilm", int8=False, onnx=False, train=False, night=False,
                                max_batch=4)
     assert manifest.input_dtype == "int64" and manifest.input_shape == [16]
     program = load_program(tmp_path / "minilm")
@@ -137,7 +137,7 @@ def test_gpt2_infer_pte_keeps_its_dynamic_batch(tmp_path: Path) -> None:
     es = EdgeSleep(_gpt2(), wake=WakeConfig(train="adapters", lora_rank=2, replay_batch=0), seed=0)
     ids = _tokens((2, 64), 8)
     es.learn(ids(6), torch.randint(0, 3, (6,)))  # the adapters move: the export folds them in
-    export_programs(es, None, tmp_path / "gpt2", int8=False, onnx=False, train=False, consolidate=False,
+    export_programs(es, None, tmp_path / "gpt2", int8=False, onnx=False, train=False, consolidate=False, night=False,
                     max_batch=8)
     program = load_program(tmp_path / "gpt2")
     probe = ids(8)

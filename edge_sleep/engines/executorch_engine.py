@@ -92,6 +92,7 @@ class ExecuTorchEngine:
         the old ones (:func:`edge_sleep.export.write_weights`, what a device does after a night);
         only a folder that cannot take them that way is exported again."""
         from edge_sleep.export import export_programs, load_program, write_weights
+        from edge_sleep.export.runner import open_program
 
         before = self.manifest
         manifest = None if before is None else write_weights(learner, self.directory)
@@ -100,24 +101,21 @@ class ExecuTorchEngine:
         else:
             with torch.enable_grad():  # may be called from inside no_grad (EdgeSleep.logits)
                 # the first export fixes the programs' bounds (replay inputs or not) for the engine's life
-                manifest = export_programs(learner, None, self.directory, int8=False, onnx=False, train=True,
+                manifest = export_programs(learner, None, self.directory, int8=False, onnx=False, train=True, night=False,
                                            consolidate=False, max_batch=self.max_batch,
-                                           max_replay=None if before is None else before.max_replay)
+                                           max_replay=None if before is None else before.max_replay,
+                                           export_id=None if before is None else before.export_id)
             self.rebuilds += 1
         if before is not None:
             for name in ("train.pte", "infer.pte"):
                 if before.files[name]["sha256"] != manifest.files[name]["sha256"]:
                     raise ExportError(f"re-exporting after a night changed {name}; only the .ptd files may "
                                       "change. This is a bug in edge-sleep: please report it.")
-        manifest.verify(self.directory, ["train.pte", "train.ptd"])  # load_program checks infer's
-        from executorch.runtime import Runtime
-
-        pte, ptd = self.directory / "train.pte", self.directory / "train.ptd"
+        program = open_program(self.directory, manifest, "train")  # files, export ids and signatures checked
         try:
-            program = Runtime.get().load_program(pte, data_path=ptd)
             step = program.load_method("step")
         except RuntimeError as e:
-            raise ExportError(f"ExecuTorch could not load {str(pte)!r} with {str(ptd)!r} ({e}).") from e
+            raise ExportError(f"ExecuTorch could not load train.pte's step in {str(self.directory)!r} ({e}).") from e
         self._train, self._step, self._logits = program, step, None
         self._infer = load_program(self.directory, "infer")
         self.manifest = manifest

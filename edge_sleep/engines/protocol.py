@@ -41,6 +41,11 @@ class Learner(Protocol):
         num_classes: outputs of the model, ``None`` before the first batch.
         input_spec: ``(per-example shape, is_float)`` of the inputs, ``None`` before the first batch.
         prunable: names of the weight matrices a night prunes.
+        masks: ``{weight name: bool keep-mask}`` of the weights a night has pruned.
+        noise_layers: the modules whose outputs get the night's consolidation noise.
+        base_parameters: ``{name: parameter}`` of the weights a night trains.
+        encoder: stored record <- input (the identity when records are inputs).
+        replay_head: logits <- stored record: what a night replays through.
     """
 
     model: nn.Module
@@ -51,6 +56,17 @@ class Learner(Protocol):
     num_classes: int | None
     input_spec: tuple[tuple[int, ...], bool] | None
     prunable: list[str]
+    masks: dict[str, torch.Tensor]
+    noise_layers: list[str]
+
+    @property
+    def base_parameters(self) -> dict[str, nn.Parameter]: ...
+
+    @property
+    def encoder(self) -> nn.Module: ...
+
+    @property
+    def replay_head(self) -> nn.Module: ...
 
     def check_input(self, x: Any, name: str = "x") -> torch.Tensor:
         """``x`` checked against the inputs the runtime learned from (raises ``InputError``)."""

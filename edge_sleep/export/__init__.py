@@ -10,10 +10,13 @@ Every function here reads the runtime through :class:`edge_sleep.engines.Learner
 - ``train.pte`` + ``train.ptd``: the whole wake step (loss, gradient, clipping, finite checks and
   the SGD update of the adapters, one call) and the live logits, for a model with LoRA adapters
   (:mod:`edge_sleep.export.train`);
+- ``night.pte`` + ``night.ptd``: the night's Phase 1 replay step (the consolidation noise, the replay
+  loss, its gradient and the SGD update of the base weights, the keep-masks; one call a step;
+  :mod:`edge_sleep.export.night`);
 - ``consolidate.pte``: the night's Phase 2 for one weight matrix, exact selection of the prune and
   strengthen thresholds included (:mod:`edge_sleep.export.consolidate`);
 - ``model.onnx``: the same graph for ONNX Runtime, checked with ``onnx.checker``;
-- ``manifest.json``: SHA-256 of every file, the input shape and dtype, the model fingerprint the
+- ``manifest.json``: the export id (:mod:`edge_sleep.export.identity`), SHA-256 of every file, the input shape and dtype, the model fingerprint the
   replay store uses, the LoRA rank and targets.
 
 The ``.pte`` files hold no weights, so after a night only the ``.ptd`` files change; a test
@@ -41,7 +44,10 @@ from edge_sleep.export.manifest import MANIFEST_FORMAT_VERSION, Manifest, read_m
 from edge_sleep.export.onnx import to_onnx
 from edge_sleep.export.runner import ExportedProgram, load_program
 from edge_sleep.export.layout import Layout, module_tensors, patch, probed
-from edge_sleep.export.signature import infer_signature, train_signature
+from edge_sleep.export.identity import check_id_value, new_export_id
+from edge_sleep.export.night import NIGHT_TAG, night_state_module, night_weight_names, noise_shapes, to_night_program
+from edge_sleep.export.signature import (consolidate_signature, id_signatures, infer_signature, night_signature,
+                                         train_signature)
 from edge_sleep.export.train import TRAIN_TAG, adapter_names, to_train_program, train_state_module
 
 __all__ = ["export_programs", "write_weights", "learned_tensors", "export_onnx", "anchor_terms", "to_train_program", "load_consolidate",
@@ -117,22 +123,35 @@ def _train_settings(es: Learner) -> dict[str, Any]:
             "fisher_terms": terms, "references": refs}
 
 
+def _night_settings(es: Learner) -> dict[str, Any]:
+    """What ``night.pte``'s frozen tensors are made of, as :func:`to_night_program` takes it: the
+    keep-masks of the weights :func:`_masked` names (all-ones where nothing is pruned yet)."""
+    masked = _masked(es)
+    params = es.base_parameters
+    masks = {n: es.masks[n] if n in es.masks else torch.ones_like(params[n], dtype=torch.bool)
+             for n in es.prunable if n in params and masked(n)}
+    return {"trained": list(params), "noise_layers": list(es.noise_layers), "masks": masks}
+
+
 def learned_tensors(es: Learner, ptd: str) -> dict[str, torch.Tensor]:
-    """The tensors of ``ptd`` (``"weights.ptd"`` or ``"train.ptd"``) a night changes, as ``es`` holds
-    them now, under the names of the export folder's layout."""
+    """The tensors of ``ptd`` (``"weights.ptd"``, ``"train.ptd"`` or ``"night.ptd"``) a night
+    changes, as ``es`` holds them now, under the names of the export folder's layout."""
     if ptd == "weights.ptd":
         module: torch.nn.Module = inference_form(es.model)
         skip: frozenset[str] = frozenset()
     elif ptd == "train.ptd":
         module, names = train_state_module(es.model, **_train_settings(es))
         skip = frozenset(f"model.{n}" for n in names)
+    elif ptd == "night.ptd":
+        module, names = night_state_module(es.replay_head, **_night_settings(es))
+        skip = frozenset(f"model.{n}" for n in names)
     else:
-        raise InputError(f"ptd={ptd!r}; expected 'weights.ptd' or 'train.ptd'.")
+        raise InputError(f"ptd={ptd!r}; expected 'weights.ptd', 'train.ptd' or 'night.ptd'.")
     return {n: t.detach() for n, t in module_tensors(module).items() if n not in skip and probed(t)}
 
 
 def write_weights(es: Learner, out_dir: str | Path) -> Manifest | None:
-    """Write ``es``'s weights into an export folder's ``weights.ptd`` and ``train.ptd`` in place of
+    """Write ``es``'s weights into an export folder's ``.ptd`` files in place of
     the old ones, without an export (what a device does after a night), and return the new manifest.
 
     Every ``.pte`` stays as it is. Returns ``None``, changing nothing, when the folder cannot take
@@ -144,7 +163,7 @@ def write_weights(es: Learner, out_dir: str | Path) -> Manifest | None:
     manifest = read_manifest(out_dir)
     if manifest.fingerprint != es.fingerprint:
         return None
-    ptds = [p for p in ("weights.ptd", "train.ptd") if p in manifest.files]
+    ptds = [p for p in ("weights.ptd", "train.ptd", "night.ptd") if p in manifest.files]
     if "weights_int8.ptd" in manifest.files or any(p not in manifest.layouts for p in ptds):
         return None
     new: dict[str, bytes] = {}
@@ -171,9 +190,34 @@ def write_weights(es: Learner, out_dir: str | Path) -> Manifest | None:
     return manifest
 
 
+def _export_night(es: Learner, x: torch.Tensor, manifest: Manifest, tmp: Path, max_batch: int) -> None:
+    """Write ``night.pte`` + ``night.ptd`` for ``es`` into ``tmp`` and describe them in ``manifest``."""
+    with torch.no_grad():
+        records = es.encoder(x).detach()
+    settings = _night_settings(es)
+    cfg = es.sleep_config
+    files = to_night_program(es.replay_head, records, manifest.num_classes, **settings, max_batch=max_batch,
+                             max_fisher=cfg.fisher_batch, export_id=manifest.export_id)
+    manifest.add_file(tmp, "night.pte", files.program)
+    manifest.add_file(tmp, "night.ptd", files.data[NIGHT_TAG])
+    if files.layout is not None:
+        manifest.layouts["night.ptd"] = files.layout.to_json()
+    manifest.programs["night"] = {"pte": "night.pte", "ptd": "night.ptd"}
+    params = es.base_parameters
+    names = night_weight_names(es.replay_head, settings["trained"])
+    noise = [["batch", *s[1:]] for s in noise_shapes(es.replay_head, settings["noise_layers"], records)]
+    manifest.signatures["night"] = night_signature(
+        list(records.shape[1:]), "float32" if records.is_floating_point() else "int64", manifest.num_classes,
+        noise, {n: list(params[n].shape) for n in names}, cfg.fisher_batch) | id_signatures()
+    manifest.night = {"lr": cfg.lr, "label_weight": cfg.label_weight, "distill_weight": cfg.distill_weight,
+                      "noise_std": cfg.noise_std, "batch_size": cfg.batch_size, "fisher_steps": cfg.fisher_steps,
+                      "fisher_batch": cfg.fisher_batch, "weights": names}
+
+
 def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: str | Path, *,
                     int8: bool = True, onnx: bool = True, train: bool | None = None, max_batch: int = 64,
-                    max_replay: int | None = None, etrecord: bool = False, consolidate: bool = True) -> Manifest:
+                    max_replay: int | None = None, etrecord: bool = False, consolidate: bool = True,
+                    night: bool = True, export_id: str | None = None) -> Manifest:
     """Export ``es``'s model as the on-device programs into ``out_dir`` (replaced atomically).
 
     Args:
@@ -191,17 +235,23 @@ def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: st
             ``replay_batch == 0`` or both replay weights 0; else its ``replay_batch``, at least 4).
         consolidate: also write ``consolidate.pte``, the night's Phase 2 kernel
             (:mod:`edge_sleep.export.consolidate`).
+        night: also write ``night.pte`` + ``night.ptd``, the night's Phase 1 replay step
+            (:mod:`edge_sleep.export.night`).
         etrecord: also write ``infer.etrecord`` (and ``infer_int8.etrecord``), which
             ``edge-sleep profile`` uses to name the operators it times.
+        export_id: the id every program and ``.ptd`` carries (:mod:`edge_sleep.export.identity`):
+            ``None`` for a new one; the folder's old id to export the same programs again.
 
     Returns:
         The written :class:`Manifest`.
 
     Raises:
         CallOrderError: the runtime has not learned anything yet (no input shape).
-        InputError: ``example_input`` does not match the runtime's inputs, or ``max_batch < 2``.
+        InputError: ``example_input`` does not match the runtime's inputs, ``max_batch < 2``, or
+            ``export_id`` is not 32 hex characters.
     """
     max_batch = _check_max_batch(max_batch)
+    export_id = new_export_id() if export_id is None else check_id_value(export_id)
     x = _example_batch(es, example_input)
     model = inference_form(es.model)
     mods = lora_modules(es.model)
@@ -223,26 +273,31 @@ def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: st
                                          "targets": sorted(mods)},
         max_replay=max_replay if train else 0,
         adapters=adapter_names(es.model) if train else [],
+        export_id=export_id,
     )
+    manifest.dims["batch"] = [1, max_batch]
+    if manifest.max_replay:
+        manifest.dims.update(distill=[1, manifest.max_replay], label=[1, manifest.max_replay])
     with atomic_directory(out_dir) as tmp:
         for name, quantized in (("infer", False), ("infer_int8", True)):
             if quantized and not int8:
                 continue
-            files = to_infer_program(model, x, int8=quantized, max_batch=max_batch, etrecord=etrecord)
+            files = to_infer_program(model, x, int8=quantized, max_batch=max_batch, etrecord=etrecord,
+                                     export_id=export_id)
             (stem, data), = files.data.items()
             manifest.add_file(tmp, f"{name}.pte", files.program)
             manifest.add_file(tmp, f"{stem}.ptd", data)
             if files.layout is not None:
                 manifest.layouts[f"{stem}.ptd"] = files.layout.to_json()
             manifest.programs[name] = {"pte": f"{name}.pte", "ptd": f"{stem}.ptd"}
-            manifest.signatures[name] = infer_signature(manifest.input_shape, manifest.input_dtype,
-                                                        manifest.num_classes)
+            manifest.signatures[name] = {**infer_signature(manifest.input_shape, manifest.input_dtype,
+                                                           manifest.num_classes), **id_signatures()}
             if files.etrecord is not None:
                 manifest.add_file(tmp, f"{name}.etrecord", files.etrecord)
                 manifest.programs[name]["etrecord"] = f"{name}.etrecord"
         if train:
             files = to_train_program(es.model, x, manifest.num_classes, **_train_settings(es),
-                                     max_batch=max_batch, max_replay=max_replay)
+                                     max_batch=max_batch, max_replay=max_replay, export_id=export_id)
             manifest.add_file(tmp, "train.pte", files.program)
             manifest.add_file(tmp, "train.ptd", files.data[TRAIN_TAG])
             if files.layout is not None:
@@ -251,15 +306,19 @@ def export_programs(es: Learner, example_input: torch.Tensor | None, out_dir: st
             params = dict(es.model.named_parameters())
             manifest.signatures["train"] = train_signature(
                 manifest.input_shape, manifest.input_dtype, manifest.num_classes, manifest.max_replay,
-                {n: list(params[n].shape) for n in manifest.adapters})
+                {n: list(params[n].shape) for n in manifest.adapters}) | id_signatures()
             cfg = es.wake_config
             manifest.hyperparameters = {
                 "lr": cfg.lr, "max_grad_norm": cfg.max_grad_norm, "replay_alpha": cfg.replay_alpha,
                 "replay_beta": cfg.replay_beta, "replay_batch": cfg.replay_batch, "anchor_lambda": cfg.anchor_lambda}
+        if night:
+            _export_night(es, x, manifest, tmp, max_batch)
         if consolidate:
             largest = max((es.model.get_parameter(n).numel() for n in es.prunable), default=2)
-            manifest.add_file(tmp, "consolidate.pte", to_consolidate_program(largest))
+            manifest.add_file(tmp, "consolidate.pte", to_consolidate_program(largest, export_id))
             manifest.programs["consolidate"] = {"pte": "consolidate.pte"}
+            manifest.signatures["consolidate"] = consolidate_signature() | id_signatures(with_ptd=False)
+            manifest.dims["numel"] = [2, max(9, largest)]
         if onnx:
             manifest.add_file(tmp, "model.onnx", to_onnx(model, x, max_batch=max_batch))
             manifest.programs["onnx"] = {"onnx": "model.onnx"}

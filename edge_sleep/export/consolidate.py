@@ -21,14 +21,17 @@ weights and never changes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.export import Dim
 
 from edge_sleep.errors import ExportError, InputError
+from edge_sleep.export.identity import EXPORT_ID_METHOD, check_id_value, new_export_id
 from edge_sleep.export.release import releases_export_state
 from edge_sleep.export.manifest import read_manifest
+from edge_sleep.export.runner import open_program
 from edge_sleep.kernels import consolidate_radix, order_key_nonneg
 
 __all__ = ["to_consolidate_program", "ConsolidateProgram", "load_consolidate"]
@@ -44,8 +47,9 @@ class _Consolidate(nn.Module):
 
 
 @releases_export_state
-def to_consolidate_program(max_numel: int) -> bytes:
-    """The ``consolidate.pte`` bytes: flat inputs of 2 to ``max_numel`` elements, scalars as 0-d tensors.
+def to_consolidate_program(max_numel: int, export_id: str | None = None) -> bytes:
+    """The ``consolidate.pte`` bytes: flat inputs of 2 to ``max_numel`` elements, scalars as 0-d tensors,
+    and the constant method ``export_id`` (default: a new id; :mod:`edge_sleep.export.identity`).
 
     ExecuTorch plans memory for the largest input, so ``max_numel`` should be the model's largest
     weight matrix (the program then needs about 100 bytes per element of it: the portable kernels
@@ -58,7 +62,8 @@ def to_consolidate_program(max_numel: int) -> bytes:
     example = (torch.randn(8), torch.rand(8), torch.ones(8), torch.tensor(2), torch.tensor(6), torch.tensor(1.1))
     shapes = ({0: n}, {0: n}, {0: n}, None, None, None)
     ep = torch.export.export(_Consolidate(), example, dynamic_shapes=shapes, strict=True)
-    return bytes(to_edge(ep).to_executorch().buffer)
+    export_id = new_export_id() if export_id is None else check_id_value(export_id)
+    return bytes(to_edge(ep, constant_methods={EXPORT_ID_METHOD: export_id}).to_executorch().buffer)
 
 
 class ConsolidateProgram:
@@ -70,11 +75,9 @@ class ConsolidateProgram:
     strengthened)`` in the weight's shape, the same as :func:`edge_sleep.kernels.consolidate_`.
     """
 
-    def __init__(self, path: Path) -> None:
-        from executorch.runtime import Runtime
-
+    def __init__(self, program: Any, path: Path) -> None:
         try:
-            self._method = Runtime.get().load_program(path).load_method("forward")
+            self._method = program.load_method("forward")
         except RuntimeError as e:
             raise ExportError(f"ExecuTorch could not load {str(path)!r} ({e}). Fix: re-export.") from e
 
@@ -103,5 +106,4 @@ def load_consolidate(directory: str | Path) -> ConsolidateProgram:
     files = manifest.programs.get("consolidate")
     if files is None:
         raise ExportError(f"{str(directory)!r} has no consolidate.pte. Fix: export with consolidate=True.")
-    manifest.verify(directory, [files["pte"]])
-    return ConsolidateProgram(directory / files["pte"])
+    return ConsolidateProgram(open_program(directory, manifest, "consolidate"), directory / files["pte"])

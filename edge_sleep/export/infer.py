@@ -32,6 +32,7 @@ from torch import nn
 from torch.export import Dim
 
 from edge_sleep.adapters import LoRALinear
+from edge_sleep.export.identity import EXPORT_ID_METHOD, WEIGHTS_ID_METHOD, check_id_value, id_program, new_export_id
 from edge_sleep.export.layout import Layout, export_with_layout, unread_tensors
 from edge_sleep.export.release import releases_export_state
 from edge_sleep.modelio import logits_of
@@ -51,6 +52,7 @@ class ProgramFiles:
     data: dict[str, bytes]
     etrecord: bytes | None = None
     layout: Layout | None = None
+    export_id: str = ""
 
 
 class _Logits(nn.Module):
@@ -157,7 +159,8 @@ def _dynamic_batch(example: torch.Tensor, max_batch: int) -> tuple[dict[int, Dim
 
 @releases_export_state
 def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = False, max_batch: int = 64,
-                     calibration: list[torch.Tensor] | None = None, etrecord: bool = False) -> ProgramFiles:
+                     calibration: list[torch.Tensor] | None = None, etrecord: bool = False,
+                     export_id: str | None = None) -> ProgramFiles:
     """Export ``model``'s forward as an XNNPACK-delegated ExecuTorch program with a dynamic batch.
 
     Args:
@@ -168,15 +171,19 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
         calibration: batches run through the prepared model before conversion (int8 only;
             default: ``example``).
         etrecord: also return the ETRecord for profiling (about the size of the weights).
+        export_id: the id written into the ``.pte`` and the ``.ptd`` (:mod:`edge_sleep.export.
+            identity`; default: a new one).
 
     Returns:
-        :class:`ProgramFiles` with the ``.pte`` and one ``.ptd`` holding every weight.
+        :class:`ProgramFiles` with the ``.pte`` (methods ``forward``, ``export_id`` and
+        ``weights_id``) and one ``.ptd`` holding every weight and the id.
     """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
 
     tag = WEIGHTS_TAG + ("_int8" if int8 else "")
+    export_id = new_export_id() if export_id is None else check_id_value(export_id)
     was_training = model.training
     model.eval()
     record: list[bytes] = []
@@ -204,15 +211,20 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
         from executorch.backends.xnnpack.operators import node_visitor
 
         with positional_keys(node_visitor, tag):
-            lowered = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                                  compile_config=edge_config(ep), generate_etrecord=etrecord)
+            lowered = to_edge_transform_and_lower({"forward": ep, WEIGHTS_ID_METHOD: id_program(export_id, tag)},
+                                                  partitioner=[XnnpackPartitioner()], compile_config=edge_config(ep),
+                                                  constant_methods={EXPORT_ID_METHOD: export_id},
+                                                  generate_etrecord=etrecord)
         from executorch.exir.emit import _emitter
 
         with positional_keys(_emitter, tag):  # constants outside XNNPACK (embeddings...) as well
             program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: tag))
         if etrecord:
             buffer = io.BytesIO()
-            program.get_etrecord().save(buffer)
+            rec = program.get_etrecord()
+            if isinstance(rec.edge_dialect_program, dict):  # the Inspector reads one method's graph
+                rec.edge_dialect_program = rec.edge_dialect_program["forward"]
+            rec.save(buffer)
             record[:] = [buffer.getvalue()]
         (blob,) = program._tensor_data.values()
         return bytes(program.buffer), bytes(blob)
@@ -225,4 +237,5 @@ def to_infer_program(model: nn.Module, example: torch.Tensor, *, int8: bool = Fa
             program, data, layout = export_with_layout(model, export)
     finally:
         model.train(was_training)
-    return ProgramFiles(program=program, data={tag: data}, etrecord=record[0] if record else None, layout=layout)
+    return ProgramFiles(program=program, data={tag: data}, etrecord=record[0] if record else None, layout=layout,
+                        export_id=export_id)

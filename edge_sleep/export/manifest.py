@@ -17,7 +17,7 @@ from edge_sleep.errors import ExportError, check_format_version
 
 __all__ = ["Manifest", "MANIFEST_FORMAT_VERSION", "sha256_of", "read_manifest"]
 
-MANIFEST_FORMAT_VERSION = 2  # 2: train.pte's one-call step, layouts
+MANIFEST_FORMAT_VERSION = 3  # 2: train.pte's one-call step, layouts; 3: the export id
 
 
 def sha256_of(data: bytes) -> str:
@@ -52,6 +52,12 @@ class Manifest:
             bytes lie in that ``.ptd`` (:mod:`edge_sleep.export.layout`), so a night's new weights
             are written in place of the old ones without an export. A ``.ptd`` without an entry
             (int8 weights, convolutions) needs a new export after a night.
+        night: the night's settings at export (``lr``, ``label_weight``, ``distill_weight``,
+            ``noise_std``, ``batch_size``, ``fisher_steps``, ``fisher_batch``) and the ``weights``
+            ``night.pte``'s methods take and return, in order (empty without ``night.pte``).
+        dims: ``{name: [min, max]}`` of the dynamic dimensions the signatures name.
+        export_id: the id every ``.pte`` and ``.ptd`` of the folder carries
+            (:mod:`edge_sleep.export.identity`), checked before a program runs.
     """
 
     fingerprint: str
@@ -67,6 +73,9 @@ class Manifest:
     signatures: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     layouts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    night: dict[str, Any] = field(default_factory=dict)
+    dims: dict[str, list[int]] = field(default_factory=dict)
+    export_id: str = ""
     format_version: int = MANIFEST_FORMAT_VERSION
 
     def add_file(self, directory: Path, name: str, data: bytes) -> None:
@@ -122,6 +131,10 @@ def read_manifest(directory: str | Path) -> Manifest:
     if not isinstance(raw, dict):
         raise ExportError(f"{str(path)!r} holds {type(raw).__name__}; expected a JSON object. Fix: re-export.")
     check_format_version(f"manifest {str(path)!r}", raw.get("format_version"), MANIFEST_FORMAT_VERSION)
+    if raw.get("format_version") != MANIFEST_FORMAT_VERSION:
+        raise ExportError(f"{str(path)!r} has format_version={raw.get('format_version')!r}: an export by an older "
+                          f"edge-sleep, whose files carry no export id (format {MANIFEST_FORMAT_VERSION}). "
+                          "Fix: re-export the folder.")
     try:
         return Manifest(**raw)
     except TypeError as e:

@@ -9,15 +9,49 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from edge_sleep.errors import ExportError, InputError
+from edge_sleep.export.identity import check_export_id
 from edge_sleep.export.manifest import Manifest, read_manifest
+from edge_sleep.export.signature import check_signature
 
-__all__ = ["ExportedProgram", "load_program", "inference_files"]
+__all__ = ["ExportedProgram", "load_program", "inference_files", "open_program"]
 
 _DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def open_program(directory: Path, manifest: Manifest, name: str) -> Any:
+    """Program ``name`` of an export folder (an ``executorch.runtime`` program, no method loaded
+    yet but the export id's), after every check that can be made before its weights are read:
+
+    1. its ``.pte`` and ``.ptd`` exist with the manifest's sizes and hashes;
+    2. the ``.pte``'s export id and the ``.ptd``'s equal the manifest's
+       (:func:`edge_sleep.export.identity.check_export_id`);
+    3. its methods take and return what the manifest's signature says
+       (:func:`edge_sleep.export.signature.check_signature`).
+
+    Raises:
+        ExportError: naming the file and the mismatch.
+    """
+    from executorch.runtime import Runtime
+
+    files = manifest.programs[name]
+    ptd_name = files.get("ptd")
+    manifest.verify(directory, [files["pte"], *([ptd_name] if ptd_name else [])])
+    pte, ptd = directory / files["pte"], (directory / ptd_name if ptd_name else None)
+    try:
+        program = Runtime.get().load_program(pte, data_path=ptd) if ptd else Runtime.get().load_program(pte)
+    except RuntimeError as e:
+        raise ExportError(f"ExecuTorch could not load {str(pte)!r}"
+                          f"{f' with weights {str(ptd)!r}' if ptd else ''} ({e}). Fix: re-export the folder "
+                          "with this edge-sleep and executorch.") from e
+    check_export_id(program, manifest.export_id, pte, ptd)
+    if name in manifest.signatures:
+        check_signature(program, manifest.signatures[name], {d: hi for d, (_, hi) in manifest.dims.items()}, pte)
+    return program
 
 
 class ExportedProgram:
@@ -27,19 +61,14 @@ class ExportedProgram:
     """
 
     def __init__(self, directory: Path, manifest: Manifest, name: str) -> None:
-        from executorch.runtime import Runtime
-
         self.directory, self.manifest, self.name = directory, manifest, name
         self._shape = tuple(manifest.input_shape)
         self._dtype = _DTYPES[manifest.input_dtype]
-        files = manifest.programs[name]
-        manifest.verify(directory, [files["pte"], files["ptd"]])
-        pte, ptd = directory / files["pte"], directory / files["ptd"]
+        program = open_program(directory, manifest, name)
         try:
-            program = Runtime.get().load_program(pte, data_path=ptd)
             self._method = program.load_method("forward")
         except RuntimeError as e:
-            raise ExportError(f"ExecuTorch could not load {str(pte)!r} with weights {str(ptd)!r} ({e}). Fix: "
+            raise ExportError(f"ExecuTorch could not load {name}'s forward in {str(directory)!r} ({e}). Fix: "
                               "re-export the folder with this edge-sleep and executorch.") from e
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from torch.export import Dim
 
 from edge_sleep.adapters import LoRALinear, lora_modules
 from edge_sleep.errors import ConfigError
+from edge_sleep.export.identity import EXPORT_ID_METHOD, WEIGHTS_ID_METHOD, check_id_value, id_program, new_export_id
 from edge_sleep.export.infer import ProgramFiles, positional_keys
 from edge_sleep.export.layout import export_with_layout, module_tensors
 from edge_sleep.export.release import releases_export_state
@@ -323,14 +324,14 @@ def _lift_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
 
 
 def _tagged_export(module: nn.Module, args: tuple[torch.Tensor, ...],
-                   shapes: tuple[object, ...]) -> torch.export.ExportedProgram:
-    """``torch.export`` with every constant tagged for ``train.ptd``, XNNPACK's included (XNNPACK
-    reads the tag from the constant's placeholder)."""
+                   shapes: tuple[object, ...] | None, tag: str = TRAIN_TAG) -> torch.export.ExportedProgram:
+    """``torch.export`` with every constant tagged for the ``.ptd`` ``tag`` (default ``train.ptd``),
+    XNNPACK's included (XNNPACK reads the tag from the constant's placeholder)."""
     ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
     user = set(ep.graph_signature.user_inputs)
     for node in ep.graph.nodes:
         if node.op == "placeholder" and node.name not in user:
-            node.meta.setdefault("custom", {})["delegate_constant_tag"] = TRAIN_TAG
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
     return ep
 
 
@@ -363,7 +364,7 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
                      lr: float, masked: Callable[[str], bool] = lambda _: False, anchored: bool = False,
                      fisher_terms: dict[str, torch.Tensor] | None = None,
                      references: dict[str, torch.Tensor] | None = None,
-                     max_batch: int = 64, max_replay: int = MAX_REPLAY) -> ProgramFiles:
+                     max_batch: int = 64, max_replay: int = MAX_REPLAY, export_id: str | None = None) -> ProgramFiles:
     """Export the wake step of an adapted ``model`` as an ExecuTorch program (see the module docstring).
 
     Args:
@@ -377,9 +378,12 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
         references: ``{weight name: W*}`` of the anchor, or ``None``.
         max_batch: the largest new batch (at least 2); max_replay: the largest replay batch (0: a
             ``step`` without replay inputs; else at least 4).
+        export_id: the id written into ``train.pte`` and ``train.ptd`` (:mod:`edge_sleep.export.
+            identity`; default: a new one).
 
     Returns:
-        :class:`ProgramFiles` with ``train.pte`` bytes and ``{"train": train.ptd bytes}``.
+        :class:`ProgramFiles` with ``train.pte`` bytes (methods ``step``, ``logits``, ``export_id``
+        and ``weights_id``) and ``{"train": train.ptd bytes}``.
 
     Raises:
         ConfigError: the model has no adapters, or a bound is out of range.
@@ -394,6 +398,7 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
     if max_batch < 2 or (max_replay != 0 and max_replay < 4):
         raise ConfigError("train.pte", [f"max_batch={max_batch}, max_replay={max_replay}; expected at least 2, "
                                         "and 0 or at least 4"])
+    export_id = new_export_id() if export_id is None else check_id_value(export_id)
     loss, names = train_state_module(model, lr=lr, masked=masked, anchored=anchored, fisher_terms=fisher_terms,
                                      references=references)
     # distinct example sizes, so the trace keeps the three batch dimensions apart
@@ -415,17 +420,19 @@ def to_train_program(model: nn.Module, example: torch.Tensor, num_classes: int, 
         adapters = tuple(params[n].detach().clone() for n in names)
         programs = {"step": step,
                     "logits": _tagged_export(_Logits(copy.deepcopy(module.model).eval(), names), (x, *adapters),
-                                             ({0: b}, tuple(None for _ in adapters)))}
+                                             ({0: b}, tuple(None for _ in adapters))),
+                    WEIGHTS_ID_METHOD: id_program(export_id, TRAIN_TAG)}
         with positional_keys(node_visitor, TRAIN_TAG):
             lowered = to_edge_transform_and_lower(programs, partitioner=[_partitioner()],
-                                                  compile_config=EdgeCompileConfig(_check_ir_validity=False))
+                                                  compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                                  constant_methods={EXPORT_ID_METHOD: export_id})
         with positional_keys(_emitter, TRAIN_TAG):  # no buffer shared because two values are equal today
             program = lowered.to_executorch(ExecutorchBackendConfig(external_constants=lambda _: TRAIN_TAG))
         (blob,) = program._tensor_data.values()
         return bytes(program.buffer), bytes(blob)
 
     program, data, layout = export_with_layout(loss, export, exclude=frozenset(f"model.{n}" for n in names))
-    return ProgramFiles(program=program, data={TRAIN_TAG: data}, layout=layout)
+    return ProgramFiles(program=program, data={TRAIN_TAG: data}, layout=layout, export_id=export_id)
 
 
 def train_state_module(model: nn.Module, *, lr: float, masked: Callable[[str], bool], anchored: bool,
