@@ -102,13 +102,13 @@ def mlp_case(work: Path, repeats: int) -> dict[str, Any]:
                    sleep=SleepConfig(prune_frac=0.1), seed=0)
     for x, y in tasks[0].batches(64):
         es.learn(x, y)
-    export_programs(es, None, work / "day1", int8=False, onnx=False)
+    day1_id = export_programs(es, None, work / "day1", int8=False, onnx=False).export_id
     es.sleep()
     for x, y in tasks[1].batches(64):
         es.learn(x, y)
     out = work / "mlp"
     t0 = time.perf_counter()
-    export_programs(es, None, out)
+    export_programs(es, None, out, export_id=day1_id)  # the same export after a night: its id passed on
     export_s = time.perf_counter() - t0
     x1 = tasks[1].evaluation()[0][:1]
     result: dict[str, Any] = {"infer": infer_latencies(es, out, x1, repeats), "export_s": export_s}
@@ -138,11 +138,11 @@ def mlp_case(work: Path, repeats: int) -> dict[str, Any]:
         **files,
         "adapters": adapters,
         "mask_bits": -(-prunable // 8),
-        "night_changed": sorted(n for n in ("infer.pte", "weights.ptd", "train.pte", "train.ptd")
-                                if a[n]["sha256"] != b[n]["sha256"]),
+        "night_changed": sorted(n for n in ("infer.pte", "weights.ptd", "train.pte", "train.ptd", "night.pte",
+                                            "night.ptd") if a[n]["sha256"] != b[n]["sha256"]),
         "night_ptd": files["weights.ptd"],
         "adapters_plus_mask": adapters + -(-prunable // 8),
-        "programs_unchanged_by_night": a["infer.pte"] == b["infer.pte"] and a["train.pte"] == b["train.pte"],
+        "programs_unchanged_by_night": all(a[n] == b[n] for n in ("infer.pte", "train.pte", "night.pte")),
         "day1_weights_ptd": day1["weights.ptd"],
     }
     return result

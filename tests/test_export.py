@@ -202,32 +202,37 @@ def test_every_program_and_ptd_carries_the_export_id(exported: Exported) -> None
         export_programs(exported.es, None, exported.first.parent / "never", export_id="xyz")
 
 
-# a child process runs each load: were ExecuTorch to crash on the bad files, the test fails instead
-# of taking the test run down with it
+# a child process runs the loads: were ExecuTorch to crash on the bad files, the test fails instead
+# of taking the test run down with it (one child for all, as importing ExecuTorch takes seconds)
 _CHILD = """
 import sys
 from pathlib import Path
 from edge_sleep.errors import ExportError
 from edge_sleep.export import load_program, read_manifest
 from edge_sleep.export.runner import open_program
-folder, name = Path(sys.argv[1]), sys.argv[2]
-try:
-    open_program(folder, read_manifest(folder), name) if name == "train" else load_program(folder, name)
-except ExportError as e:
-    print("REFUSED", e)
-else:
-    print("LOADED")
+args = sys.argv[1:]
+for folder, name in zip(args[::2], args[1::2]):
+    folder = Path(folder)
+    try:
+        open_program(folder, read_manifest(folder), name) if name == "train" else load_program(folder, name)
+    except ExportError as e:
+        print("REFUSED", str(e).replace(chr(10), " "), flush=True)
+    else:
+        print("LOADED", flush=True)
 """
 
 
-def _load_in_child(folder: Path, name: str = "infer") -> str:
+def _load_in_child(cases: list[tuple[Path, str]]) -> list[str]:
+    """One line a case ``(folder, program)``: ``LOADED`` or ``REFUSED <the error>``."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(folder), name], capture_output=True, text=True,
-                          timeout=300)
+    args = [str(a) for case in cases for a in case]
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the child died (rc {proc.returncode}): {proc.stderr[-2000:]}"
-    return proc.stdout.strip()
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == len(cases), proc.stdout
+    return lines
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -248,32 +253,30 @@ def test_files_of_another_export_are_refused_before_they_run(exported: Exported,
     ours = read_manifest(exported.first).export_id
     theirs = read_manifest(foreign).export_id
     # another architecture's weights under a re-hashed manifest: refused by the id, not run
-    bad = _copy(exported.first, tmp_path / "ptd")
-    _swap(bad, "weights.ptd", foreign / "weights.ptd")
-    out = _load_in_child(bad)
-    assert out.startswith("REFUSED") and "weights.ptd" in out and theirs in out and "another export" in out, out
+    ptd = _copy(exported.first, tmp_path / "ptd")
+    _swap(ptd, "weights.ptd", foreign / "weights.ptd")
     # the same for the training program, whose .ptd is replaced by an inference .ptd
-    bad = _copy(exported.first, tmp_path / "train")
-    _swap(bad, "train.ptd", foreign / "weights.ptd")
-    out = _load_in_child(bad, "train")
-    assert out.startswith("REFUSED") and "train.ptd" in out and "another export" in out, out
+    train = _copy(exported.first, tmp_path / "train")
+    _swap(train, "train.ptd", foreign / "weights.ptd")
     # another export's program with our weights
-    bad = _copy(exported.first, tmp_path / "pte")
-    _swap(bad, "infer.pte", foreign / "infer.pte")
-    out = _load_in_child(bad)
-    assert out.startswith("REFUSED") and "infer.pte" in out and theirs in out and ours in out, out
-    # a missing .ptd (with and without its manifest entry)
-    bad = _copy(exported.first, tmp_path / "missing")
-    (bad / "weights.ptd").unlink()
-    out = _load_in_child(bad)
-    assert out.startswith("REFUSED") and "weights.ptd" in out and "missing" in out, out
-    m = read_manifest(bad)
+    pte = _copy(exported.first, tmp_path / "pte")
+    _swap(pte, "infer.pte", foreign / "infer.pte")
+    # a missing .ptd, with and without its manifest entry
+    missing = _copy(exported.first, tmp_path / "missing")
+    (missing / "weights.ptd").unlink()
+    unlisted = _copy(missing, tmp_path / "unlisted")
+    m = read_manifest(unlisted)
     del m.files["weights.ptd"]
-    m.write(bad)
-    out = _load_in_child(bad)
-    assert out.startswith("REFUSED") and "weights.ptd" in out, out
-    # the untouched folder loads in the same child
-    assert _load_in_child(exported.first) == "LOADED"
+    m.write(unlisted)
+    out = _load_in_child([(ptd, "infer"), (train, "train"), (pte, "infer"), (missing, "infer"),
+                          (unlisted, "infer"), (exported.first, "infer")])
+    assert out[0].startswith("REFUSED") and "weights.ptd" in out[0] and theirs in out[0], out[0]
+    assert "another export" in out[0], out[0]
+    assert out[1].startswith("REFUSED") and "train.ptd" in out[1] and "another export" in out[1], out[1]
+    assert out[2].startswith("REFUSED") and "infer.pte" in out[2] and theirs in out[2] and ours in out[2], out[2]
+    assert out[3].startswith("REFUSED") and "weights.ptd" in out[3] and "missing" in out[3], out[3]
+    assert out[4].startswith("REFUSED") and "weights.ptd" in out[4], out[4]
+    assert out[5] == "LOADED"  # the untouched folder, in the same child
 
 
 def test_a_manifest_that_disagrees_with_its_programs_is_refused(exported: Exported, tmp_path: Path) -> None:
