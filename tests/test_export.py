@@ -43,7 +43,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
         es.learn(x, y)
     held_out, _ = tasks[0].evaluation()
     root = tmp_path_factory.mktemp("export")
-    export_programs(es, None, root / "first")
+    export_programs(es, None, root / "first", night=False)  # night.pte: the slow tier's own export
     first_logits = es.logits(held_out).detach().clone()
     es.sleep()
     for x, y in tasks[1].batches(64):
@@ -63,7 +63,7 @@ def test_the_folder_holds_what_the_manifest_says(exported: Exported) -> None:
     m = read_manifest(exported.first)
     names = {p.name for p in exported.first.iterdir()}
     assert names == {"infer.pte", "weights.ptd", "infer_int8.pte", "weights_int8.ptd", "train.pte",
-                     "train.ptd", "night.pte", "night.ptd", "consolidate.pte", "model.onnx", "manifest.json"}
+                     "train.ptd", "consolidate.pte", "model.onnx", "manifest.json"}
     assert set(m.files) == names - {"manifest.json"}
     assert m.fingerprint == exported.es.fingerprint and m.input_shape == [784] and m.input_dtype == "float32"
     assert m.num_classes == 10 and m.max_batch == 64
@@ -178,7 +178,7 @@ def foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
     es = EdgeSleep(torch.nn.Sequential(torch.nn.Linear(784, 10)), seed=1)
     es.learn(torch.rand(8, 784), torch.arange(8))
     out = tmp_path_factory.mktemp("foreign") / "export"
-    export_programs(es, None, out, int8=False, onnx=False, consolidate=False, night=False)
+    export_programs(es, None, out, int8=False, onnx=False, train=False, consolidate=False, night=False)
     return out
 
 
@@ -198,6 +198,7 @@ def test_every_program_and_ptd_carries_the_export_id(exported: Exported) -> None
             (stored,) = program.load_method("weights_id").execute([])
             assert bytes(stored.numpy()) == m.export_id.encode(), name
     assert m.dims == {"batch": [1, 64], "distill": [1, 128], "label": [1, 128], "numel": [2, 78_400]}
+    assert m.night == {} and "night.pte" not in m.files  # exported with night=False
     with pytest.raises(InputError, match="export_id='xyz'; expected 32 lowercase hex"):
         export_programs(exported.es, None, exported.first.parent / "never", export_id="xyz")
 
@@ -233,11 +234,6 @@ def _load_in_child(cases: list[tuple[Path, str]]) -> list[str]:
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == len(cases), proc.stdout
     return lines
-
-
-def _write(path: Path, data: bytes) -> Path:
-    path.write_bytes(data)
-    return path
 
 
 def _swap(folder: Path, name: str, source: Path) -> None:
@@ -341,10 +337,11 @@ def test_the_cpp_loop_of_the_docs_runs_the_folder(exported: Exported, foreign: P
     assert run.returncode == 2 and "refused: weights.ptd holds the weights of export" in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_night_pte_takes_the_torch_nights_replay_step(exported: Exported, tmp_path: Path) -> None:
     """night.pte's replay_step against one step of the torch night's Phase 1 (the library's
-    ConsolidationNoise, replay_loss, SGD and keep-masks), after write_weights brought the folder's
-    night.ptd's masks to the runtime's state at the offsets its layout records."""
+    ConsolidationNoise, replay_loss, SGD and keep-masks), and fisher_step against fisher_sums; the
+    masks lie in night.ptd at the offsets its layout records."""
     import copy
 
     from edge_sleep.adapters import merge_lora_
@@ -355,12 +352,10 @@ def test_night_pte_takes_the_torch_nights_replay_step(exported: Exported, tmp_pa
     from edge_sleep.sleep import ConsolidationNoise, apply_masks_, replay_loss
 
     es = exported.es
-    folder = _copy(exported.first, tmp_path / "night")
-    m = read_manifest(folder)
-    data = patch((folder / "night.ptd").read_bytes(), Layout.from_json(m.layouts["night.ptd"]),
-                 learned_tensors(es, "night.ptd"))  # the masks the night pruned
-    _swap(folder, "night.ptd", _write(tmp_path / "night.ptd", data))
-    m = read_manifest(folder)
+    folder = tmp_path / "night"
+    m = export_programs(es, None, folder, int8=False, onnx=False, train=False, consolidate=False)
+    data = (folder / "night.ptd").read_bytes()
+    assert patch(data, Layout.from_json(m.layouts["night.ptd"]), learned_tensors(es, "night.ptd")) == data
     assert m.night["weights"] == ["0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"]
     method = open_program(folder, m, "night").load_method("replay_step")
     model = copy.deepcopy(es.model)
