@@ -164,12 +164,13 @@ def _fisher_function(loss: _NightLoss, names: list[str], frozen: list[str]) -> C
         buffers, rest = args[:len(frozen)], args[len(frozen):]
         x, y, target, valid, hyper = rest[:5]
         weights, sums = rest[5:5 + k], rest[5 + k:]
-        held = dict(zip(frozen, buffers))
+        # the model's frozen tensors under its own names (the masks are the loss module's, unused here)
+        held = {n.removeprefix("model."): t for n, t in zip(frozen, buffers) if n.startswith("model.")}
 
         def one(ws: tuple[torch.Tensor, ...], xi: torch.Tensor, yi: torch.Tensor, ti: torch.Tensor,
                 vi: torch.Tensor) -> torch.Tensor:
-            state = {**held, **{f"model.{n}": w for n, w in zip(names, ws)}}
-            logits = logits_of(torch.func.functional_call(loss.model, state_without_prefix(state), (xi.unsqueeze(0),)))
+            state = {**held, **dict(zip(names, ws))}
+            logits = logits_of(torch.func.functional_call(loss.model, state, (xi.unsqueeze(0),)))
             return vi * (hyper[1] * F.cross_entropy(logits, yi.unsqueeze(0))
                          + hyper[2] * F.mse_loss(logits, ti.unsqueeze(0)))
 
@@ -177,12 +178,6 @@ def _fisher_function(loss: _NightLoss, names: list[str], frozen: list[str]) -> C
         return tuple(s + g.pow(2).sum(dim=0) for s, g in zip(sums, grads))
 
     return fn
-
-
-def state_without_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{name: tensor}`` of ``model.``-prefixed entries, the prefix dropped (the loss module's
-    state as its model's)."""
-    return {n.removeprefix("model."): t for n, t in state.items() if n.startswith("model.")}
 
 
 def _step_function(loss: _NightLoss, names: list[str], frozen: list[str],
