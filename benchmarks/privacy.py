@@ -1,13 +1,21 @@
-"""Per-record differential privacy of the replay store: what it costs in accuracy, what it stops.
+"""Differential privacy of the replay store, per record and per class: what it costs in
+accuracy, what it stops.
 
-    python benchmarks/privacy.py            # about 20 minutes on 2 cores
+    python benchmarks/privacy.py            # about 40 minutes on 2 cores
 
 writes ``benchmarks/results/privacy.json``::
 
-    {"rows": [{"epsilon": null, "avg_acc": ..., "mia_auc": ..., "tpr_at_1pct_fpr": ...}, ...], ...}
+    {"commit": ..., "rows": [{"design": "none", "epsilon": null, "avg_acc": ..., "mia_auc": ...,
+                              "store_mia_auc": ..., "tpr_at_1pct_fpr": ..., "bytes_stored": ...}, ...], ...}
 
-for epsilon in {none, 8, 4, 1} (delta 1e-5), on 10-task Permuted MNIST with a 500-record store,
-the headline method (``ssr``, tuned hyperparameters of ``benchmarks/tune.py``).
+on 10-task Permuted MNIST with a 500-record store, the headline method (``ssr``, tuned
+hyperparameters of ``benchmarks/tune.py``), delta 1e-5, for three designs:
+
+* ``"none"``: no privacy (raw records);
+* ``"record"``: each stored record clipped and noised (epsilon 8, 4, 1);
+* ``"stats"``: nothing of an example is stored; each night releases the day's class statistics
+  (epsilon 8, 4, 1 per release) and the store receives dreams drawn from them
+  (:mod:`edge_sleep.dreams`). Same store capacity, so the same bytes.
 
 Protocol:
 
@@ -105,13 +113,14 @@ def _test_view(task: PermutedTask) -> PermutedTask:
 
 
 def train(method_name: str, seed: int, store_seed: int, epsilon: float | None, *, tasks: int, buffer: int,
-          train_per_task: int, test_per_task: int, checkpoint: Path | None) -> dict[str, Any]:
-    """One run through the stream; returns accuracy and, per store slot, the example it holds."""
+          train_per_task: int, test_per_task: int, checkpoint: Path | None, design: str = "record") -> dict[str, Any]:
+    """One run through the stream; returns accuracy and, per store slot, the example it holds
+    (``design="stats"``: the store holds dreams, and members are the examples streamed)."""
     torch.set_num_threads(1)
     method = _method(method_name)
     stream = member_stream(tasks, seed, train_per_task, test_per_task)
     privacy = PrivacyConfig() if epsilon is None else PrivacyConfig(
-        epsilon=epsilon, delta=DELTA, max_norm=clip_norm(stream[0]))
+        epsilon=epsilon, delta=DELTA, max_norm=clip_norm(stream[0]), design=design)  # type: ignore[arg-type]
     holds: dict[int, tuple[int, int]] = {}  # slot -> (task, MNIST training index)
     acc = np.full((tasks, tasks), np.nan)
     t0 = time.perf_counter()
@@ -131,11 +140,17 @@ def train(method_name: str, seed: int, store_seed: int, epsilon: float | None, *
                 acc[t, j] = evaluate(es, _test_view(stream[j]))
         present = set(es.store.slots().tolist())
         records = es.store.read(es.store.slots())  # what an attacker with the store's file (and key) reads
+        bytes_stored = es.store.bytes_used()
         if checkpoint is not None:
             es.save(checkpoint)
         es.store.close()
     members = sorted(v for s, v in holds.items() if s in present)
-    return {"method": method_name, "seed": seed, "store_seed": store_seed, "epsilon": epsilon,
+    if design == "stats":  # no slot holds an example: every example of the stream was in a release
+        rng = np.random.default_rng([seed, store_seed])
+        members = [(t, int(i)) for t in range(tasks) for i in rng.choice(stream[t].order.numpy(), buffer // tasks,
+                                                                           replace=False)]
+    return {"method": method_name, "seed": seed, "store_seed": store_seed, "epsilon": epsilon, "design": design,
+            "bytes_stored": bytes_stored,
             "max_norm": privacy.max_norm if epsilon is not None else None, "avg_acc": average_accuracy(acc),
             "members": members, "records": (records.x.reshape(len(records.y), -1).clone(), records.y.clone()),
             "wall_s": time.perf_counter() - t0}
@@ -144,6 +159,10 @@ def train(method_name: str, seed: int, store_seed: int, epsilon: float | None, *
 def _worker(args: tuple[str, int, int, float | None, dict[str, Any]]) -> dict[str, Any]:
     name, seed, store_seed, eps, kw = args
     return train(name, seed, store_seed, eps, **kw)
+
+
+def design_of(epsilon: float | None, design: str) -> str:
+    return "none" if epsilon is None else design
 
 
 def _examples(stream: list[PermutedTask], pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +247,8 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
                         "tpr_at_1pct_fpr_std": v["tpr_at_1pct_fpr"][1],
                         "seen_not_stored_auc": v["seen_not_stored_auc"][0]} for a, v in per.items()},
         "max_norm": runs[0]["max_norm"], "runs": len(runs), "per_run_avg_acc": accs,
+        "per_run": [[r["seed"], r["store_seed"]] for r in runs],
+        "bytes_stored": statistics.fmean(r["bytes_stored"] for r in runs),
         "member_loss": statistics.fmean(x["member_loss"] for x in audits),
         "nonmember_loss": statistics.fmean(x["nonmember_loss"] for x in audits),
     }
@@ -235,21 +256,23 @@ def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[s
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The table of ``result`` in docs/privacy.md (means over runs, ± the standard deviation)."""
-    lines = ["| per-record epsilon | noise norm / clip norm | average accuracy | points lost | "
-             "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored | store-side AUC |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| design | epsilon | noise norm / clip norm | average accuracy | points lost (paired, ± sd) | "
+             "MIA AUC (strongest attack) | TPR at 1% FPR | AUC, seen but not stored | store-side AUC | bytes stored |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     delta = result["protocol"]["delta"]
     for r in result["rows"]:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        lost = "-" if r["acc_loss_points"] is None or r["epsilon"] is None else f"{r['acc_loss_points']:.1f}"
-        # sigma per pixel in units of C (sensitivity 2C), times sqrt(784 pixels)
-        ratio = "-" if r["epsilon"] is None else f"{analytic_gaussian_sigma(r['epsilon'], delta, 2.0) * 28:.0f}"
-        lines.append(f"| {eps} | {ratio} | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {lost} | "
+        lost = "-" if r.get("acc_loss_paired") is None else \
+            f"{r['acc_loss_paired']:.1f} ± {r['acc_loss_paired_std']:.1f}"
+        # a record: sigma per pixel in units of C (sensitivity 2C), times sqrt(784 pixels)
+        ratio = "-" if r["design"] != "record" else f"{analytic_gaussian_sigma(r['epsilon'], delta, 2.0) * 28:.0f}"
+        seen = "-" if r["design"] == "stats" else f"{r['seen_not_stored_auc']:.3f}"  # every example is in a release
+        lines.append(f"| {r['design']} | {eps} | {ratio} | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {lost} | "
                      f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f} ({r['mia_attack']}) | "
-                     f"{r['tpr_at_1pct_fpr']:.3f} | {r['seen_not_stored_auc']:.3f} | "
-                     f"{r['store_mia_auc']:.3f} ± {r['store_mia_auc_std']:.3f} |")
+                     f"{r['tpr_at_1pct_fpr']:.3f} | {seen} | "
+                     f"{r['store_mia_auc']:.3f} ± {r['store_mia_auc_std']:.3f} | {r['bytes_stored'] / 1024:.0f} KiB |")
     c = result["controls"]["no_replay"]
-    lines.append(f"| no store at all (naive) | | {c['avg_acc']:.3f} ± {c['avg_acc_std']:.3f} | | | | | |")
+    lines.append(f"| no store at all (naive) | | | {c['avg_acc']:.3f} ± {c['avg_acc_std']:.3f} | | | | | | |")
     return "\n".join(lines)
 
 
@@ -259,19 +282,25 @@ def plot(rows: list[dict[str, Any]], no_replay: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = ["none" if r["epsilon"] is None else f"{r['epsilon']:g}" for r in rows]
+    none = [r for r in rows if r["design"] == "none"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), layout="constrained")
-    a1.errorbar(labels, [r["avg_acc"] for r in rows], yerr=[r["avg_acc_std"] for r in rows], marker="o", capsize=4)
+    for design in sorted({r["design"] for r in rows} - {"none"}):
+        mine = sorted((r for r in rows if r["design"] == design), key=lambda r: -r["epsilon"])
+        labels = [f"{r['epsilon']:g}" for r in mine]
+        a1.errorbar(labels, [r["avg_acc"] for r in mine], yerr=[r["avg_acc_std"] for r in mine], marker="o",
+                    capsize=4, label=f"{design}")
+        a2.errorbar(labels, [max(r["mia_auc"], r["store_mia_auc"]) for r in mine], marker="o", capsize=4,
+                    label=f"{design}: stronger of model- and store-side")
+    if none:
+        a1.axhline(none[0]["avg_acc"], ls="-", color="black", label="no privacy")
+        a2.axhline(max(none[0]["mia_auc"], none[0]["store_mia_auc"]), ls="-", color="black", label="no privacy")
     a1.axhline(no_replay, ls="--", color="gray", label="no store (naive)")
-    a1.set_xlabel("per-record epsilon")
+    a1.set_xlabel("epsilon")
     a1.set_ylabel("average accuracy after 10 tasks")
     a1.legend()
-    for name in rows[0]["attacks"]:
-        a2.errorbar(labels, [r["attacks"][name]["auc"] for r in rows],
-                    yerr=[r["attacks"][name]["auc_std"] for r in rows], marker="o", capsize=4, label=name)
     a2.axhline(0.5, ls="--", color="gray", label="chance")
     a2.axhline(0.55, ls=":", color="red", label="target at epsilon 8")
-    a2.set_xlabel("per-record epsilon")
+    a2.set_xlabel("epsilon")
     a2.set_ylabel("membership-inference ROC AUC")
     a2.legend()
     fig.savefig(path, dpi=110)
@@ -281,6 +310,7 @@ def plot(rows: list[dict[str, Any]], no_replay: float, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epsilons", nargs="+", default=["none", "8", "4", "1"])
+    ap.add_argument("--designs", nargs="+", default=["record", "stats"], choices=["record", "stats"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--tasks", type=int, default=10)
     ap.add_argument("--buffer", type=int, default=500)
@@ -294,12 +324,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+    settings: list[tuple[str, float | None]] = [("none", None)] if None in epsilons else []
+    settings += [(design, e) for design in args.designs for e in epsilons if e is not None]
     kw = {"tasks": args.tasks, "buffer": args.buffer, "train_per_task": args.train_per_task,
           "test_per_task": args.test_per_task}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        jobs = [(args.method, s, s + k * STORE_SEED_OFFSET, e, {**kw, "checkpoint": Path(d) / f"{s}-{e}-{k}"})
-                for e in epsilons for s in args.seeds for k in (0, 1)]
+        def folder(design: str, e: float | None, s: int, k: int) -> Path:
+            return Path(d) / f"{design}-{e}-{s}-{k}"
+
+        jobs = [(args.method, s, s + k * STORE_SEED_OFFSET, e,
+                 {**kw, "design": "record" if design == "none" else design, "checkpoint": folder(design, e, s, k)})
+                for design, e in settings for s in args.seeds for k in (0, 1)]
         jobs += [("naive", s, s, None, {**kw, "checkpoint": None}) for s in args.seeds]
         done: list[dict[str, Any]] = []
         ctx = mp.get_context("spawn")
@@ -308,33 +344,44 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 done.append(r)
                 bar.update()
         rows = []
-        for e in tqdm(epsilons, desc="attacks", unit="epsilon"):
-            runs = [r for r in done if r["method"] == args.method and r["epsilon"] == e]
+        for design, e in tqdm(settings, desc="attacks", unit="row"):
+            runs = [r for r in done if r["method"] == args.method and r["epsilon"] == e
+                    and design_of(r["epsilon"], r["design"]) == design]
             audits = []
             for s in args.seeds:
                 pair = tuple(sorted((r for r in runs if r["seed"] == s), key=lambda r: r["store_seed"]))
-                dirs = (Path(d) / f"{s}-{e}-0", Path(d) / f"{s}-{e}-1")
+                dirs = (folder(design, e, s, 0), folder(design, e, s, 1))
                 audits += audit_pair(pair, dirs, tasks=args.tasks, train_per_task=args.train_per_task,  # type: ignore[arg-type]
                                      per_member=args.nonmembers_per_member)
-            rows.append(summarize(e, runs, audits))
+            rows.append({"design": design, **summarize(e, runs, audits)})
     naive = [r["avg_acc"] for r in done if r["method"] == "naive"]
     no_replay, no_replay_std = _mean_std(naive)
-    base = rows[0]["avg_acc"] if rows and rows[0]["epsilon"] is None else None
+    base_row = next((r for r in rows if r["design"] == "none"), None)
+    base = None if base_row is None else base_row["avg_acc"]
     for r in rows:
         r["acc_loss_points"] = None if base is None else 100 * (base - r["avg_acc"])
-    at8 = next((r for r in rows if r["epsilon"] == 8.0), None)
+        r["acc_loss_paired"] = r["acc_loss_paired_std"] = None
+        if base_row is not None and r is not base_row:  # the same (seed, store seed) without privacy
+            ref = {tuple(k): a for k, a in zip(base_row["per_run"], base_row["per_run_avg_acc"])}
+            diffs = [100 * (ref[tuple(k)] - a) for k, a in zip(r["per_run"], r["per_run_avg_acc"]) if tuple(k) in ref]
+            r["acc_loss_paired"], r["acc_loss_paired_std"] = _mean_std(diffs)
+    at8 = next((r for r in rows if r["epsilon"] == 8.0 and r["design"] == "stats"), None) or \
+        next((r for r in rows if r["epsilon"] == 8.0), None)
     result: dict[str, Any] = {
         "rows": rows,
         "controls": {"no_replay": {"avg_acc": no_replay, "avg_acc_std": no_replay_std, "method": "naive"}},
         "protocol": {"method": args.method, "hyperparameters": TUNED.get(args.method), "tasks": args.tasks,
                      "buffer": args.buffer, "train_per_task": args.train_per_task, "delta": DELTA,
                      "seeds": args.seeds, "runs_per_epsilon": 2 * len(args.seeds),
+                     "designs": ["none", *args.designs], "stats_rank": PrivacyConfig.rank,
                      "nonmembers_per_member": args.nonmembers_per_member,
                      "store_seed_offset": STORE_SEED_OFFSET},
         "targets": None if at8 is None else {
-            "epsilon": 8, "mia_auc_max": 0.55, "acc_loss_points_max": 3.0,
-            "mia_auc": at8["mia_auc"], "acc_loss_points": at8["acc_loss_points"],
-            "met": bool(at8["mia_auc"] <= 0.55 and (at8["acc_loss_points"] or 0.0) <= 3.0)},
+            "epsilon": 8, "design": at8["design"], "mia_auc_max": 0.55, "acc_loss_points_max": 3.0,
+            "mia_auc": at8["mia_auc"], "store_mia_auc": at8["store_mia_auc"],
+            "acc_loss_points": at8["acc_loss_points"],
+            "met": bool(max(at8["mia_auc"], at8["store_mia_auc"]) <= 0.55
+                        and (at8["acc_loss_points"] or 0.0) <= 3.0)},
         "total_wall_s": time.perf_counter() - t0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -342,12 +389,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(result, indent=2))
     plot(rows, no_replay, args.out.with_suffix(".png"))
     print(markdown_table(result))
-    print(f"{'epsilon':>8s} {'avg_acc':>14s} {'loss pts':>9s} {'MIA AUC':>14s} {'TPR@1%':>7s} {'seen-not-stored':>16s}")
-    for r in rows:
-        eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
-        loss = "-" if r["acc_loss_points"] is None else f"{r['acc_loss_points']:.1f}"
-        print(f"{eps:>8s} {r['avg_acc']:8.3f}±{r['avg_acc_std']:.3f} {loss:>9s} {r['mia_auc']:8.3f}±{r['mia_auc_std']:.3f} "
-              f"{r['tpr_at_1pct_fpr']:7.3f} {r['seen_not_stored_auc']:16.3f}")
     print(f"no store (naive): {no_replay:.3f}±{no_replay_std:.3f}; wrote {args.out} and "
           f"{args.out.with_suffix('.png')} in {result['total_wall_s']:.0f} s")
     return result

@@ -220,23 +220,34 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    """Per-record differential privacy of what the replay store keeps (design.md section 4).
+    """Differential privacy of what the replay store keeps (design.md section 4): per record, or
+    per class through released statistics.
 
-    Each stored latent is clipped to L2 norm ``max_norm`` and gets Gaussian noise calibrated by
+    ``design="record"`` (the default): each stored latent is clipped to L2 norm ``max_norm`` and gets Gaussian noise calibrated by
     the analytic Gaussian mechanism to ``(epsilon, delta)`` for that record (sensitivity
     ``2 * max_norm``: one example replaced by any other), then is projected back onto the ball of
     radius ``max_norm``; the stored logits are the model's output on the noised latent (both
     post-processing). Labels optionally go through k-ary randomized
     response (``label_epsilon``-DP). See :mod:`edge_sleep.privacy`.
 
+    ``design="stats"``: nothing of a single example is stored. The day's latents, clipped to
+    ``max_norm``, are summed per (stream, class) in memory; at the start of each night the counts,
+    sums and second moments are released once, ``(epsilon, delta)``-DP for each example and its
+    label, and the store receives "dreams" drawn from each class's mean and rank-``rank``
+    covariance, with their logits from the start-of-night weights. See :mod:`edge_sleep.dreams`.
+
     Args:
-        epsilon: the stored latent's privacy loss; ``None`` stores latents as they are.
+        epsilon: the privacy loss of a stored latent (``"record"``) or of one night's release
+            (``"stats"``); ``None`` stores latents as they are.
         delta: the mechanism's failure probability (keep it below 1 / the records ever stored).
         max_norm: the clipping norm ``C``, in the latent's units (choose it near a typical
             latent's norm: smaller clips the signal, larger needs more noise).
         label_epsilon: randomized response on labels; ``None`` stores labels as they are.
         noise_seed: ``None`` draws noise from ``os.urandom``; an int seeds a generator instead
             (repeatable, so not private: for tests; it warns).
+        design: ``"record"`` or ``"stats"`` (needs ``epsilon``; labels are inside its guarantee,
+            so no ``label_epsilon``).
+        rank: ``"stats"`` only: the rank of each class's covariance the dreams are drawn from.
     """
 
     epsilon: float | None = None
@@ -244,6 +255,8 @@ class PrivacyConfig:
     max_norm: float = 1.0
     label_epsilon: float | None = None
     noise_seed: int | None = None
+    design: Literal["record", "stats"] = "record"
+    rank: int = 16
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -255,6 +268,16 @@ class PrivacyConfig:
             p.append(f"delta={self.delta}; expected 0 < delta < 1 (below 1 / the records ever stored)")
         if not (math.isfinite(self.max_norm) and self.max_norm > 0):
             p.append(f"max_norm={self.max_norm}; expected a finite number > 0 (near a typical latent's L2 norm)")
+        if self.design not in ("record", "stats"):
+            p.append(f"design={self.design!r}; expected 'record' (noise per stored example) or 'stats' "
+                     "(released class statistics and dreams)")
+        _posint(p, "rank", self.rank)
+        if self.design == "stats" and self.epsilon is None:
+            p.append("design='stats' with epsilon=None; expected an epsilon for the nightly release. "
+                     "Fix: PrivacyConfig(design='stats', epsilon=8.0)")
+        if self.design == "stats" and self.label_epsilon is not None:
+            p.append(f"label_epsilon={self.label_epsilon} with design='stats'; the released statistics already "
+                     "cover each example's label. Fix: label_epsilon=None")
         _check("PrivacyConfig", p)
 
     @property

@@ -202,6 +202,9 @@ class RecordPrivacy:
     Attributes:
         epsilon, delta: the latent's guarantee; max_norm: the clipping norm ``C``; sigma: the
             noise's standard deviation per coordinate; label_epsilon: randomized response's.
+
+    A record with ``epsilon`` set and no ``sigma`` is a dream (:mod:`edge_sleep.dreams`): drawn
+    from class statistics released ``(epsilon, delta)``-DP, latent and label together.
     """
 
     epsilon: float | None = None
@@ -209,6 +212,13 @@ class RecordPrivacy:
     max_norm: float | None = None
     sigma: float | None = None
     label_epsilon: float | None = None
+
+    @property
+    def design(self) -> str:
+        """``"record"`` (a noised latent), ``"stats"`` (a dream) or ``"none"`` (no noise on the latent)."""
+        if self.sigma is not None:
+            return "record"
+        return "none" if self.epsilon is None else "stats"
 
 
 def record_privacy(config: PrivacyConfig) -> RecordPrivacy:
@@ -297,6 +307,8 @@ class PrivacyReport:
         per_stream: stream tag -> ``(records, epsilon)``: the epsilon at ``delta`` of all the
             stream's records together, if one person contributed them all (Opacus' RDP
             accountant for the latents, plus the labels' epsilons summed).
+        dreams: records drawn from released class statistics; stats_epsilon, stats_delta: the
+            largest (epsilon, delta) of the releases they were drawn from.
     """
 
     records: int
@@ -310,12 +322,23 @@ class PrivacyReport:
     max_norm: float | None
     sigma: float | None
     per_stream: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+    dreams: int = 0
+    stats_epsilon: float | None = None
+    stats_delta: float | None = None
 
     def text(self) -> str:
         """The guarantee in words."""
         if self.records == 0:
             return "The replay store holds no records."
         lines = [f"The replay store holds {self.records} records."]
+        if self.dreams:
+            lines.append(
+                f"{self.dreams} are dreams: samples drawn from per-class statistics of the latents (counts, clipped "
+                f"sums and second moments, each example clipped to L2 norm {self.max_norm:g}), released once per "
+                f"night by the Gaussian mechanism, ({self.stats_epsilon:g}, {self.stats_delta:g})-DP for each "
+                f"example offered that day, its label included. No dream is any one example; their logits come "
+                "from the start-of-night weights. The unit is one example: k examples of one person in one "
+                "release are protected k times less (group privacy), and nights compose.")
         if self.private:
             lines.append(
                 f"{self.private} have a differentially private latent: clipped to L2 norm {self.max_norm:g} and "
@@ -337,6 +360,8 @@ class PrivacyReport:
         covered = ("the noised latents, the logits stored with them (computed from the noised latent by the "
                    "weights before the step that trained on the raw batch)"
                    + (", and the randomized labels" if self.labels_randomized else ""))
+        if self.dreams and not self.private:
+            covered = "the dreams' latents and labels"
         lines.append(f"The guarantee covers {covered}. It does not cover labels stored as they are, which record "
                      "sits in which slot, or the model's weights, which were trained on the raw examples.")
         return "\n".join(lines)
@@ -359,7 +384,9 @@ def summarize_privacy(rows: Iterable[tuple[RecordPrivacy, str, int]]) -> Privacy
     records = sum(c for _, _, c in groups)
     private = sum(c for p, _, c in groups if p.sigma is not None)
     labels = sum(c for p, _, c in groups if p.label_epsilon is not None)
-    unprotected = sum(c for p, _, c in groups if p.sigma is None and p.label_epsilon is None)
+    unprotected = sum(c for p, _, c in groups if p.design == "none" and p.label_epsilon is None)
+    dreamt = [(p, c) for p, _, c in groups if p.design == "stats"]
+    stats_worst = max((p for p, _ in dreamt), key=lambda p: p.epsilon or 0.0, default=None)
     noised = [p for p, _, _ in groups if p.sigma is not None]
     worst = max(noised, key=lambda p: p.epsilon or 0.0) if noised else None
     label_eps = max((p.label_epsilon for p, _, _ in groups if p.label_epsilon is not None), default=None)
@@ -377,7 +404,11 @@ def summarize_privacy(rows: Iterable[tuple[RecordPrivacy, str, int]]) -> Privacy
             eps = compose_gaussian_epsilon(z, count, worst.delta or 1e-5)
             eps += sum((p.label_epsilon or 0.0) * c for p, c in mine)
         per_stream[stream] = (count, eps)
+    clip = worst if worst is not None else stats_worst
     return PrivacyReport(records, private, labels, unprotected,
                          None if worst is None else worst.epsilon, None if worst is None else worst.delta,
-                         label_eps, record_eps, None if worst is None else worst.max_norm,
-                         None if worst is None else worst.sigma, per_stream)
+                         label_eps, record_eps, None if clip is None else clip.max_norm,
+                         None if worst is None else worst.sigma, per_stream,
+                         dreams=sum(c for _, c in dreamt),
+                         stats_epsilon=None if stats_worst is None else stats_worst.epsilon,
+                         stats_delta=None if stats_worst is None else stats_worst.delta)

@@ -29,6 +29,7 @@ from edge_sleep.errors import (
     first_line,
 )
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
+from edge_sleep.dreams import StatsAccumulator, release_dreams
 from edge_sleep.privacy import delta_problem, privatize
 from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
@@ -170,6 +171,8 @@ class EdgeSleep:
         self.num_classes: int | None = None
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
         self.sleep_state: SleepState | None = None
+        # design="stats": the day's clipped latents per (stream, class), released at the next night
+        self.class_stats: StatsAccumulator | None = None
         self._call_lock = threading.RLock()
         self.engine = engine
         self._engine: Engine = self._make_engine(engine)
@@ -302,6 +305,8 @@ class EdgeSleep:
         if self.num_classes is None:
             self._probe(x)
         y = self._check_labels(y, x.shape[0])
+        if self.privacy.design == "stats":
+            self._check_stats_batch(x.shape[0])
         self._engine.check_batch(self, x)  # before the store's generator moves
         # a step that raises leaves both generators where they were: a retry draws what a clean run draws
         generators = (self.store.rng.bit_generator.state,
@@ -337,7 +342,13 @@ class EdgeSleep:
         if self.masks and cfg.train == "all":
             apply_masks_(dict(self.model.named_parameters()), self.masks)
         where = None
-        if self.wake_steps_since_sleep % cfg.store_every == 0:
+        if self.privacy.design == "stats":  # nothing of this batch is stored; its statistics wait for the night
+            try:
+                self._stats_for(latent).add(latent, y, stream)
+            except BaseException:
+                self._engine.undo_step(self)
+                raise
+        elif self.wake_steps_since_sleep % cfg.store_every == 0:
             try:
                 record = None
                 if self.privacy.enabled:  # what is stored is private; its logits are post-processing
@@ -357,6 +368,34 @@ class EdgeSleep:
         if where is None:
             return stats
         return dataclasses.replace(stats, stored=int(np.count_nonzero(where >= 0)), slots=tuple(where.tolist()))
+
+    def _check_stats_batch(self, n: int) -> None:
+        """Refuse a batch that would make the night's release fail its delta (before anything moves)."""
+        held = 0 if self.class_stats is None else self.class_stats.examples
+        if self.privacy.delta * (held + n) >= 1:
+            raise InputError(f"learn would bring tonight's class statistics to {held + n} examples with PrivacyConfig("
+                             f"delta={self.privacy.delta:g}); expected delta below 1/{held + n}: one of them would be "
+                             "expected to leak outright. Nothing was learned or stored. Fix: sleep() more often, or "
+                             "a smaller delta")
+
+    def _stats_for(self, latent: torch.Tensor) -> StatsAccumulator:
+        if self.class_stats is None:
+            self.class_stats = StatsAccumulator(int(self.num_classes or 2), tuple(latent.shape[1:]),
+                                                self.privacy.max_norm)
+        return self.class_stats
+
+    def _release_dreams(self) -> int:
+        """design="stats": release the day's class statistics and offer the store their dreams."""
+        acc = self.class_stats
+        if self.privacy.design != "stats" or acc is None or acc.examples == 0:
+            return 0
+        was_training = self.model.training
+        try:
+            keep_logits = self.store_config.store_logits is not False
+            return release_dreams(acc, self.privacy, self.store, self.record_logits if keep_logits else None,
+                                  self.generator, self._privacy_generator)
+        finally:
+            self.model.train(was_training)
 
     @_serialized
     @torch.no_grad()
@@ -416,6 +455,7 @@ class EdgeSleep:
             total = self.planned_sleep_steps() if steps is None else int(steps)
             if total < 0:
                 raise ConfigError("sleep", [f"steps={steps}; expected >= 0"])
+            self._release_dreams()  # design="stats": the day's statistics become the store's dreams
             if total > 0 and len(self.store) == 0:
                 raise CallOrderError("sleep() found an empty replay store; call learn() with some "
                                      "examples before sleep().")
@@ -470,6 +510,7 @@ class EdgeSleep:
             "sleep_state": None if self.sleep_state is None else self.sleep_state.state_dict(),
             "generator": self.generator.get_state(),
             "store": self.store.state_dict(),
+            "class_stats": None if self.class_stats is None else self.class_stats.state_dict(),
         }
 
     @_serialized
@@ -491,6 +532,8 @@ class EdgeSleep:
         check_format_version("Anchor state", state["anchor"].get("format_version"), ANCHOR_FORMAT_VERSION)
         check_format_version("ReplayStore state", state["store"].get("format_version"), STORE_FORMAT_VERSION)
         self._check_state_tensors(state)
+        cs = state.get("class_stats")
+        class_stats = None if cs is None else StatsAccumulator.from_state_dict(cs)
         self.model.load_state_dict(state["model"])
         self.anchor.load_state_dict(state["anchor"])
         self.masks = dict(state["masks"])
@@ -503,6 +546,7 @@ class EdgeSleep:
         self._engine.weights_changed()
         self.generator.set_state(state["generator"])
         self.store.load_state_dict(state["store"])
+        self.class_stats = class_stats
 
     def _check_state_tensors(self, state: dict[str, Any]) -> None:
         """Every tensor of ``state`` has a name and shape this runtime knows (nothing is changed).

@@ -1,9 +1,10 @@
 """Shared fixtures, and the two test tiers.
 
 ``pytest`` runs the fast tier (a few minutes on 2 cores): every module's unit tests, the store,
-the night, one small export and engine case, the CLI's error paths. ``pytest --full`` adds the
-tests marked ``slow`` (ExecuTorch lowering of transformers and the engine conformance runs, the
-demo, the crash loops, the type check, the documentation build); CI runs ``pytest --full``.
+the night, small exports, the CLI's error paths. ``pytest --full`` adds the tests marked ``slow``
+(ExecuTorch lowering of transformers and the engine conformance runs, the tests on
+``test_export``'s trained export, whose lowerings take about 2.5 minutes, the demo, the crash
+loops, the type check, the documentation build); CI runs ``pytest --full``.
 ``pytest --long`` adds the ``long`` tests too (the whole MiniLM encoder and GPT-2 on both engines,
 about 10 minutes), which CI does not run.
 """
@@ -31,6 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_slow = pytest.mark.skip(reason="slow: run with pytest --full")
     skip_long = pytest.mark.skip(reason="long (minutes of lowering): run with pytest --long")
     for item in items:
+        if "exported" in getattr(item, "fixturenames", ()):  # test_export's shared export: minutes of lowering
+            item.add_marker(pytest.mark.slow)
         if "long" in item.keywords and not long_:
             item.add_marker(skip_long)
         elif "slow" in item.keywords and not full:

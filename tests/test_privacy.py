@@ -243,7 +243,7 @@ def test_the_report_says_raw_labels_are_public_beside_the_epsilon() -> None:
 
 
 @pytest.mark.parametrize(("train", "engine"), [("all", "torch"), ("adapters", "torch"),
-                                             pytest.param("adapters", "executorch", marks=pytest.mark.export)])
+                                             pytest.param("adapters", "executorch", marks=[pytest.mark.export, pytest.mark.slow])])
 def test_a_private_records_logits_come_from_the_weights_before_the_step(tmp_path: Path, train: str,
                                                                        engine: str) -> None:
     """Issue 20, item 1: logits computed by the weights after the step on the raw batch let an

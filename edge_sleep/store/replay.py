@@ -449,6 +449,30 @@ class ReplayStore:
         return total
 
     @_locked
+    def releases(self) -> list[dict[str, Any]]:
+        """The releases of class statistics whose dreams this store received, oldest first
+        (:mod:`edge_sleep.dreams`): each ``{"id", "epsilon", "delta", "max_norm", "mu", "rank"}``."""
+        return [dict(r) for r in self._meta.get("releases", [])]
+
+    @_locked
+    def released(self, release_id: str) -> bool:
+        """Whether the release ``release_id`` was recorded here."""
+        return any(r["id"] == release_id for r in self._meta.get("releases", []))
+
+    @_locked
+    def record_release(self, release_id: str, params: dict[str, Any]) -> None:
+        """Record, durably, that the day ``release_id`` was released with ``params``.
+
+        Raises:
+            StoreError: it was recorded already (releasing a day twice spends its budget twice).
+        """
+        if self.released(release_id):
+            raise StoreError(f"replay store {str(self.path)!r}: the statistics {release_id!r} were released "
+                             "already; releasing them again would spend their privacy budget twice.")
+        with self._write() as updates:
+            updates["releases"] = [*self._meta.get("releases", []), {"id": release_id, **params}]
+
+    @_locked
     def class_counts(self) -> dict[int, int]:
         """``{label: records}`` currently held."""
         return self._slots.class_counts()
