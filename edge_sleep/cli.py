@@ -300,17 +300,19 @@ def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, cal
 
 
 def run_watch(checkpoint: Path, model_spec: str, policy: str, poll_s: float, min_idle_s: float,
-              polls: int | None) -> int:
+              polls: int | None, *, mains: bool = False, activity_file: Path | None = None,
+              use_terminals: bool = False, max_cpu_load: float = 0.5) -> int:
     """``edge-sleep watch``: poll the real probes and sleep the checkpoint when the policy allows."""
     from edge_sleep.errors import EdgeSleepError
-    from edge_sleep.schedule import AdaptivePolicy, IdleAndCharging
+    from edge_sleep.schedule import AdaptivePolicy, IdleAndCharging, LinuxProbe
     from edge_sleep.watch import watch
 
     try:
         factory = _model_factory(model_spec)
-        device = IdleAndCharging(min_idle_s=min_idle_s)
+        device = IdleAndCharging(min_idle_s=min_idle_s, max_cpu_load=max_cpu_load)
         chosen = device if policy == "fixed" else AdaptivePolicy(device=device)
-        watch(checkpoint, factory, policy=chosen, poll_s=poll_s, max_polls=polls,  # type: ignore[arg-type]
+        probe = LinuxProbe(mains=mains, activity_file=activity_file, use_terminals=use_terminals)
+        watch(checkpoint, factory, policy=chosen, probe=probe, poll_s=poll_s, max_polls=polls,  # type: ignore[arg-type]
               log=lambda line: print(line, flush=True))
     except EdgeSleepError as e:
         return _fail("watch", e)
@@ -448,6 +450,15 @@ def main(argv: list[str] | None = None) -> int:
     watch.add_argument("--poll-s", type=float, default=60.0)
     watch.add_argument("--min-idle-s", type=float, default=900.0)
     watch.add_argument("--polls", type=int, default=None, help="stop after this many polls (default: never)")
+    watch.add_argument("--mains", action="store_true",
+                       help="the device runs on mains power (a board with no charger to read): count it as charging")
+    watch.add_argument("--activity-file", type=Path, default=None,
+                       help="a file the app touches when its user is active (edge_sleep.schedule.mark_activity); "
+                            "idle time counts from its last change")
+    watch.add_argument("--use-terminals", action="store_true",
+                       help="also count terminal input as activity (a laptop someone types on)")
+    watch.add_argument("--max-cpu-load", type=float, default=0.5,
+                       help="wait while other processes keep more than this share of the cores busy (default 0.5)")
     aud = sub.add_parser("audit", help="membership inference against a saved runtime: can the model tell the "
                                        "store's examples from held-out ones? (ROC AUC, TPR at 1%% FPR)")
     aud.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
@@ -474,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         return run_simulate(args.profile, args.days, args.out, args.policy, args.seed, args.calibration)
     if args.command == "watch":
-        return run_watch(args.checkpoint, args.model, args.policy, args.poll_s, args.min_idle_s, args.polls)
+        return run_watch(args.checkpoint, args.model, args.policy, args.poll_s, args.min_idle_s, args.polls,
+                         mains=args.mains, activity_file=args.activity_file, use_terminals=args.use_terminals,
+                         max_cpu_load=args.max_cpu_load)
     if args.command == "profile":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

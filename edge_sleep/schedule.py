@@ -2,10 +2,12 @@
 
 - :class:`DeviceState`: charging, battery fraction, idle seconds, thermal state, screen; every
   field may be ``None`` (or ``"unknown"``) where a probe has nothing (a server has no battery).
-- :class:`LinuxProbe` reads it from Linux: ``/sys/class/power_supply`` (batteries and mains),
-  ``/sys/class/thermal`` (the hottest zone), ``/sys/class/backlight`` (the screen), the access
-  times of the terminals in ``/dev`` (idle, as ``w`` reports it) and, where sysfs has no power
-  supply, ``psutil.sensors_battery()``.
+- :class:`LinuxProbe` reads it from Linux: ``/sys/class/power_supply`` (batteries and mains; a
+  board on mains with no charger to read says so with ``mains=True``), ``/sys/class/thermal``
+  (the hottest zone of a CPU, SoC or skin type: other zones are ignored), ``/sys/class/backlight``
+  (the screen), an activity file the app touches when its user is active (:func:`mark_activity`),
+  the CPU time other processes use, and, where sysfs has no power supply,
+  ``psutil.sensors_battery()``. The terminals' access times (``w``'s idle) only when asked.
 - :class:`SleepPolicy` is the protocol: ``decide(state, pressure) -> Decision``. It returns a
   value and never touches the runtime.
 - :class:`IdleAndCharging` mirrors Android WorkManager's ``requiresCharging`` /
@@ -28,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -47,6 +50,9 @@ __all__ = [
     "THERMAL_STATES",
     "DeviceState",
     "LinuxProbe",
+    "CpuLoad",
+    "mark_activity",
+    "THERMAL_ZONE_TYPES",
     "thermal_state",
     "SleepPressure",
     "Decision",
@@ -59,6 +65,10 @@ __all__ = [
 
 # iOS ProcessInfo.ThermalState's four levels, and "unknown" where no sensor answers
 THERMAL_STATES = ("nominal", "fair", "serious", "critical", "unknown")
+# thermal zones whose type names one of these (case-insensitive) are read; a Wi-Fi card's or a
+# disabled sensor's zone (some boards have one that always reads 100 C) is not the device's heat
+THERMAL_ZONE_TYPES = ("cpu", "soc", "pkg", "package", "core", "acpitz", "skin", "gpu", "battery", "tsens", "big",
+                      "little", "mid")
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,7 @@ class DeviceState:
         thermal: one of :data:`THERMAL_STATES`.
         screen_on: the display is on.
         temperature_c: the hottest thermal zone, in degrees Celsius.
+        cpu_load: the share of all cores other processes kept busy since the last probe.
     """
 
     charging: bool | None = None
@@ -80,6 +91,7 @@ class DeviceState:
     thermal: str = "unknown"
     screen_on: bool | None = None
     temperature_c: float | None = None
+    cpu_load: float | None = None
 
     def describe(self) -> str:
         """One line for a log: ``charging=yes battery=81% idle=3600s thermal=nominal screen=off``."""
@@ -89,8 +101,9 @@ class DeviceState:
         battery = "none" if self.battery_frac is None else f"{self.battery_frac:.0%}"
         idle = "unknown" if self.idle_s is None else f"{self.idle_s:.0f}s"
         temp = "" if self.temperature_c is None else f" ({self.temperature_c:.0f} C)"
+        load = "" if self.cpu_load is None else f" cpu={self.cpu_load:.0%}"
         return (f"charging={yn(self.charging)} battery={battery} idle={idle} "
-                f"thermal={self.thermal}{temp} screen={yn(self.screen_on, 'on', 'off')}")
+                f"thermal={self.thermal}{temp} screen={yn(self.screen_on, 'on', 'off')}{load}")
 
 
 def thermal_state(temperature_c: float | None, *, fair_c: float = 60.0, serious_c: float = 75.0,
@@ -125,24 +138,77 @@ def _number(path: Path) -> float | None:
         return None
 
 
+def mark_activity(path: Path | str, when: float | None = None) -> None:
+    """Say the user is active now: what an app calls (on a touch, a request) so that a watcher
+    probing with ``LinuxProbe(activity_file=path)`` counts idle time from here. Creates the file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(exist_ok=True)
+    os.utime(path, None if when is None else (when, when))
+
+
+class CpuLoad:
+    """The share of all cores that *other* processes kept busy between two calls.
+
+    The system's busy CPU time (``psutil.cpu_times``) minus this process's own (its threads
+    included: a night running here does not count as load), over the wall time times the cores.
+    The first call has nothing to compare with and returns ``None``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._last: tuple[float, float, float] | None = None
+
+    def _sample(self) -> tuple[float, float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+        own = psutil.Process().cpu_times()
+        return self.clock(), busy, own.user + own.system
+
+    def __call__(self) -> float | None:
+        now = self._sample()
+        last, self._last = self._last, now
+        if last is None or now[0] <= last[0]:
+            return None
+        cores = os.cpu_count() or 1
+        others = (now[1] - last[1]) - (now[2] - last[2])
+        return min(1.0, max(0.0, others / ((now[0] - last[0]) * cores)))
+
+
 class LinuxProbe:
     """Reads :class:`DeviceState` from Linux. Every root is a parameter so tests use fake trees.
 
     Args:
         sys_root: where ``class/power_supply``, ``class/thermal`` and ``class/backlight`` live.
-        dev_root: where the terminals (``pts/*``, ``tty*``) live; their access times say when
-            the user last typed (``w``'s IDLE column).
+        dev_root: where the terminals (``pts/*``, ``tty*``) live (read with ``use_terminals``).
         clock: wall-clock seconds (``time.time``), for the idle time.
         use_psutil: ask ``psutil.sensors_battery()`` when sysfs lists no power supply.
         thermal_thresholds_c: ``(fair, serious, critical)`` for :func:`thermal_state`.
+        mains: the device runs on mains power (a board with no charger sysfs can read): always
+            counted as on external power.
+        activity_file: a file the app touches when its user is active (:func:`mark_activity`);
+            idle time is the time since it was last touched (``None`` where it does not exist yet).
+        use_terminals: also count the terminals' access times (``w``'s IDLE column): right for a
+            laptop someone types on, wrong for a server or a board.
+        cpu_load: measures other processes' CPU share (default :class:`CpuLoad`); ``None`` skips it.
+        thermal_types: the zone types read (substrings, case-insensitive); ``None`` reads every zone.
     """
 
     def __init__(self, *, sys_root: Path | str = "/sys", dev_root: Path | str = "/dev",
                  clock: Callable[[], float] = time.time, use_psutil: bool = True,
-                 thermal_thresholds_c: tuple[float, float, float] = (60.0, 75.0, 90.0)) -> None:
+                 thermal_thresholds_c: tuple[float, float, float] = (60.0, 75.0, 90.0), mains: bool = False,
+                 activity_file: Path | str | None = None, use_terminals: bool = False,
+                 cpu_load: Callable[[], float | None] | None | str = "default",
+                 thermal_types: tuple[str, ...] | None = THERMAL_ZONE_TYPES) -> None:
         self.sys_root, self.dev_root = Path(sys_root), Path(dev_root)
         self.clock, self.use_psutil = clock, use_psutil
         self.thresholds = thermal_thresholds_c
+        self.mains, self.use_terminals = mains, use_terminals
+        self.activity_file = None if activity_file is None else Path(activity_file)
+        self.cpu_load: Callable[[], float | None] | None = CpuLoad() if cpu_load == "default" else cpu_load  # type: ignore[assignment]
+        self.thermal_types = None if thermal_types is None else tuple(t.lower() for t in thermal_types)
 
     def __call__(self) -> DeviceState:
         charging, battery = self.power()
@@ -150,10 +216,16 @@ class LinuxProbe:
         fair, serious, critical = self.thresholds
         return DeviceState(charging=charging, battery_frac=battery, idle_s=self.idle_s(),
                            thermal=thermal_state(temp, fair_c=fair, serious_c=serious, critical_c=critical),
-                           screen_on=self.screen_on(), temperature_c=temp)
+                           screen_on=self.screen_on(), temperature_c=temp,
+                           cpu_load=None if self.cpu_load is None else self.cpu_load())
 
     def power(self) -> tuple[bool | None, float | None]:
-        """``(on external power, battery fraction)`` from sysfs, else psutil, else ``(None, None)``."""
+        """``(on external power, battery fraction)`` from sysfs, else psutil, else ``(None, None)``;
+        on external power whatever they say with ``mains=True``."""
+        charging, battery = self._supplies()
+        return (True if self.mains else charging), battery
+
+    def _supplies(self) -> tuple[bool | None, float | None]:
         root = self.sys_root / "class" / "power_supply"
         supplies = sorted(root.iterdir()) if root.is_dir() else []
         fracs: list[float] = []
@@ -197,10 +269,17 @@ class LinuxProbe:
         return None
 
     def temperature_c(self) -> float | None:
-        """The hottest thermal zone in degrees Celsius (sysfs gives millidegrees)."""
+        """The hottest thermal zone of a read type, in degrees Celsius (sysfs gives millidegrees);
+        readings outside -40 to 150 C are a sensor's error codes, not heat."""
         root = self.sys_root / "class" / "thermal"
-        temps = [t / 1000.0 for z in (sorted(root.glob("thermal_zone*")) if root.is_dir() else [])
-                 if (t := _number(z / "temp")) is not None]
+        temps = []
+        for z in sorted(root.glob("thermal_zone*")) if root.is_dir() else []:
+            kind = (_read(z / "type") or "").lower()
+            if self.thermal_types is not None and not any(t in kind for t in self.thermal_types):
+                continue
+            t = _number(z / "temp")
+            if t is not None and -40.0 <= t / 1000.0 <= 150.0:
+                temps.append(t / 1000.0)
         return max(temps) if temps else None
 
     def screen_on(self) -> bool | None:
@@ -213,9 +292,14 @@ class LinuxProbe:
                    for b in lights)
 
     def idle_s(self) -> float | None:
-        """Seconds since any terminal was last read from (the user typed): ``w``'s idle time."""
-        ttys = list(self.dev_root.glob("pts/[0-9]*")) + list(self.dev_root.glob("tty[0-9]*"))
+        """Seconds since the activity file was touched or (``use_terminals``) a terminal was
+        read from, whichever is later; ``None`` when neither tells."""
+        ttys = list(self.dev_root.glob("pts/[0-9]*")) + list(self.dev_root.glob("tty[0-9]*")) \
+            if self.use_terminals else []
         latest = None
+        if self.activity_file is not None:
+            with contextlib.suppress(OSError):
+                latest = os.stat(self.activity_file).st_mtime
         for t in ttys:
             try:
                 a = os.stat(t).st_atime
@@ -283,6 +367,8 @@ class IdleAndCharging:
         require_charging: on external power only.
         assume_idle_when_unknown: where no probe tells idle time or screen (a headless board),
             count the device as idle; else refuse.
+        max_cpu_load: refuse while other processes keep more than this share of the cores busy
+            (a server or board at work is not idle, whatever its terminals say).
         steps_per_wake_step: the night's length per wake step since the last night (1:1).
         min_steps: the shortest night.
     """
@@ -292,6 +378,7 @@ class IdleAndCharging:
     max_thermal: str = "fair"
     require_charging: bool = True
     assume_idle_when_unknown: bool = True
+    max_cpu_load: float = 0.5
     steps_per_wake_step: float = 1.0
     min_steps: int = 50
 
@@ -303,6 +390,8 @@ class IdleAndCharging:
             problems.append(f"min_battery_frac={self.min_battery_frac}; expected a fraction in [0, 1]")
         if self.max_thermal not in THERMAL_STATES[:4]:
             problems.append(f"max_thermal={self.max_thermal!r}; expected one of {THERMAL_STATES[:4]}")
+        if not 0 < self.max_cpu_load <= 1:
+            problems.append(f"max_cpu_load={self.max_cpu_load}; expected a share of the cores in (0, 1]")
         if not self.steps_per_wake_step > 0:
             problems.append(f"steps_per_wake_step={self.steps_per_wake_step}; expected > 0")
         if self.min_steps < 1:
@@ -321,6 +410,8 @@ class IdleAndCharging:
             return "idle time unknown"
         if state.idle_s is not None and state.idle_s < self.min_idle_s:
             return f"idle {state.idle_s:.0f}s < {self.min_idle_s:.0f}s"
+        if state.cpu_load is not None and state.cpu_load > self.max_cpu_load:
+            return f"cpu busy: other processes use {state.cpu_load:.0%} of the cores > {self.max_cpu_load:.0%}"
         if state.battery_frac is not None and state.battery_frac < self.min_battery_frac:
             return f"battery {state.battery_frac:.0%} < {self.min_battery_frac:.0%}"
         if THERMAL_STATES.index(state.thermal) > THERMAL_STATES.index(self.max_thermal) \

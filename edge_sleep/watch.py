@@ -1,12 +1,19 @@
 """``edge-sleep watch CHECKPOINT_DIR``: sleep a saved runtime when the device allows, on a Linux device.
 
 Every ``poll_s`` seconds the watcher reads the device's state (:class:`~edge_sleep.schedule.LinuxProbe`
-by default), opens the checkpoint (and its store), asks the policy, and logs the decision. When
+by default) and logs the decision. While the device refuses (unplugged, in use, busy, hot) that is
+all it does: the checkpoint is not read and the store not locked (it is read once at the start, so a
+damaged checkpoint is reported at once). When it allows, the watcher
+opens the checkpoint (and its store) and asks the policy. When
 the policy says sleep, it runs the night, asking the probe again between chunks of steps and
 waking up the moment the device stops allowing it (unplugged, screen on, too hot); then it saves
 the checkpoint atomically (a preempted night's progress included, so the next window resumes it)
 and closes the store, so the app can write to it between nights. A store another process holds
 is logged and tried again at the next poll.
+
+The adaptive policy's probe set (which stored records it measures forgetting on, and their accuracy
+after the last night) is kept beside the checkpoint in ``<checkpoint>.probe.pt``, so a restarted
+watcher still sees the drop since that night.
 
 The probe, the clock and the wait are parameters: tests drive the loop with fakes, and nothing
 waits.
@@ -14,12 +21,15 @@ waits.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from edge_sleep.errors import StoreBusyError
@@ -32,11 +42,42 @@ from edge_sleep.schedule import (
     device_conditions,
 )
 
-__all__ = ["watch"]
+__all__ = ["watch", "probe_set_path"]
 
 
 def _stamp(t: float) -> str:
     return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def probe_set_path(checkpoint: Path | str) -> Path:
+    """Where the watcher keeps its probe set: beside the checkpoint (a save replaces the folder)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.name + ".probe.pt")
+
+
+def _load_probe_set(checkpoint: Path, log: Callable[[str], None]) -> ProbeSet | None:
+    path = probe_set_path(checkpoint)
+    if not path.exists():
+        return None
+    probe_set = ProbeSet()
+    try:
+        probe_set.load_state_dict(torch.load(path, weights_only=False))
+    except Exception as e:  # a damaged file costs the drop since the last night, not the watcher
+        log(f"probe set {path} unreadable ({type(e).__name__}: {e}); drawing a new one")
+        return None
+    return probe_set
+
+
+def _save_probe_set(checkpoint: Path, probe_set: ProbeSet) -> None:
+    path = probe_set_path(checkpoint)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(probe_set.state_dict(), tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def watch(
@@ -81,23 +122,40 @@ def watch(
     probe_set: ProbeSet | None = None
     history: list[dict[str, Any]] = []
     polls = 0
+    checkpoint = Path(checkpoint)
+    try:  # a damaged checkpoint or a wrong model is said now, not at the first night hours later
+        EdgeSleep.load(checkpoint, model_factory()).store.close()
+    except StoreBusyError:
+        pass  # the app has the store now: the polls retry
     while max_polls is None or polls < max_polls:
         polls += 1
         state = probe()
         entry: dict[str, Any] = {"time": clock(), "state": state.describe()}
+        refused = None if device is None else device.device_allows(state)
+        if refused is not None:  # decided before the checkpoint is read or the store locked
+            entry.update(sleep=False, reason=refused)
+            log(f"{_stamp(entry['time'])}  wait   {refused}  [{entry['state']}]")
+            history.append(entry)
+            if max_polls is None or polls < max_polls:
+                wait(poll_s)
+            continue
         try:
             es = EdgeSleep.load(checkpoint, model_factory())
         except StoreBusyError as exc:
             entry.update(sleep=False, reason=f"store busy ({exc}); retry at the next poll")
             log(f"{_stamp(entry['time'])}  wait   {entry['reason']}  [{entry['state']}]")
             history.append(entry)
-            wait(poll_s)
+            if max_polls is None or polls < max_polls:
+                wait(poll_s)
             continue
         try:
+            if probe_set is None:
+                probe_set = _load_probe_set(checkpoint, log)
             if probe_set is None:
                 probe_set = ProbeSet()
                 if len(es.store):
                     probe_set.refresh(es)
+                    _save_probe_set(checkpoint, probe_set)
             pressure = SleepPressure(wake_steps=es.wake_steps_since_sleep,
                                      accuracy_drop=probe_set.drop(es) if len(es.store) else None,
                                      pending_night=es.sleep_state is not None)
@@ -117,6 +175,7 @@ def watch(
                     f"{'' if report.aborted is None else ', aborted: ' + report.aborted}; checkpoint saved")
                 if report.completed:
                     probe_set.refresh(es)
+                    _save_probe_set(checkpoint, probe_set)
         finally:
             es.store.close()
         history.append(entry)

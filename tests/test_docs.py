@@ -129,6 +129,11 @@ def test_simulation_tables_are_what_the_benchmark_and_profiles_say() -> None:
     assert bench.profile_table() in text
     slowest = max(r["max_wall_s"] for r in result["summary"])
     assert f"the slowest 3-day run took {slowest:.0f} s here" in text
+    nights = [d for run in result["runs"] if run["policy"] == "adaptive" for d in run["days"] if d["night_steps"]]
+    longer = sum(d["night_steps"] > d["wake_steps"] for d in nights)
+    shorter = sum(d["night_steps"] < d["wake_steps"] for d in nights)
+    assert (f"it chose a night longer than 1:1 on {longer} of its {len(nights)} nights ({shorter} were shorter)"
+            in _flat("scheduling.md"))
 
 
 def test_store_figures_are_what_the_benchmark_wrote() -> None:

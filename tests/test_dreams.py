@@ -192,3 +192,26 @@ def test_a_batch_past_the_delta_is_refused_before_anything_moves() -> None:
             es.learn(x[60:], y[60:])
     assert es.class_stats is not None and es.class_stats.examples == 60
     assert all(torch.equal(v, es.model.state_dict()[k]) for k, v in weights.items())
+
+
+def test_a_dream_that_fails_its_check_is_quarantined_like_any_record(tmp_path: Path) -> None:
+    import sqlite3
+
+    from edge_sleep.store import ReplayStore
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeterministicNoiseWarning)
+        es = _runtime(tmp_path / "replay.db")
+        _day(es)
+        es.sleep()
+    fingerprint = es.fingerprint
+    es.store.close()
+    db = sqlite3.connect(tmp_path / "replay.db")
+    db.execute("UPDATE records SET dp_epsilon=0.01 WHERE slot=3")  # a forged, smaller epsilon
+    db.commit()
+    db.close()
+    with pytest.warns(RuntimeWarning, match="1 damaged record"):
+        store = ReplayStore(tmp_path / "replay.db", StoreConfig(capacity_records=64), fingerprint=fingerprint)
+    assert len(store) == 63 and 3 not in store.slots().tolist()
+    assert store.privacy_report().dreams == 63 and store.privacy_report().stats_epsilon == 8.0
+    store.close()

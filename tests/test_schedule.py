@@ -12,11 +12,13 @@ from edge_sleep import EdgeSleep, StoreConfig, WakeConfig
 from edge_sleep.errors import ConfigError
 from edge_sleep.schedule import (
     AdaptivePolicy,
+    CpuLoad,
     DeviceState,
     IdleAndCharging,
     LinuxProbe,
     ProbeSet,
     SleepPressure,
+    mark_activity,
     thermal_state,
 )
 from tests.conftest import small_mlp
@@ -35,8 +37,12 @@ def laptop(root: Path, *, status: str = "Discharging", capacity: str = "81", ac:
     write(root, "class/power_supply/BAT0/capacity", capacity)
     write(root, "class/power_supply/AC/type", "Mains")
     write(root, "class/power_supply/AC/online", ac)
+    write(root, "class/thermal/thermal_zone0/type", "acpitz")
     write(root, "class/thermal/thermal_zone0/temp", "47000")
+    write(root, "class/thermal/thermal_zone1/type", "x86_pkg_temp")
     write(root, "class/thermal/thermal_zone1/temp", "66500")
+    write(root, "class/thermal/thermal_zone2/type", "iwlwifi_1")  # a Wi-Fi card's zone: not the device's heat
+    write(root, "class/thermal/thermal_zone2/temp", "100000")
     write(root, "class/backlight/intel_backlight/bl_power", "0")
     write(root, "class/backlight/intel_backlight/brightness", "400")
     return root
@@ -48,9 +54,14 @@ def test_linux_probe_reads_a_laptop(tmp_path: Path) -> None:
     (dev / "pts").mkdir(parents=True)
     (dev / "pts" / "0").write_text("")
     os.utime(dev / "pts" / "0", (1000.0, 1000.0))
-    state = LinuxProbe(sys_root=sys_root, dev_root=dev, clock=lambda: 1600.0, use_psutil=False)()
+    state = LinuxProbe(sys_root=sys_root, dev_root=dev, clock=lambda: 1600.0, use_psutil=False,
+                       use_terminals=True, cpu_load=None)()
     assert state == DeviceState(charging=False, battery_frac=0.81, idle_s=600.0, thermal="fair",
                                 screen_on=True, temperature_c=66.5)
+    # by default the terminals say nothing (a busy server's are idle for hours), every zone type is read
+    # with thermal_types=None
+    every = LinuxProbe(sys_root=sys_root, dev_root=dev, use_psutil=False, cpu_load=None, thermal_types=None)()
+    assert every.idle_s is None and every.temperature_c == 100.0 and every.thermal == "critical"
     assert "battery=81%" in state.describe() and "idle=600s" in state.describe()
 
 
@@ -77,7 +88,7 @@ def test_linux_probe_energy_counters_and_screen_off(tmp_path: Path) -> None:
 
 def test_a_server_is_unknown_not_wrong(tmp_path: Path) -> None:
     """No power supply, no thermal zone, no backlight, no terminal: every field says unknown."""
-    state = LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False)()
+    state = LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False, cpu_load=None)()
     assert state == DeviceState()
     assert state.describe() == "charging=unknown battery=none idle=unknown thermal=unknown screen=unknown"
 
@@ -86,6 +97,48 @@ def test_a_mains_board_is_charging_without_a_battery(tmp_path: Path) -> None:
     write(tmp_path, "class/power_supply/usb/type", "USB")
     write(tmp_path, "class/power_supply/usb/online", "1")
     assert LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False).power() == (True, None)
+
+
+def test_a_board_on_mains_with_no_charger_to_read_counts_as_charging(tmp_path: Path) -> None:
+    """Issue 24: with no power_supply entry, every poll said "charging state unknown"."""
+    bare = LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False, cpu_load=None)
+    assert bare.power() == (None, None)
+    assert IdleAndCharging().device_allows(bare()) == "charging state unknown (requires external power)"
+    board = LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False, cpu_load=None, mains=True)
+    assert board.power() == (True, None) and IdleAndCharging().device_allows(board()) is None
+
+
+def test_idle_comes_from_the_apps_activity_file(tmp_path: Path) -> None:
+    marker = tmp_path / "app" / "activity"
+    probe = LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False, cpu_load=None,
+                       activity_file=marker, clock=lambda: 5000.0)
+    assert probe.idle_s() is None  # the app has not said anything yet
+    mark_activity(marker, when=4990.0)
+    assert probe.idle_s() == 10.0
+    assert IdleAndCharging().device_allows(DeviceState(charging=True, idle_s=probe.idle_s())) == "idle 10s < 900s"
+    mark_activity(marker, when=1000.0)
+    assert probe.idle_s() == 4000.0
+
+
+def test_thermal_error_codes_are_not_heat(tmp_path: Path) -> None:
+    write(tmp_path, "class/thermal/thermal_zone0/type", "cpu-thermal")
+    write(tmp_path, "class/thermal/thermal_zone0/temp", "255000")  # an error code, not 255 C
+    write(tmp_path, "class/thermal/thermal_zone1/type", "soc-thermal")
+    write(tmp_path, "class/thermal/thermal_zone1/temp", "52000")
+    assert LinuxProbe(sys_root=tmp_path, dev_root=tmp_path, use_psutil=False, cpu_load=None).temperature_c() == 52.0
+
+
+def test_cpu_load_counts_other_processes_and_the_policy_refuses_a_busy_device() -> None:
+    load = CpuLoad()
+    assert load() is None  # nothing to compare with yet
+    sum(i * i for i in range(2_000_000))  # this process's own work is not load
+    share = load()
+    assert share is not None and 0.0 <= share <= 1.0
+    busy = DeviceState(charging=True, idle_s=3600.0, cpu_load=0.9)
+    assert IdleAndCharging().device_allows(busy) == "cpu busy: other processes use 90% of the cores > 50%"
+    assert IdleAndCharging(max_cpu_load=0.95).device_allows(busy) is None
+    with pytest.raises(ConfigError, match="max_cpu_load=0"):
+        IdleAndCharging(max_cpu_load=0.0)
 
 
 def test_the_real_probe_runs_here() -> None:

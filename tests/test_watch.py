@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import torch
 
 from edge_sleep import EdgeSleep, SleepConfig, StoreConfig, WakeConfig
@@ -80,3 +82,63 @@ def test_watch_retries_when_another_process_holds_the_store(tmp_path: Path) -> N
     holder.store.close()
     assert run.returncode == 0, run.stderr
     assert "store busy" in run.stdout
+
+
+def test_watch_sleeps_a_board_on_mains_with_no_battery(tmp_path: Path) -> None:
+    """Issue 24: on a fake sysfs tree with no power supply, --mains lets the night run."""
+    from edge_sleep.schedule import LinuxProbe
+
+    ckpt = saved_runtime(tmp_path)
+    sys_root = tmp_path / "sys"
+    (sys_root / "class").mkdir(parents=True)
+    bare = LinuxProbe(sys_root=sys_root, dev_root=tmp_path, use_psutil=False, cpu_load=None)
+    history = watch(ckpt, small_mlp, policy=IdleAndCharging(min_steps=10), probe=bare, wait=lambda s: None,
+                    max_polls=1, log=lambda line: None)
+    assert history[0]["reason"] == "charging state unknown (requires external power)"
+    board = LinuxProbe(sys_root=sys_root, dev_root=tmp_path, use_psutil=False, cpu_load=None, mains=True)
+    history = watch(ckpt, small_mlp, policy=IdleAndCharging(min_steps=10), probe=board, wait=lambda s: None,
+                    max_polls=1, log=lambda line: None)
+    assert history[0]["sleep"] and history[0]["completed"]
+
+
+def test_a_refusing_device_never_opens_the_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = saved_runtime(tmp_path)
+    opened: list[Path] = []
+    real = EdgeSleep.load
+
+    def counting(*args: object, **kwargs: object) -> EdgeSleep:
+        opened.append(Path(str(args[0])))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EdgeSleep, "load", counting)
+    states = iter([UNPLUGGED, UNPLUGGED] + [PLUGGED] * 100)
+    history = watch(ckpt, small_mlp, policy=IdleAndCharging(min_steps=10), probe=lambda: next(states),
+                    wait=lambda s: None, max_polls=3, log=lambda line: None)
+    assert [h["sleep"] for h in history] == [False, False, True]
+    # the start's check, then only the poll the device allowed read the checkpoint and locked the store
+    assert len(opened) == 2
+
+
+def test_the_probe_set_survives_a_restarted_watcher(tmp_path: Path) -> None:
+    from edge_sleep.schedule import AdaptivePolicy
+    from edge_sleep.watch import probe_set_path
+
+    ckpt = saved_runtime(tmp_path, wake_steps=30)
+    policy = AdaptivePolicy(device=IdleAndCharging(min_steps=10), min_wake_steps=0)
+    watch(ckpt, small_mlp, policy=policy, probe=lambda: PLUGGED, wait=lambda s: None, max_polls=1,
+          log=lambda line: None)
+    saved = torch.load(probe_set_path(ckpt), weights_only=False)
+    assert saved["baseline"] is not None and len(saved["slots"]) > 0
+    # the app learns more, then the watcher restarts: it measures the drop against the saved baseline
+    es = EdgeSleep.load(ckpt, small_mlp())
+    g = torch.Generator().manual_seed(5)
+    for _ in range(10):
+        x = torch.randn(16, 8, generator=g)
+        es.learn(x, (x[:, 1] > 0).long())  # another rule: the probe records' accuracy moves
+    es.save(ckpt)
+    es.store.close()
+    lines: list[str] = []
+    watch(ckpt, small_mlp, policy=policy, probe=lambda: PLUGGED, wait=lambda s: None, max_polls=1, log=lines.append)
+    assert "probe drop unknown" not in lines[0] and "probe drop" in lines[0]
+    again = torch.load(probe_set_path(ckpt), weights_only=False)
+    assert again["baseline"] is not None
