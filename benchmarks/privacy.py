@@ -68,7 +68,7 @@ from edge_sleep.bench.pmnist import TUNED, evaluate, mlp
 from edge_sleep.bench.provenance import provenance
 from edge_sleep.bench.strategies import Method, default_methods
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig
-from edge_sleep.privacy import analytic_gaussian_sigma
+from edge_sleep.privacy import GRID_STEPS, rdp_noise_multiplier
 from edge_sleep.runtime import EdgeSleep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -264,8 +264,10 @@ def markdown_table(result: dict[str, Any]) -> str:
         eps = "none" if r["epsilon"] is None else f"{r['epsilon']:g}"
         lost = "-" if r.get("acc_loss_paired") is None else \
             f"{r['acc_loss_paired']:.1f} ± {r['acc_loss_paired_std']:.1f}"
-        # a record: sigma per pixel in units of C (sensitivity 2C), times sqrt(784 pixels)
-        ratio = "-" if r["design"] != "record" else f"{analytic_gaussian_sigma(r['epsilon'], delta, 2.0) * 28:.0f}"
+        # a record: the discrete noise per pixel in units of C (z times the grid's sensitivity 2 + 28 / 4096
+        # steps of C / 4096), times sqrt(784 pixels)
+        ratio = "-" if r["design"] != "record" else \
+            f"{rdp_noise_multiplier(r['epsilon'], delta) * (2.0 + 28.0 / GRID_STEPS) * 28:.0f}"
         seen = "-" if r["design"] == "stats" else f"{r['seen_not_stored_auc']:.3f}"  # every example is in a release
         lines.append(f"| {r['design']} | {eps} | {ratio} | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {lost} | "
                      f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f} ({r['mia_attack']}) | "

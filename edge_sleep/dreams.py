@@ -6,29 +6,36 @@ times the clipping norm. Statistics of many records can: a class's clipped sum m
 ``2C`` when one example is replaced by another, whatever the class's count ``n``, so the noise
 on its mean shrinks as ``2C / n``. The day's latents are accumulated per (stream, class) in
 memory (:class:`StatsAccumulator`), and at the start of the night released once, all cells
-together, by one Gaussian mechanism on three blocks:
+together, by one Gaussian mechanism on three blocks, each rounded to a grid and noised with the
+discrete Gaussian (:func:`edge_sleep.privacy.discrete_gaussian`: integers, so no floating-point
+artefact of the noise can reveal what it was added to):
 
-* the counts ``n`` (a replaced example moves two counts by one: L2 sensitivity ``sqrt(2)``);
-* the clipped sums ``sum x`` (sensitivity ``2C``);
-* the sums of outer products ``sum x x^T``, upper triangle (sensitivity ``sqrt(2) C^2``:
-  ``||x x^T - y y^T||_F^2 = |x|^4 + |y|^4 - 2 (x.y)^2 <= 2 C^4``).
+* the counts ``n`` (integers; a replaced example moves two counts by one: sensitivity ``sqrt(2)``);
+* the clipped sums ``sum x`` on a grid of ``C / GRID_STEPS`` (sensitivity ``2C``, plus
+  ``sqrt(d) / 2`` steps of rounding on either side);
+* the sums of outer products ``sum x x^T``, upper triangle, on a grid of ``C^2 / GRID_STEPS``
+  (sensitivity ``sqrt(2) C^2``: ``||x x^T - y y^T||_F^2 = |x|^4 + |y|^4 - 2 (x.y)^2 <= 2 C^4``,
+  plus the rounding of its ``d (d + 1) / 2`` entries).
 
 Replacing one example moves the released vector, block by block scaled by each block's noise, by
-at most ``mu = sqrt(sum_b (sensitivity_b / sigma_b)^2)``; a Gaussian mechanism with that ratio is
-``mu``-GDP, and its exact ``(epsilon, delta)`` is Balle and Wang's condition
-(:func:`edge_sleep.privacy.gaussian_delta`). :func:`stats_noise` picks the block noises so the
-whole release is exactly ``(epsilon, delta)``-DP for each example, its label included (a label
-only says which cell the example went to). Everything after the release is post-processing:
-each class's mean and a rank-``r`` factor of its covariance (:func:`class_statistics`), and the
-dreams, samples of ``N(mean, F F^T)`` labelled by their class (:func:`draw_dreams`).
+at most ``mu = sqrt(sum_b (sensitivity_b / sigma_b)^2)``, and the Renyi divergences of the whole
+release are those of one Gaussian release with noise multiplier ``1 / mu`` (the discrete
+Gaussian's are at most the continuous one's). :func:`stats_noise` takes ``1 / mu`` from Opacus' RDP
+accountant (:func:`edge_sleep.privacy.rdp_noise_multiplier`), so the release is
+``(epsilon, delta)``-DP for each example, its label included (a label only says which cell the
+example went to). Everything after the release is post-processing: each class's mean and a
+rank-``r`` factor of its covariance (:func:`class_statistics`), and the dreams, samples of
+``N(mean, F F^T)`` labelled by their class (:func:`draw_dreams`).
 
 The unit of privacy is one example offered once. ``k`` examples of one person in one release are
-``k mu``-GDP together (group privacy), and releases compose as ``sqrt(sum_t mu_t^2)``: statistics
-protect an example among many, not a person who gave all of them.
+protected as by a release with ``k`` times ``mu`` (group privacy), and releases compose (Opacus'
+accountant adds their Renyi divergences): statistics protect an example among many, not a
+person who gave all of them.
 
 Example:
-    >>> noise = stats_noise(epsilon=8.0, delta=1e-5, max_norm=1.0)
-    >>> round(noise.mu, 3) == round(1 / analytic_gaussian_sigma(8.0, 1e-5, 1.0), 3)
+    >>> from edge_sleep.privacy import compose_gaussian_epsilon
+    >>> noise = stats_noise(epsilon=8.0, delta=1e-5, max_norm=1.0, dim=4)
+    >>> compose_gaussian_epsilon(1 / noise.mu, 1, 1e-5) <= 8.0
     True
 """
 
@@ -36,7 +43,6 @@ from __future__ import annotations
 
 import math
 import uuid
-import warnings
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -44,54 +50,80 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edge_sleep.errors import ConfigError, InputError
-from edge_sleep.privacy import (DeterministicNoiseWarning, RecordPrivacy, analytic_gaussian_sigma, clip_rows,
-                                secure_normal)
+from edge_sleep.privacy import GRID_STEPS, RecordPrivacy, clip_rows, discrete_gaussian, rdp_noise_multiplier
 
 if TYPE_CHECKING:
     from edge_sleep.config import PrivacyConfig
     from edge_sleep.store import ReplayStore
 
-__all__ = ["SHARES", "StatsNoise", "stats_noise", "StatsAccumulator", "ClassStatistics", "release_statistics",
+__all__ = ["SHARES", "StatsNoise", "stats_sensitivities", "stats_noise", "StatsAccumulator", "ClassStatistics", "release_statistics",
            "class_statistics", "draw_dreams", "release_dreams", "ACCUMULATOR_MAX_BYTES"]
 
-# each block's share of mu^2: the count needs little (a mean divides by it), the sums and the
-# second moments split the rest (issue 20's experiment: means epsilon 4, covariance epsilon 4)
-SHARES = {"counts": 0.02, "sums": 0.49, "second": 0.49}
+# each block's share of mu^2, chosen before any benchmark ran: a count needs little (a mean divides
+# by it); a class mean's noise is about 1% of its norm at 500 examples even with a fifth of the
+# budget (sigma ~ 2C / mu_b over n, times sqrt(d)), while the covariance's noise, spread over
+# d^2 / 2 entries, decides which of its directions survive the floor: it gets the rest
+SHARES = {"counts": 0.02, "sums": 0.18, "second": 0.80}
 ACCUMULATOR_MAX_BYTES = 512 * 2**20  # the second moments of one day, in memory
 
 
 @dataclass(frozen=True)
 class StatsNoise:
-    """The Gaussian noise of one release of class statistics (see the module's docstring).
+    """The noise of one release of class statistics (see the module's docstring).
 
     Attributes:
-        epsilon, delta, max_norm: what it was calibrated to; mu: the release's GDP parameter.
-        counts, sums, second: the noise's standard deviation on each block's entries.
+        epsilon, delta, max_norm: what it was calibrated to; dim: the latent's size ``d``;
+        mu: the release's ``sqrt(sum_b (sensitivity_b / sigma_b)^2)`` (``1 / mu`` is the noise
+            multiplier of the equivalent single Gaussian release).
+        counts, sums, second: each block's noise standard deviation in the latent's units
+            (counts: 1; sums: ``C``; second moments: ``C^2``), rounding included in the sensitivity.
     """
 
     epsilon: float
     delta: float
     max_norm: float
+    dim: int
     mu: float
     counts: float
     sums: float
     second: float
 
+    @property
+    def sums_step(self) -> float:
+        """The sums' grid step, ``C / GRID_STEPS``."""
+        return self.max_norm / GRID_STEPS
 
-def stats_noise(epsilon: float, delta: float, max_norm: float) -> StatsNoise:
-    """The block noises that make one release of class statistics exactly ``(epsilon, delta)``-DP.
+    @property
+    def second_step(self) -> float:
+        """The second moments' grid step, ``C^2 / GRID_STEPS``."""
+        return self.max_norm ** 2 / GRID_STEPS
 
-    ``mu = 1 / sigma`` of the analytic Gaussian mechanism at sensitivity 1; each block ``b`` gets
-    ``mu_b^2 = SHARES[b] * mu^2``, so ``sigma_b = sensitivity_b / mu_b`` and the blocks together are
-    ``mu``-GDP.
+
+def stats_sensitivities(max_norm: float, dim: int) -> dict[str, float]:
+    """Each block's L2 sensitivity in the latent's units, the grids' rounding included."""
+    c, d = float(max_norm), int(dim)
+    return {"counts": math.sqrt(2.0),
+            "sums": 2.0 * c + math.sqrt(d) * c / GRID_STEPS,
+            "second": math.sqrt(2.0) * c * c + math.sqrt(d * (d + 1) / 2.0) * c * c / GRID_STEPS}
+
+
+def stats_noise(epsilon: float, delta: float, max_norm: float, dim: int) -> StatsNoise:
+    """The block noises that make one release of class statistics ``(epsilon, delta)``-DP.
+
+    ``1 / mu`` is the noise multiplier Opacus' RDP accountant needs for one Gaussian release at
+    ``(epsilon, delta)``; each block ``b`` gets ``mu_b^2 = SHARES[b] * mu^2``, so
+    ``sigma_b = sensitivity_b / mu_b`` and the blocks together have the Renyi divergences of that
+    one release.
     """
     if not (math.isfinite(max_norm) and max_norm > 0):
         raise ConfigError("class statistics", [f"max_norm={max_norm}; expected a finite number > 0"])
-    mu = 1.0 / analytic_gaussian_sigma(epsilon, delta, 1.0)
-    c = float(max_norm)
-    sens = {"counts": math.sqrt(2.0), "sums": 2.0 * c, "second": math.sqrt(2.0) * c * c}
+    if dim < 1:
+        raise ConfigError("class statistics", [f"dim={dim}; expected >= 1"])
+    mu = 1.0 / rdp_noise_multiplier(epsilon, delta)
+    sens = stats_sensitivities(max_norm, dim)
     sig = {b: sens[b] / (mu * math.sqrt(SHARES[b])) for b in SHARES}
-    return StatsNoise(float(epsilon), float(delta), c, mu, sig["counts"], sig["sums"], sig["second"])
+    return StatsNoise(float(epsilon), float(delta), float(max_norm), int(dim), mu, sig["counts"], sig["sums"],
+                      sig["second"])
 
 
 class StatsAccumulator:
@@ -198,12 +230,11 @@ class ClassStatistics:
     factor: torch.Tensor
 
 
-def _normal(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    if generator is None:
-        return secure_normal(shape).double()
-    warnings.warn("class statistics noised from a seeded torch.Generator are repeatable and give no privacy; "
-                  "use it only in tests", DeterministicNoiseWarning, stacklevel=3)
-    return torch.randn(shape, generator=generator, dtype=torch.float64)
+def _noised_on_grid(values: torch.Tensor, step: float, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``values`` rounded to the grid of ``step``, plus discrete Gaussian noise of ``sigma`` (in
+    ``values``' units), as float64: a function of the noised integers only."""
+    grid = torch.round(values.double() / step).long()
+    return (grid + discrete_gaussian(tuple(grid.shape), sigma / step, generator)).double() * step
 
 
 def class_statistics(stream: str, label: int, count: float, total: torch.Tensor, second: torch.Tensor,
@@ -235,9 +266,10 @@ def release_statistics(acc: StatsAccumulator, noise: StatsNoise, rank: int,
 
     Noise from ``os.urandom`` unless ``generator`` (tests; warns).
     """
-    if abs(noise.max_norm - acc.max_norm) > 1e-12 * acc.max_norm:
-        raise ConfigError("class statistics", [f"noise calibrated for max_norm={noise.max_norm}, accumulated "
-                                               f"with max_norm={acc.max_norm}; expected the same clipping norm"])
+    if abs(noise.max_norm - acc.max_norm) > 1e-12 * acc.max_norm or noise.dim != acc.dim:
+        raise ConfigError("class statistics", [f"noise calibrated for max_norm={noise.max_norm}, dim={noise.dim}; "
+                                               f"accumulated with max_norm={acc.max_norm}, dim={acc.dim}; expected "
+                                               "the same clipping norm and latent size"])
     if not 1 <= rank <= acc.dim:
         raise ConfigError("class statistics", [f"rank={rank}; expected 1 <= rank <= {acc.dim}"])
     out: list[ClassStatistics] = []
@@ -245,12 +277,12 @@ def release_statistics(acc: StatsAccumulator, noise: StatsNoise, rank: int,
     upper = torch.triu_indices(d, d)
     for stream in sorted(acc.cells):
         cell = acc.cells[stream]
-        counts = cell["counts"] + noise.counts * _normal((k,), generator)
-        sums = cell["sums"] + noise.sums * _normal((k, d), generator)
+        counts = _noised_on_grid(cell["counts"], 1.0, noise.counts, generator)
+        sums = _noised_on_grid(cell["sums"], noise.sums_step, noise.sums, generator)
         for c in range(k):
             tri = torch.zeros(d, d, dtype=torch.float64)
-            tri[upper[0], upper[1]] = cell["second"][c].double()[upper[0], upper[1]] + \
-                noise.second * _normal((upper.shape[1],), generator)
+            tri[upper[0], upper[1]] = _noised_on_grid(cell["second"][c][upper[0], upper[1]], noise.second_step,
+                                                      noise.second, generator)
             second = tri + torch.triu(tri, 1).T  # the released upper triangle, mirrored
             stats = class_statistics(stream, c, float(counts[c]), sums[c], second, rank, noise.second)
             if stats is not None:
@@ -287,7 +319,7 @@ def release_dreams(acc: StatsAccumulator, config: PrivacyConfig, store: ReplaySt
     if store.released(acc.release_id):  # a day restored from a checkpoint taken before its release
         acc.clear()
         return 0
-    noise = stats_noise(config.epsilon, config.delta, config.max_norm)
+    noise = stats_noise(config.epsilon, config.delta, config.max_norm, acc.dim)
     released = release_statistics(acc, noise, min(config.rank, acc.dim), noise_generator)
     store.record_release(acc.release_id, {"epsilon": noise.epsilon, "delta": noise.delta,
                                           "max_norm": noise.max_norm, "mu": noise.mu, "rank": config.rank})

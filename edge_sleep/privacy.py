@@ -1,29 +1,39 @@
-"""Per-record differential privacy for the replay store: clipping, the analytic Gaussian
-mechanism, k-ary randomized response, and noise from a cryptographically secure source (pure).
+"""Per-record differential privacy for the replay store: clipping, Gaussian mechanisms (the
+analytic calibration, and the discrete Gaussian on a grid that stored records use), k-ary
+randomized response, and noise from a cryptographically secure source (pure).
 
 A stored record is one release of one example. Its latent ``x`` (a row of ``d`` floats) is
 clipped to L2 norm ``C`` (so replacing the example moves the clipped row by at most ``2C``: the
-sensitivity is ``2C`` under replacement) and gets ``N(0, sigma^2 I)`` noise, with ``sigma`` the
-smallest that makes the Gaussian mechanism ``(epsilon, delta)``-DP by the exact condition of
-Balle & Wang (2018, "Improving the Gaussian Mechanism for Differential Privacy: Analytical
-Calibration and Optimal Denoising", Theorem 8):
+sensitivity is ``2C`` under replacement), put on a grid of step ``C / GRID_STEPS`` (rounding moves
+a row by at most ``sqrt(d) / 2`` steps, so the sensitivity in steps is ``2 GRID_STEPS + sqrt(d)``),
+and gets discrete Gaussian noise (Canonne, Kamath and Steinke 2020, "The Discrete Gaussian for
+Differential Privacy", Algorithm 3) on that grid: integers, so no floating-point artefact of the
+noise can leak the value it was added to (Mironov 2012's attack on float noise). The noise's
+scale, ``z`` times the sensitivity, is the smallest ``z`` for which Opacus' RDP accountant gives
+``(epsilon, delta)`` for one release (:func:`rdp_noise_multiplier`; the discrete Gaussian's Renyi
+divergences are at most the continuous one's, CKS 2020 section 4). Labels may go through k-ary
+randomized response, ``epsilon``-DP on its own: keep the label with probability
+``e^eps / (e^eps + k - 1)``, else report one of the other ``k - 1`` uniformly.
+
+:func:`analytic_gaussian_sigma` is the exact condition of Balle and Wang (2018, "Improving the
+Gaussian Mechanism for Differential Privacy", Theorem 8) for the continuous Gaussian
 
     Phi(D / (2 s) - eps * s / D) - exp(eps) * Phi(-D / (2 s) - eps * s / D) <= delta
 
-with ``D`` the sensitivity and ``s = sigma``. This is tighter than the classic
-``sigma = D * sqrt(2 ln(1.25 / delta)) / eps`` (which holds only for ``eps < 1``). Labels may go
-through k-ary randomized response, ``epsilon``-DP on its own: keep the label with probability
-``e^eps / (e^eps + k - 1)``, else report one of the other ``k - 1`` uniformly.
+(tighter than the classic ``sigma = D * sqrt(2 ln(1.25 / delta)) / eps``, which holds only for
+``eps < 1``); the per-class design (:mod:`edge_sleep.dreams`) releases float statistics with it.
 
-Noise comes from ``os.urandom`` (the operating system's CSPRNG) through the Box-Muller transform
-unless a ``torch.Generator`` is passed: that deterministic mode is for tests, and says so with a
-:class:`DeterministicNoiseWarning`.
+Noise comes from ``os.urandom`` (the operating system's CSPRNG) unless a ``torch.Generator`` is
+passed: that deterministic mode is for tests, and says so with a :class:`DeterministicNoiseWarning`.
 
 Example:
     >>> sigma = analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=1.0)
     >>> round(sigma, 3), sigma < classic_gaussian_sigma(1.0, 1e-5, 1.0)
     (3.731, True)
     >>> gaussian_delta(sigma, 1.0, 1.0) <= 1e-5
+    True
+    >>> z = rdp_noise_multiplier(8.0, 1e-5)
+    >>> compose_gaussian_epsilon(z, 1, 1e-5) <= 8.0
     True
 """
 
@@ -48,8 +58,10 @@ __all__ = [
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
     "clip_rows",
+    "GRID_STEPS",
+    "rdp_noise_multiplier",
+    "discrete_gaussian",
     "secure_normal",
-    "gaussian_noise",
     "rr_keep_probability",
     "randomized_response",
     "RecordPrivacy",
@@ -137,6 +149,68 @@ def clip_rows(x: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (x.float() * scale).to(x.dtype)
 
 
+GRID_STEPS = 4096  # a stored record's noise lives on a grid of C / GRID_STEPS
+_RDP_ORDERS = [1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + \
+    [64.0 * 1.25 ** k for k in range(30)]  # Opacus' default orders, extended upward for large epsilons
+
+
+def rdp_noise_multiplier(epsilon: float, delta: float, *, tol: float = 1e-6) -> float:
+    """The smallest noise multiplier ``z`` (noise over sensitivity) for which Opacus' RDP accountant
+    says one Gaussian release is ``(epsilon, delta)``-DP (bisection, relative precision ``tol``)."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    _check(epsilon, delta, 1.0)
+
+    def eps_of(z: float) -> float:
+        rdp = compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=_RDP_ORDERS)
+        return float(get_privacy_spent(orders=_RDP_ORDERS, rdp=rdp, delta=delta)[0])
+
+    lo, hi = 1e-3, 1.0
+    while eps_of(hi) > epsilon:
+        lo, hi = hi, hi * 2.0
+    while hi - lo > tol * hi:
+        mid = 0.5 * (lo + hi)
+        if eps_of(mid) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def discrete_gaussian(shape: tuple[int, ...], sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer samples ``(shape)`` int64 of the discrete Gaussian ``N_Z(0, sigma^2)``:
+    ``P[k] ~ exp(-k^2 / (2 sigma^2))`` on the integers.
+
+    Canonne, Kamath and Steinke (2020), Algorithm 3, vectorised: a discrete Laplace proposal of
+    scale ``t = floor(sigma) + 1`` (a geometric magnitude and a sign, ``-0`` rejected), accepted
+    with probability ``exp(-(|y| - sigma^2 / t)^2 / (2 sigma^2))``. Uniforms from ``os.urandom``
+    unless ``generator`` (tests; warns). The acceptance test is in float64: the output is an
+    integer, so the rounding can only bias a probability by about 1e-16, never reveal a value.
+    """
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ConfigError("discrete_gaussian", [f"sigma={sigma}; expected a finite number > 0"])
+    n = math.prod(shape)
+    t = math.floor(sigma) + 1
+    s2 = sigma * sigma
+    if generator is not None:
+        warnings.warn("privacy noise from a seeded torch.Generator is repeatable and gives no privacy; "
+                      "use it only in tests (pass no generator for noise from os.urandom)",
+                      DeterministicNoiseWarning, stacklevel=2)
+    out = np.empty(0, dtype=np.int64)
+    while out.size < n:
+        m = 2 * (n - out.size) + 16
+        if generator is None:
+            u = _secure_uniform(3, m)
+        else:
+            u = torch.rand(3, m, generator=generator, dtype=torch.float64).clamp_min(2.0 ** -60).numpy()
+        magnitude = np.floor(-t * np.log(u[0])).astype(np.int64)  # geometric: P[>= k] = exp(-k / t)
+        negative = u[1] < 0.5
+        y = np.where(negative, -magnitude, magnitude)
+        keep = ~(negative & (magnitude == 0)) & (u[2] < np.exp(-((np.abs(y) - s2 / t) ** 2) / (2.0 * s2)))
+        out = np.concatenate([out, y[keep]])
+    return torch.from_numpy(out[:n].copy()).reshape(shape)
+
+
 def _secure_uniform(*shape: int) -> np.ndarray:
     """Uniform float64 samples in ``(0, 1)`` (never 0) from ``os.urandom``, 53 random bits each."""
     raw = np.frombuffer(os.urandom(8 * math.prod(shape)), dtype=np.uint64).reshape(shape)
@@ -152,16 +226,6 @@ def secure_normal(shape: tuple[int, ...]) -> torch.Tensor:
     theta = 2.0 * np.pi * u[:, 1]
     z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
     return torch.from_numpy(z.astype(np.float32)).reshape(shape)
-
-
-def gaussian_noise(shape: tuple[int, ...], sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``N(0, sigma^2)`` noise of ``shape``: from the OS's CSPRNG, or from ``generator`` (tests; warns)."""
-    if generator is None:
-        return secure_normal(shape) * sigma
-    warnings.warn("privacy noise from a seeded torch.Generator is repeatable and gives no privacy; "
-                  "use it only in tests (pass no generator for noise from os.urandom)",
-                  DeterministicNoiseWarning, stacklevel=2)
-    return torch.randn(shape, generator=generator) * sigma
 
 
 def rr_keep_probability(epsilon: float, num_classes: int) -> float:
@@ -201,7 +265,9 @@ class RecordPrivacy:
 
     Attributes:
         epsilon, delta: the latent's guarantee; max_norm: the clipping norm ``C``; sigma: the
-            noise's standard deviation per coordinate; label_epsilon: randomized response's.
+            noise's scale at sensitivity ``2C``, ``z * 2C`` with ``z`` the noise multiplier (the
+            discrete noise per coordinate is ``sigma * (1 + sqrt(d) / (2 GRID_STEPS))``, rounding
+            included); label_epsilon: randomized response's.
 
     A record with ``epsilon`` set and no ``sigma`` is a dream (:mod:`edge_sleep.dreams`): drawn
     from class statistics released ``(epsilon, delta)``-DP, latent and label together.
@@ -222,11 +288,12 @@ class RecordPrivacy:
 
 
 def record_privacy(config: PrivacyConfig) -> RecordPrivacy:
-    """The mechanism ``config`` asks for: ``sigma`` by the analytic Gaussian mechanism at
-    sensitivity ``2 * max_norm`` (one example replaced by any other)."""
+    """The mechanism ``config`` asks for: ``sigma = z * 2 * max_norm``, with ``z`` the noise
+    multiplier Opacus' RDP accountant needs for one release at ``(epsilon, delta)``
+    (:func:`rdp_noise_multiplier`; sensitivity ``2 * max_norm``: one example replaced by any other)."""
     if config.epsilon is None:
         return RecordPrivacy(label_epsilon=config.label_epsilon)
-    sigma = analytic_gaussian_sigma(config.epsilon, config.delta, 2.0 * config.max_norm)
+    sigma = rdp_noise_multiplier(config.epsilon, config.delta) * 2.0 * config.max_norm
     return RecordPrivacy(config.epsilon, config.delta, config.max_norm, sigma, config.label_epsilon)
 
 
@@ -246,9 +313,11 @@ def privatize(
 ) -> tuple[torch.Tensor, torch.Tensor, RecordPrivacy]:
     """Clip and noise each latent row, randomize each label, as ``config`` asks.
 
-    Each row is clipped to L2 norm ``C = max_norm``, gets Gaussian noise of ``sigma`` per
-    coordinate, and is projected back onto the ball of radius ``C`` (post-processing: it changes
-    nothing in the guarantee, and keeps a stored record the size of a real one).
+    Each row is clipped to L2 norm ``C = max_norm``, rounded to the grid of step
+    ``C / GRID_STEPS``, gets discrete Gaussian noise on that grid (``z`` times the grid's
+    sensitivity ``2 GRID_STEPS + sqrt(d)``), and is projected back onto the ball of radius ``C``
+    (post-processing: it changes nothing in the guarantee, and keeps a stored record the size of a
+    real one). What is stored is a function of the noised integers only.
 
     Args:
         latents: ``(N, ...)`` float; each record flattened is one row.
@@ -273,10 +342,15 @@ def privatize(
                 "noise. Fix: store a float hidden state with StoreConfig(latent_layer=...), or set epsilon=None"])
         n, c = latents.shape[0], params.max_norm or 1.0
         flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), c)
+        step = c / GRID_STEPS
+        grid = torch.round(flat.double() / step).long()  # |rounding| <= 1/2 step a coordinate
+        z = params.sigma / (2.0 * c)
+        noised = grid + discrete_gaussian(tuple(grid.shape), z * (2.0 * GRID_STEPS + math.sqrt(grid.shape[1])),
+                                          generator)
         # projected back onto the ball of radius C: post-processing, so the guarantee is unchanged,
         # and a stored record is never larger than a real one (noise of norm ~ sigma * sqrt(d)
         # would otherwise make replay's gradients explode)
-        flat = clip_rows(flat + gaussian_noise(tuple(flat.shape), params.sigma, generator), c)
+        flat = clip_rows((noised.double() * step).float(), c)
         out_x = flat.reshape(latents.shape).to(device=latents.device, dtype=latents.dtype)
     if params.label_epsilon is not None:
         out_y = randomized_response(labels.cpu(), num_classes, params.label_epsilon, generator).to(labels.device)
@@ -342,7 +416,8 @@ class PrivacyReport:
         if self.private:
             lines.append(
                 f"{self.private} have a differentially private latent: clipped to L2 norm {self.max_norm:g} and "
-                f"noised with Gaussian sigma {self.sigma:.4g} per coordinate (the analytic Gaussian mechanism), so "
+                f"noised with discrete Gaussian noise on a grid of {self.max_norm:g}/{GRID_STEPS}, noise multiplier "
+                f"{(self.sigma or 0.0) / (2 * (self.max_norm or 1.0)):.4g} (Opacus' RDP accountant), so "
                 f"each latent is ({self.epsilon:g}, {self.delta:g})-DP{self._raw_labels()}: whether or not a given "
                 f"example was stored changes the probability of anything learned from its latent by a factor of at "
                 f"most e^{self.epsilon:g}, except with probability {self.delta:g}.")

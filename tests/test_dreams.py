@@ -12,27 +12,29 @@ import torch
 from edge_sleep import EdgeSleep
 from edge_sleep.config import PrivacyConfig, SleepConfig, StoreConfig
 from edge_sleep.dreams import (SHARES, StatsAccumulator, class_statistics, draw_dreams, release_statistics,
-                               stats_noise)
+                               stats_noise, stats_sensitivities)
 from edge_sleep.errors import ConfigError, InputError
-from edge_sleep.privacy import DeterministicNoiseWarning, analytic_gaussian_sigma, gaussian_delta
+from edge_sleep.privacy import GRID_STEPS, DeterministicNoiseWarning, compose_gaussian_epsilon
 
 from .conftest import small_mlp
 
 
 @pytest.mark.parametrize("epsilon", [0.5, 1.0, 4.0, 8.0])
-def test_the_three_blocks_together_are_exactly_epsilon_delta(epsilon: float) -> None:
-    c = 3.0
-    noise = stats_noise(epsilon, 1e-5, c)
+def test_the_three_blocks_together_are_one_release_at_epsilon_delta(epsilon: float) -> None:
+    c, d = 3.0, 10
+    noise = stats_noise(epsilon, 1e-5, c, d)
+    sens = stats_sensitivities(c, d)
+    assert sens["sums"] == pytest.approx(2 * c * (1 + math.sqrt(d) / (2 * GRID_STEPS)))
+    assert sens["second"] == pytest.approx(c * c * (math.sqrt(2) + math.sqrt(55) / GRID_STEPS))
     # each block's sensitivity over its noise, squared and summed: the release's mu^2
-    ratios = {"counts": math.sqrt(2) / noise.counts, "sums": 2 * c / noise.sums,
-              "second": math.sqrt(2) * c * c / noise.second}
+    ratios = {b: sens[b] / getattr(noise, b) for b in SHARES}
     mu = math.sqrt(sum(r * r for r in ratios.values()))
     assert mu == pytest.approx(noise.mu, rel=1e-12)
-    assert gaussian_delta(1.0 / mu, epsilon, 1.0) <= 1e-5 * (1 + 1e-6)
-    assert gaussian_delta(1.01 / mu, epsilon, 1.0) < 1e-5 < gaussian_delta(0.99 / mu, epsilon, 1.0)  # tight
     for block, share in SHARES.items():
         assert ratios[block] ** 2 == pytest.approx(share * mu * mu)
-    assert noise.mu == pytest.approx(1.0 / analytic_gaussian_sigma(epsilon, 1e-5, 1.0))
+    # one Gaussian release with noise multiplier 1 / mu: Opacus' accountant says (epsilon, 1e-5), tightly
+    assert compose_gaussian_epsilon(1 / mu, 1, 1e-5) <= epsilon
+    assert compose_gaussian_epsilon(0.999 / mu, 1, 1e-5) > epsilon
 
 
 def test_the_sensitivities_hold_for_clipped_rows() -> None:
@@ -106,13 +108,14 @@ def test_a_release_is_noised_with_the_calibrated_sigma_and_floors_the_noise_eige
     d, n = 8, 50
     acc = StatsAccumulator(2, (d,), 1.0)
     acc.add(torch.zeros(n, d), torch.zeros(n, dtype=torch.int64))  # class 0: n zero rows; class 1: none
-    noise = stats_noise(1.0, 1e-5, 1.0)
+    noise = stats_noise(1.0, 1e-5, 1.0, d)
     with pytest.warns(DeterministicNoiseWarning):
         out = release_statistics(acc, noise, rank=d, generator=torch.Generator().manual_seed(0))
     # class 1 (count 0) is dropped unless its noise pushed the count past 1
     zero = next(s for s in out if s.label == 0)
     assert abs(zero.count - n) < 6 * noise.counts
     assert float(zero.mean.norm()) < 6 * noise.sums * math.sqrt(d) / n * 1.5
+    assert float(zero.mean.norm()) > 0  # noised
     # the data have no spread: what the noise makes of the covariance is below the floor
     assert float(zero.factor.norm()) == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ConfigError, match="rank"):
