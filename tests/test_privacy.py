@@ -115,11 +115,14 @@ def test_discrete_gaussian_has_the_gaussian_pmf_on_the_integers(sigma: float) ->
     assert k.dtype == torch.int64
     assert abs(float(k.float().mean())) < 4 * sigma / math.sqrt(400_000) + 1e-3
     assert float(k.float().std()) == pytest.approx(sigma, rel=0.01)
-    counts = torch.bincount((k + 10 * int(sigma) + 10).clamp(min=0))
-    zero = 10 * int(sigma) + 10
-    for j in (1, 2):  # P[j] / P[0] = exp(-j^2 / (2 sigma^2))
-        ratio = float(counts[zero + j] + counts[zero - j]) / (2 * float(counts[zero]))
-        assert ratio == pytest.approx(math.exp(-j * j / (2 * sigma * sigma)), rel=0.03)
+    # the probability of |k| <= j, against the exact pmf (normalised over +-12 sigma): within 5 sd
+    support = torch.arange(-12 * int(sigma) - 12, 12 * int(sigma) + 13, dtype=torch.float64)
+    pmf = torch.exp(-support ** 2 / (2 * sigma * sigma))
+    pmf /= pmf.sum()
+    for j in (0, 1, max(1, round(sigma / 2)), max(2, round(sigma))):
+        p = float(pmf[support.abs() <= j].sum())
+        seen = float((k.abs() <= j).double().mean())
+        assert abs(seen - p) < 5 * math.sqrt(p * (1 - p) / 400_000), (j, seen, p)
     with pytest.warns(DeterministicNoiseWarning):
         a = discrete_gaussian((5,), 2.0, torch.Generator().manual_seed(0))
     with pytest.warns(DeterministicNoiseWarning):
