@@ -162,10 +162,26 @@ def test_no_screen_column_means_no_usage(tmp_path: Path) -> None:
 # (d) unix seconds, and offsets ignored for the hour of day
 def test_unix_seconds_give_the_same_day(tmp_path: Path) -> None:
     iso = day_from_trace(write_csv(tmp_path / "iso.csv", phone_rows()))
-    unix = day_from_trace(write_csv(tmp_path / "unix.csv", phone_rows(), time_format="unix"))
+    unix = day_from_trace(write_csv(tmp_path / "unix.csv", phone_rows(), time_format="unix"), tz="UTC")
     assert (unix.usage, unix.charging, unix.start_battery_frac) == (
         iso.usage, iso.charging, iso.start_battery_frac)
     assert unix.source == "trace: unix.csv (3 days, 2026-11-20 to 2026-11-22)"
+
+
+def test_unix_seconds_need_the_devices_time_zone(tmp_path: Path) -> None:
+    """Issue 24: a trace from UTC-8 read as UTC put its usage at 03:00-05:30, silently."""
+    path = write_csv(tmp_path / "unix.csv", phone_rows(), time_format="unix")
+    with pytest.raises(TraceError, match="unix seconds carry no time zone") as e:
+        day_from_trace(path)
+    assert "--tz" in str(e.value)
+    utc = day_from_trace(path, tz="UTC")
+    pacific = day_from_trace(path, tz="-08:00")  # the same instants, eight hours earlier on the wall clock
+    shift = [((a - 8) % 24, (b - 8) % 24 or 24.0) for a, b in utc.usage]
+    assert sorted(pacific.usage) == sorted(shift)
+    with pytest.raises(ConfigError, match="tz='Mars/Olympus'"):
+        day_from_trace(path, tz="Mars/Olympus")
+    run = run_tool(str(path), "--tz=-08:00")  # an offset starts with "-": given with "="
+    assert run.returncode == 0 and "usage" in run.stdout
 
 
 def test_offsets_keep_the_wall_clock(tmp_path: Path) -> None:

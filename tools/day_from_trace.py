@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python tools/day_from_trace.py TRACE.csv [--out FILE] [--learn-steps-per-hour 40] [--resolution-min 5]
+    python tools/day_from_trace.py TRACE.csv [--tz ZONE] [--out FILE] [--learn-steps-per-hour 40] [--resolution-min 5]
 
 Prints the table, or writes it to ``--out`` (atomically: a temporary file beside it, then
 ``os.replace``). A trace that cannot make a day prints the reason on stderr and exits 2. The
@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Turn a CSV trace (time + battery/charging/screen columns) into a [day] table.")
     parser.add_argument("trace", type=Path, help="the CSV trace")
     parser.add_argument("--out", type=Path, help="write the table here instead of printing it")
+    parser.add_argument("--tz", default=None,
+                        help="the device's time zone: UTC, an offset like --tz=-08:00, or a name like America/Los_Angeles "
+                             "(needed for unix seconds; converts ISO times that carry an offset)")
     parser.add_argument("--learn-steps-per-hour", type=float, default=40.0,
                         help="wake steps the app learns per hour of use (default 40)")
     parser.add_argument("--resolution-min", type=int, default=5,
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         day = day_from_trace(args.trace, learn_steps_per_usage_hour=args.learn_steps_per_hour,
-                             resolution_min=args.resolution_min)
+                             resolution_min=args.resolution_min, tz=args.tz)
         text = day_to_toml(day)
         if args.out is None:
             sys.stdout.write(text)

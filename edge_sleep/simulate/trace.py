@@ -25,7 +25,7 @@ import statistics
 import tomllib  # noqa: F401  (used by the doctest of day_to_toml)
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 
 from edge_sleep.errors import ConfigError, EdgeSleepError
@@ -193,8 +193,34 @@ def parse_screen(token: str) -> bool | None:
     return _lookup_token(token, _SCREEN_TOKENS, "screen")
 
 
-def _parse_time(cell: str, path: Path, line: int) -> float:
-    """A ``time`` cell (ISO 8601 or unix seconds) -> wall-clock seconds since the epoch."""
+def parse_tz(name: str) -> tzinfo:
+    """A time zone: ``"UTC"``, a fixed offset (``"+05:30"``, ``"-08:00"``) or an IANA name
+    (``"America/Los_Angeles"``, read from the system's zone database).
+
+    Raises:
+        ConfigError: a name that is none of these.
+    """
+    text = name.strip()
+    if text.upper() in ("UTC", "Z"):
+        return timezone.utc
+    if text[:1] in "+-" and len(text) == 6 and text[3] == ":" and text[1:3].isdigit() and text[4:].isdigit():
+        sign = 1 if text[0] == "+" else -1
+        return timezone(sign * timedelta(hours=int(text[1:3]), minutes=int(text[4:])))
+    try:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(text)
+    except (ValueError, OSError, ImportError) as e:  # ZoneInfoNotFoundError is a KeyError subclass on some versions
+        raise ConfigError("tz", [f"tz={name!r} ({type(e).__name__}); expected 'UTC', an offset like '-08:00', or a "
+                                 "zone name like 'America/Los_Angeles' that this system's zone database holds"]) from None
+    except KeyError:
+        raise ConfigError("tz", [f"tz={name!r}; expected 'UTC', an offset like '-08:00', or a zone name like "
+                                 "'America/Los_Angeles' that this system's zone database holds"]) from None
+
+
+def _parse_time(cell: str, path: Path, line: int, tz: tzinfo | None = None) -> float:
+    """A ``time`` cell (ISO 8601 or unix seconds) -> wall-clock seconds since the epoch, on the
+    trace's wall clock: unix seconds (and stamps with an offset) converted to ``tz``."""
     text = cell.strip()
     expected = "an ISO 8601 time like '2026-11-20T07:15:00' (an offset is allowed) or unix seconds"
     if not text:
@@ -211,13 +237,21 @@ def _parse_time(cell: str, path: Path, line: int) -> float:
             raise TraceError("unix time out of range", path=path, line=line, column="time",
                              value=cell, expected=f"unix seconds in [0, {_MAX_UNIX_S:g})",
                              fix=f"write the time on line {line} in seconds{hint}.")
-        return number  # unix seconds carry no wall clock: read as UTC
+        if tz is None:  # unix seconds carry no wall clock: the hour of day needs the device's zone
+            raise TraceError("unix seconds carry no time zone", path=path, line=line, column="time", value=cell,
+                             expected="the device's time zone, to know the hour of day",
+                             fix="pass tz (--tz America/Los_Angeles, --tz=-08:00, or --tz UTC if the device "
+                                 "ran on UTC).")
+        stamp = datetime.fromtimestamp(number, tz)
+        return (stamp.replace(tzinfo=None) - _EPOCH).total_seconds()
     try:
         stamp = datetime.fromisoformat(text)
     except ValueError:
         raise TraceError("the time cannot be read", path=path, line=line, column="time",
                          value=cell, expected=expected,
                          fix=f"write the time on line {line} as e.g. 2026-11-20T07:15:00.") from None
+    if tz is not None and stamp.tzinfo is not None:
+        stamp = stamp.astimezone(tz)
     return (stamp.replace(tzinfo=None) - _EPOCH).total_seconds()
 
 
@@ -238,13 +272,14 @@ def _parse_battery(cell: str, path: Path, line: int) -> tuple[float, bool] | Non
     return value, percent_sign
 
 
-def read_trace(path: Path) -> list[TraceEvent]:
+def read_trace(path: Path, *, tz: str | None = None) -> list[TraceEvent]:
     """Read a CSV trace of battery, charging and screen events.
 
     The first line is a header (names in any case; unknown columns are ignored). Columns:
 
-    - ``time`` (required): ISO 8601 (``2026-11-20T07:15:00``, optionally with an offset, which
-      is ignored: the wall-clock time as written is kept) or unix seconds (read as UTC).
+    - ``time`` (required): ISO 8601 (``2026-11-20T07:15:00``, optionally with an offset: without
+      ``tz`` the wall-clock time as written is kept, with ``tz`` it is converted to that zone) or
+      unix seconds (which need ``tz``: they carry no hour of day).
     - ``battery``: a fraction in ``[0, 1]``, or a percent in ``[0, 100]`` (a trailing ``%`` is
       allowed); a file is read as percent when any value is above 1 or has a ``%``.
     - ``charging``: see :func:`parse_charging`.
@@ -256,6 +291,7 @@ def read_trace(path: Path) -> list[TraceEvent]:
 
     Args:
         path: the CSV file (UTF-8, a byte-order mark allowed).
+        tz: the device's time zone (:func:`parse_tz`).
 
     Returns:
         The events in file order (at least one).
@@ -266,8 +302,9 @@ def read_trace(path: Path) -> list[TraceEvent]:
         OSError: the file cannot be read.
     """
     path = Path(path)
+    zone = None if tz is None else parse_tz(tz)
     try:
-        return _read_rows(path)
+        return _read_rows(path, zone)
     except UnicodeDecodeError as error:
         raise TraceError("the file is not UTF-8 text", path=path,
                          value=f"byte 0x{error.object[error.start]:02x} at offset {error.start}",
@@ -275,7 +312,7 @@ def read_trace(path: Path) -> list[TraceEvent]:
                          fix="save the trace as UTF-8 CSV.") from None
 
 
-def _read_rows(path: Path) -> list[TraceEvent]:
+def _read_rows(path: Path, tz: tzinfo | None) -> list[TraceEvent]:
     with path.open("r", encoding="utf-8-sig", newline="") as handle:
         reader = csv.reader(handle)
         header: list[str] | None = None
@@ -324,7 +361,7 @@ def _read_rows(path: Path) -> list[TraceEvent]:
                 index = columns.get(name)
                 return row[index] if index is not None and index < len(row) else ""
 
-            time_s = _parse_time(cell("time"), path, line)
+            time_s = _parse_time(cell("time"), path, line, tz)
             if previous is not None and time_s < previous[1]:
                 raise TraceError("the row is earlier than the row before it", path=path,
                                  line=line, column="time", value=cell("time"),
@@ -544,11 +581,13 @@ def day_from_trace(
     *,
     learn_steps_per_usage_hour: float = 40.0,
     resolution_min: int = 5,
+    tz: str | None = None,
 ) -> DayPlan:
     """Read a trace file and fold it into a typical day named after the file.
 
     Args:
         path: the CSV trace (see :func:`read_trace`).
+        tz: the device's time zone (needed for unix seconds; see :func:`read_trace`).
         learn_steps_per_usage_hour: copied into the plan.
         resolution_min: slot length in minutes (see :func:`day_from_events`).
 
@@ -560,7 +599,7 @@ def day_from_trace(
         ConfigError: an argument is out of range.
         OSError: the file cannot be read.
     """
-    events = read_trace(path)
+    events = read_trace(path, tz=tz)
     try:
         return day_from_events(events, learn_steps_per_usage_hour=learn_steps_per_usage_hour,
                                resolution_min=resolution_min, source=describe_trace(path, events))
