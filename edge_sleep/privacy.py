@@ -23,8 +23,8 @@ Gaussian Mechanism for Differential Privacy", Theorem 8) for the continuous Gaus
 (tighter than the classic ``sigma = D * sqrt(2 ln(1.25 / delta)) / eps``, which holds only for
 ``eps < 1``); the per-class design (:mod:`edge_sleep.dreams`) releases float statistics with it.
 
-Noise comes from ``os.urandom`` (the operating system's CSPRNG) unless a ``torch.Generator`` is
-passed: that deterministic mode is for tests, and says so with a :class:`DeterministicNoiseWarning`.
+Noise comes from the operating system's CSPRNG (``os.urandom``, stretched by AES-256 in counter
+mode for large draws) unless a ``torch.Generator`` is passed: that deterministic mode is for tests, and says so with a :class:`DeterministicNoiseWarning`.
 
 Example:
     >>> sigma = analytic_gaussian_sigma(epsilon=1.0, delta=1e-5, sensitivity=1.0)
@@ -198,7 +198,7 @@ def discrete_gaussian(shape: tuple[int, ...], sigma: float, generator: torch.Gen
                       DeterministicNoiseWarning, stacklevel=2)
     out = np.empty(0, dtype=np.int64)
     while out.size < n:
-        m = 2 * (n - out.size) + 16
+        m = int(1.4 * (n - out.size)) + 64  # about 3 in 4 proposals are accepted
         if generator is None:
             u = _secure_uniform(3, m)
         else:
@@ -211,9 +211,22 @@ def discrete_gaussian(shape: tuple[int, ...], sigma: float, generator: torch.Gen
     return torch.from_numpy(out[:n].copy()).reshape(shape)
 
 
+def _secure_bytes(n: int) -> bytes:
+    """``n`` bytes from a cryptographically secure generator: AES-256 in counter mode under a key
+    and nonce fresh from ``os.urandom`` (the construction of NIST SP 800-90A's CTR_DRBG, without
+    reseeding within a call), several times faster than ``os.urandom`` for the megabytes a batch
+    of noise takes."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    if n <= 4096:
+        return os.urandom(n)
+    encryptor = Cipher(algorithms.AES(os.urandom(32)), modes.CTR(os.urandom(16))).encryptor()
+    return encryptor.update(bytes(n)) + encryptor.finalize()
+
+
 def _secure_uniform(*shape: int) -> np.ndarray:
-    """Uniform float64 samples in ``(0, 1)`` (never 0) from ``os.urandom``, 53 random bits each."""
-    raw = np.frombuffer(os.urandom(8 * math.prod(shape)), dtype=np.uint64).reshape(shape)
+    """Uniform float64 samples in ``(0, 1)`` (never 0) from :func:`_secure_bytes`, 53 random bits each."""
+    raw = np.frombuffer(_secure_bytes(8 * math.prod(shape)), dtype=np.uint64).reshape(shape)
     return ((raw >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 

@@ -58,6 +58,9 @@ def test_a_simulated_day_reports_accuracy_energy_and_memory(one_day: tuple[Path,
     assert 0 < day["peak_memory_mb"] <= 1024 and report["targets"]["fits_memory"]
     assert 0.0 <= day["accuracy"] <= 1.0 and len(day["accuracy_per_task"]) == 2
     assert (tmp_path / "out" / "timeline.png").stat().st_size > 10_000
+    # no platform rules asked for: one uninterrupted night, nothing killed or lost
+    assert report["platform"]["rules"] is False and report["platform"]["kills"] == 0
+    assert report["platform"]["max_lost_s"] == 0.0 and day["lost_s"] == 0.0
     assert "SLEEP" in (tmp_path / "out" / "decisions.log").read_text()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["days"] == report["days"]
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith("work-")]  # cleaned up
@@ -128,3 +131,29 @@ def test_calibration_scales_host_time_to_the_device() -> None:
     # a device twice the reference's speed does in 1 s what takes this host 4 s
     assert cal.device_seconds(4.0, relative_speed=2.0) == pytest.approx(1.0)
     assert cal.host_budget(1.0, relative_speed=2.0) == pytest.approx(4.0)
+
+
+def test_platform_rules_kill_cap_and_interrupt_nights_and_a_kill_loses_at_most_one_interval(tmp_path: Path) -> None:
+    """Issue 24: each night got the whole window and saved nothing until its end, so a kill lost it all."""
+    path = write_profile(tmp_path, relative_speed=0.05)  # a slow device: the night spans several runs
+    path.write_text(path.read_text() + "\n[platform]\n" + "\n".join(
+        f'{k} = {{ value = {v}, source = "test" }}' for k, v in {
+            "max_runtime_s": 60, "start_delay_max_s": 0, "skip_probability": 0.0,
+            "interruptions_per_hour": 0.0, "kill_probability": 0.6}.items()) + "\n")
+    profile = load_profile(path)
+    config = SimulationConfig(days=1, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0,
+                              platform=True, checkpoint_every_s=10.0, seed=3)
+    report = simulate(profile, tmp_path / "out", config, calibration=SAME_SPEED, progress=False)
+    plat = report["platform"]
+    assert plat["rules"] and plat["checkpoint_interval_s"] == 10.0 and plat["sources"]["platform.kill_probability"]
+    nights = report["nights"]
+    assert plat["kills"] == sum(x["killed"] for x in nights) >= 1
+    # a run that was neither killed nor the one that completed the night stopped at the OS's cap
+    assert all(x["capped"] for x in nights if not x["killed"] and not x["completed"])
+    assert plat["capped_runs"] == sum(x["capped"] for x in nights)
+    # what a kill loses is the work since the last checkpoint: at most one interval, plus the longest
+    # stretch between two looks at the clock (the night checks between chunks of steps)
+    assert plat["lost_within_bound"] and 0 < plat["max_lost_s"] <= 10.0 + plat["max_check_gap_s"]
+    assert report["days"][0]["lost_s"] == pytest.approx(sum(x["lost_s"] for x in report["nights"]))
+    assert plat["max_stop_s"] is not None and plat["max_stop_s"] < 60.0  # a stop request is a save away
+    assert report["days"][0]["nights_completed"] == 1  # the night still completes, run by run

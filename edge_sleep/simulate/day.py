@@ -12,6 +12,13 @@
    decides. A night runs in a child process (:mod:`edge_sleep.simulate.night`) with the
    profile's threads and memory budget, for at most the rest of the window; a night the window
    cuts short is preempted and resumes in the next window.
+   With ``platform=True`` the profile's ``[platform]`` rules apply
+   (:class:`~edge_sleep.simulate.profiles.PlatformRules`): each window the OS may skip the night
+   or start it late; a run stops at the OS's cap (and runs again later in the window); the user may
+   pick the device up (the run stops and the window ends); a run may be killed without warning.
+   The night then saves its checkpoint every ``checkpoint_every_s`` device seconds, so a kill loses
+   at most that much; the report counts kills, interruptions and skipped nights and measures the
+   work lost and the time a stop takes.
 3. Energy: the profile's use / idle draw over time, plus ``power_active_w`` times the device
    seconds of compute (wake steps and nights); the battery charges at ``charge_w`` on the
    charger. Accuracy on every task seen so far is measured the morning after each night.
@@ -48,7 +55,7 @@ from edge_sleep.schedule import (
     device_conditions,
 )
 from edge_sleep.simulate.calibrate import Calibration, calibrate
-from edge_sleep.simulate.night import OVER_BUDGET_EXIT, NightJob
+from edge_sleep.simulate.night import KILLED_EXIT, OVER_BUDGET_EXIT, NightJob
 from edge_sleep.simulate.profiles import DeviceProfile
 
 __all__ = ["POLICIES", "SimulationConfig", "make_policy", "simulate"]
@@ -72,6 +79,10 @@ class SimulationConfig:
         buffer_records: the replay store's capacity.
         probe_size: stored records in the adaptive policy's probe set.
         model: ``MODULE:CALLABLE`` that builds the model (the child process imports it).
+        platform: apply the profile's ``[platform]`` rules (OS cap, start delay, skipped nights,
+            interruptions, kills).
+        checkpoint_every_s: with ``platform``, the night saves its progress every this many
+            device seconds.
     """
 
     days: int = 3
@@ -84,9 +95,13 @@ class SimulationConfig:
     buffer_records: int = 500
     probe_size: int = 256
     model: str = "edge_sleep.bench.pmnist:mlp"
+    platform: bool = False
+    checkpoint_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         problems = []
+        if not 1.0 <= self.checkpoint_every_s <= 86400.0:
+            problems.append(f"checkpoint_every_s={self.checkpoint_every_s}; expected 1..86400 device seconds")
         if not 1 <= self.days <= 60:
             problems.append(f"days={self.days}; expected 1..60")
         if self.policy not in POLICIES:
@@ -121,6 +136,12 @@ class _Night:
     energy_j: float
     peak_mb: float | None
     failure: str | None = None
+    killed: bool = False
+    lost_s: float = 0.0
+    stop_s: float | None = None
+    check_gap_s: float | None = None
+    capped: bool = False
+    interrupted: bool = False
 
 
 @dataclass
@@ -131,6 +152,10 @@ class _Window:
     work_pending: bool = False
     used: bool = False
     reasons: list[str] = field(default_factory=list)
+    skip: bool = False
+    start_at: float = 0.0
+    interrupt_at: float | None = None
+    skipped: bool = False
 
 
 class _Trace:
@@ -220,6 +245,22 @@ def simulate(
     last_reason = ""
     window: _Window | None = None
     t = 0.0
+    rules = profile.platform if config.platform else None
+    if config.platform and rules is None:
+        raise ConfigError("simulate", [f"platform=True, but profile {profile.key!r} has no [platform] table; expected "
+                                       "one (see edge_sleep.simulate.profiles), or platform=False"])
+    platform_rng = np.random.default_rng([config.seed, 24])
+    step_device_s = 0.0  # the device time of one replay step, measured by the last run
+    platform_counts = {"kills": 0, "interruptions": 0, "skipped_nights": 0, "start_delays": 0, "capped_runs": 0}
+
+    def open_window(ts: float) -> _Window:
+        w = _Window(night_day(ts), ts / 3600.0, start_at=ts)
+        if rules is not None:  # what the OS decides for this window, drawn when it opens
+            w.skip = bool(platform_rng.random() < rules.skip_probability)
+            w.start_at = ts + float(platform_rng.uniform(0.0, rules.start_delay_max_s))
+            if rules.interruptions_per_hour > 0:
+                w.interrupt_at = ts + float(platform_rng.exponential(3600.0 / rules.interruptions_per_hour))
+        return w
 
     def hour_of(ts: float) -> float:
         return (ts % DAY_S) / 3600.0
@@ -255,23 +296,38 @@ def simulate(
         trace.accuracy.append((ts / 3600.0, float(np.nanmean(acc[row, :row + 1]))))
         measured += 1
 
-    def run_night(ts: float, steps: int | None, deadline: float) -> _Night:
+    def run_night(ts: float, steps: int | None, deadline: float, kill_at: float | None = None) -> _Night:
         nonlocal es
         day_i = night_day(ts)
         es.save(ckpt)
         es.store.close()
+        speed = profile.relative_speed
         job = NightJob(checkpoint=str(ckpt), model=config.model, result=str(work / "night.json"),
                        threads=threads, memory_budget_mb=profile.memory_budget_mb,
-                       host_budget_s=cal.host_budget(deadline - ts, relative_speed=profile.relative_speed),
-                       steps=steps)
+                       host_budget_s=cal.host_budget(deadline - ts, relative_speed=speed), steps=steps,
+                       checkpoint_every_host_s=(cal.host_budget(config.checkpoint_every_s, relative_speed=speed)
+                                                if rules is not None else None),
+                       kill_after_host_s=None if kill_at is None else cal.host_budget(kill_at - ts, relative_speed=speed),
+                       progress=str(work / "progress.json"))
         job.write(work / "job.json")
         Path(job.result).unlink(missing_ok=True)
+        Path(job.progress or "").unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         proc = subprocess.run([sys.executable, "-m", "edge_sleep.simulate.night", str(work / "job.json")],
                               env=env, capture_output=True, text=True)
         result: dict[str, Any] = json.loads(Path(job.result).read_text()) if Path(job.result).exists() else \
             {"failure": "error", "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
         es = EdgeSleep.load(ckpt, _build(factory, config.seed))
+        if proc.returncode == KILLED_EXIT:  # the checkpoint holds what the last save held
+            progress = json.loads(Path(job.progress or "").read_text()) if Path(job.progress or "").exists() else {}
+            killed_host = float(progress.get("killed_at_host_s", 0.0))
+            saved_host = float(progress.get("saved_host_s", 0.0))
+            dev_s = cal.device_seconds(killed_host, relative_speed=speed)
+            lost = cal.device_seconds(max(0.0, killed_host - saved_host), relative_speed=speed)
+            gap = cal.device_seconds(float(progress.get("max_check_gap_host_s", 0.0)), relative_speed=speed)
+            return _Night(day_i, ts / 3600.0, (ts + dev_s) / 3600.0, int(progress.get("steps", 0)), False,
+                          killed_host, dev_s, profile.power_active_w * dev_s, None, killed=True, lost_s=lost,
+                          check_gap_s=gap)
         if result["failure"] is not None:
             why = (f"over the memory budget: {result['peak_mb']:.0f} MB > {profile.memory_budget_mb:.0f} MB"
                    if proc.returncode == OVER_BUDGET_EXIT or result["failure"] == "memory"
@@ -279,9 +335,12 @@ def simulate(
             return _Night(day_i, ts / 3600.0, ts / 3600.0, 0, False, 0.0, 0.0, 0.0,
                           result.get("peak_mb"), failure=why)
         rep = result["report"]
-        dev_s = cal.device_seconds(result["host_s"], relative_speed=profile.relative_speed)
+        dev_s = cal.device_seconds(result["host_s"], relative_speed=speed)
+        stop_s = None if result.get("stop_s") is None else cal.device_seconds(result["stop_s"], relative_speed=speed)
+        gap = cal.device_seconds(float(result.get("max_check_gap_s") or 0.0), relative_speed=speed)
         return _Night(day_i, ts / 3600.0, (ts + dev_s) / 3600.0, int(rep["steps"]), bool(rep["completed"]),
-                      float(result["host_s"]), dev_s, profile.power_active_w * dev_s, float(result["peak_mb"]))
+                      float(result["host_s"]), dev_s, profile.power_active_w * dev_s, float(result["peak_mb"]),
+                      stop_s=stop_s, check_gap_s=gap)
 
     total_ticks = int(math.ceil(end_s / config.tick_s))
     bar = tqdm(total=total_ticks, desc=f"simulate {profile.key} ({config.policy})", unit="tick",
@@ -319,7 +378,7 @@ def simulate(
                                 thermal="nominal", screen_on=False)
             why_not = device.device_allows(state)
             if why_not is None and window is None:
-                window = _Window(night_day(t), t / 3600.0)
+                window = open_window(t)
                 windows.append(window)
             elif why_not is not None and window is not None:
                 window.end_h = t / 3600.0
@@ -340,9 +399,39 @@ def simulate(
                     if log is not None:
                         log(decisions[-1])
                     last_reason = decision.reason
-                if decision.sleep:
+                if decision.sleep and window is not None and window.skip:  # the OS does not run it tonight
+                    if not window.skipped:
+                        window.skipped = True
+                        platform_counts["skipped_nights"] += 1
+                        decisions.append(f"day {day_i + 1} {hour:05.2f}h  OS     skipped this window's night")
+                    blocked_until = window_end(t)
+                elif decision.sleep and window is not None and t < window.start_at:  # the OS starts it later
+                    if blocked_until < window.start_at:
+                        platform_counts["start_delays"] += 1
+                        decisions.append(f"day {day_i + 1} {hour:05.2f}h  OS     starts the night "
+                                         f"{(window.start_at - t) / 60:.0f} min later")
+                    blocked_until = window.start_at
+                elif decision.sleep:
                     deadline = window_end(t)
-                    night = run_night(t, decision.steps, deadline)
+                    capped = interrupted = False
+                    kill_at = None
+                    if rules is not None:
+                        if rules.max_runtime_s > 0 and t + rules.max_runtime_s < deadline:
+                            deadline, capped = t + rules.max_runtime_s, True
+                        if window is not None and window.interrupt_at is not None and window.interrupt_at < deadline:
+                            deadline, capped, interrupted = max(t + 1.0, window.interrupt_at), False, True
+                        if platform_rng.random() < rules.kill_probability:
+                            # somewhere in this run: up to its deadline, or to when the night should end
+                            # at the device time per step measured so far
+                            todo = decision.steps or (max(1, es.sleep_state.total_steps - es.sleep_state.step)
+                                                      if es.sleep_state is not None else 1)
+                            length = min(deadline - t, step_device_s * todo) if step_device_s else deadline - t
+                            kill_at = t + float(platform_rng.uniform(0.0, max(1.0, length)))
+                    night = run_night(t, decision.steps, deadline, kill_at)
+                    if not night.killed and night.steps > 0:
+                        step_device_s = night.device_s / night.steps
+                    night.capped = capped and not night.killed and not night.completed
+                    night.interrupted = interrupted and not night.killed and not night.completed
                     nights.append(night)
                     if window is not None:
                         window.used = night.failure is None
@@ -351,6 +440,20 @@ def simulate(
                         blocked_until = deadline  # not again in this window
                     else:
                         busy_until = t + night.device_s
+                        if night.killed:
+                            platform_counts["kills"] += 1
+                            decisions.append(f"day {day_i + 1} {hour:05.2f}h  KILL   after {night.device_s:.0f} s; "
+                                             f"{night.lost_s:.0f} s of work since the last checkpoint lost")
+                        if night.capped:
+                            platform_counts["capped_runs"] += 1
+                        if night.interrupted and window is not None and window.interrupt_at is not None:
+                            platform_counts["interruptions"] += 1
+                            decisions.append(f"day {day_i + 1} {hour:05.2f}h  USER   picked the device up; "
+                                             "the night stopped and saved")
+                            last_use_s = window.interrupt_at + 300.0  # five minutes of use
+                            busy_until = max(busy_until, window.interrupt_at)
+                            window.end_h = window.interrupt_at / 3600.0
+                            window = None
                         if night.completed:
                             probe.refresh(es)
         # power over this tick: the device's own draw, compute, and the charger
@@ -401,6 +504,7 @@ def simulate(
             "peak_memory_mb": max(peaks) if peaks else None,
             "min_battery_frac": min_battery[d] if battery is not None else None,
             "failures": [x.failure for x in mine if x.failure is not None],
+            "lost_s": sum(x.lost_s for x in mine),
         })
     wall_s = time.perf_counter() - wall0
     shares = [d["battery_share"] for d in days_out if d["battery_share"] is not None]
@@ -440,6 +544,17 @@ def simulate(
             "notes": notes,
         },
         "thermal": "not modelled (the simulated state is always 'nominal')",
+        "platform": {
+            "rules": rules is not None,
+            "sources": {k: v for k, v in profile.sources.items() if k.startswith("platform.")} if rules else {},
+            **platform_counts,
+            "checkpoint_interval_s": config.checkpoint_every_s if rules is not None else None,
+            "max_lost_s": max((x.lost_s for x in nights), default=0.0),
+            "max_stop_s": max((x.stop_s for x in nights if x.stop_s is not None), default=None),
+            "max_check_gap_s": max((x.check_gap_s for x in nights if x.check_gap_s is not None), default=None),
+            "lost_within_bound": all(x.lost_s <= config.checkpoint_every_s + (x.check_gap_s or 0.0) + 1e-9
+                                     for x in nights if x.killed),
+        },
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "decisions.log").write_text("\n".join(decisions) + "\n")

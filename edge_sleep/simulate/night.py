@@ -9,6 +9,13 @@ process's own once torch and edge-sleep are imported, so the model, the store an
 work) passes the budget, the child exits with :data:`OVER_BUDGET_EXIT` and its result says so;
 the checkpoint is left as it was before the night.
 
+With ``checkpoint_every_host_s`` the night saves the checkpoint every that many host seconds (it
+stops between chunks of steps, saves atomically, and resumes), and writes ``progress`` after each
+save, so a kill loses at most one interval plus the longest stretch between two looks at the clock
+(the night checks between chunks of steps; ``max_check_gap_s``); the time from each stop decision to
+its saved checkpoint is measured (``stop_s``). ``kill_after_host_s`` kills the child without warning at the
+first check after that time (:data:`KILLED_EXIT`), as a platform's low-memory killer would.
+
 Memory here is the CPython/PyTorch process's; on a phone the same night runs in ExecuTorch,
 whose runtime is smaller than torch's but whose tensors are the same size.
 """
@@ -24,9 +31,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NightJob", "OVER_BUDGET_EXIT", "run_job", "main"]
+__all__ = ["NightJob", "OVER_BUDGET_EXIT", "KILLED_EXIT", "run_job", "main"]
 
 OVER_BUDGET_EXIT = 87
+KILLED_EXIT = 88
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,9 @@ class NightJob:
         memory_budget_mb: the night's memory limit.
         host_budget_s: host seconds the window allows.
         steps: the new night's length (ignored when resuming a preempted night).
+        checkpoint_every_host_s: save the checkpoint every this many host seconds (``None``: once, at the end).
+        kill_after_host_s: die without saving at the first check after this many host seconds.
+        progress: where each save's ``{"saved_host_s", "steps"}`` (and a kill's time) is written.
     """
 
     checkpoint: str
@@ -50,6 +61,9 @@ class NightJob:
     memory_budget_mb: float
     host_budget_s: float
     steps: int | None = None
+    checkpoint_every_host_s: float | None = None
+    kill_after_host_s: float | None = None
+    progress: str | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -96,16 +110,54 @@ def run_job(job: NightJob) -> dict[str, Any]:
     try:
         es = EdgeSleep.load(job.checkpoint, factory())
         t0 = time.perf_counter()
-        report = es.sleep(steps=job.steps, should_stop=lambda: time.perf_counter() - t0 >= job.host_budget_s)
+        steps, first = 0, True
+        stops: list[float] = []
+        checks = [t0, 0.0]  # the last check's time, and the longest stretch between two checks
+        while True:
+            segment0 = time.perf_counter()
+            asked: list[float] = []
+
+            def should_stop() -> bool:
+                now = time.perf_counter()
+                checks[1], checks[0] = max(checks[1], now - checks[0]), now
+                if job.kill_after_host_s is not None and now - t0 >= job.kill_after_host_s:
+                    if job.progress is not None:
+                        _write_result(job.progress, {**_read(job.progress), "killed_at_host_s": now - t0,
+                                                     "max_check_gap_host_s": checks[1]})
+                    os._exit(KILLED_EXIT)  # no warning and nothing saved, as a platform's killer does
+                done = now - t0 >= job.host_budget_s or (
+                    job.checkpoint_every_host_s is not None and now - segment0 >= job.checkpoint_every_host_s)
+                if done:
+                    asked.append(now)
+                return done
+
+            report = es.sleep(steps=job.steps if first else None, should_stop=should_stop)
+            first = False
+            steps += report.steps
+            es.save(job.checkpoint)
+            if asked:
+                stops.append(time.perf_counter() - asked[0])
+            if job.progress is not None:
+                _write_result(job.progress, {"saved_host_s": time.perf_counter() - t0, "steps": steps})
+            if report.completed or report.aborted is not None or time.perf_counter() - t0 >= job.host_budget_s \
+                    or job.checkpoint_every_host_s is None:
+                break
         host_s = time.perf_counter() - t0
-        es.save(job.checkpoint)
         es.store.close()
     finally:
         stop.set()
         dog.join()
     hwm = peak_resident_bytes() or peak[0]
-    return {"failure": None, "report": asdict(report), "host_s": host_s,
-            "peak_mb": (max(peak[0], hwm) - baseline) / 2**20, "threads": job.threads}
+    return {"failure": None, "report": {**asdict(report), "steps": steps}, "host_s": host_s,
+            "peak_mb": (max(peak[0], hwm) - baseline) / 2**20, "threads": job.threads,
+            "stop_s": max(stops) if stops else None, "max_check_gap_s": checks[1]}
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        return dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:

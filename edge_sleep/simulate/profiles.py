@@ -27,6 +27,13 @@ The file's schema (every key is required; unknown keys are errors, so a typo nev
     charging = [[0.0, 6.5], [23.0, 24.0]]
     start_battery_frac = 0.6
     learn_steps_per_usage_hour = 40
+
+    [platform]                       # optional: the OS's rules for background work, each {value, source}
+    max_runtime_s = { value = 600, source = "..." }          # one run's cap; 0: none
+    start_delay_max_s = { value = 1800, source = "..." }     # the OS starts the work up to this late
+    skip_probability = { value = 0.05, source = "..." }      # the OS does not run it in a window
+    interruptions_per_hour = { value = 0.1, source = "..." } # the user picks the device up
+    kill_probability = { value = 0.1, source = "..." }       # a run is killed without warning
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ from typing import Any
 
 from edge_sleep.errors import EdgeSleepError, InputError
 
-__all__ = ["DayPlan", "DeviceProfile", "ProfileError", "load_profile", "profile_dir", "profile_names"]
+__all__ = ["DayPlan", "DeviceProfile", "PlatformRules", "ProfileError", "load_profile", "profile_dir",
+           "profile_names"]
 
 _ENV_DIR = "EDGE_SLEEP_PROFILES"
 _HOURS_PER_DAY = 24.0
@@ -203,6 +211,29 @@ def _toml_windows(windows: tuple[tuple[float, float], ...]) -> str:
 
 
 @dataclass(frozen=True)
+class PlatformRules:
+    """What the operating system does to background work (a profile's ``[platform]`` table).
+
+    Attributes:
+        max_runtime_s: one run's cap (Android WorkManager stops a worker after 10 minutes);
+            the work is stopped (it may checkpoint) and runs again later; ``0``: no cap.
+        start_delay_max_s: the OS starts the work up to this long after its conditions hold
+            (drawn uniformly per window).
+        skip_probability: the OS does not run the work at all in a window.
+        interruptions_per_hour: the user picks the device up while the work runs (a Poisson
+            rate): the work is stopped and the window ends.
+        kill_probability: a run is killed without warning (low-memory killer, jetsam): what it
+            did since its last checkpoint is lost.
+    """
+
+    max_runtime_s: float = 0.0
+    start_delay_max_s: float = 0.0
+    skip_probability: float = 0.0
+    interruptions_per_hour: float = 0.0
+    kill_probability: float = 0.0
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One device. Power in watts, energy capacity in watt-hours, memory in MiB.
 
@@ -218,7 +249,9 @@ class DeviceProfile:
         charge_w: power into the battery on the charger (0 for mains-powered boards).
         relative_speed: throughput on the reference workload relative to the reference machine.
         day: the typical day.
-        sources: field name -> where its number comes from (each hardware field, and ``"day"``).
+        platform: the OS's rules for background work (``None``: the profile gives none).
+        sources: field name -> where its number comes from (each hardware field, ``"day"``, and
+            each ``"platform.<field>"``).
         path: the file it was read from.
     """
 
@@ -237,6 +270,7 @@ class DeviceProfile:
     day: DayPlan
     sources: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    platform: PlatformRules | None = None
 
     @property
     def has_battery(self) -> bool:
@@ -271,7 +305,7 @@ def profile_names() -> list[str]:
 
 # --- validation --------------------------------------------------------------------------------
 
-_TOP_KEYS = ("name", "kind", "hardware", "day")
+_TOP_KEYS = ("name", "kind", "hardware", "day", "platform")
 _KINDS = ("phone", "board")
 _DAY_KEYS = ("source", "usage", "charging", "start_battery_frac", "learn_steps_per_usage_hour")
 
@@ -312,6 +346,15 @@ _HARDWARE: dict[str, _Range] = {
 }
 
 
+_PLATFORM: dict[str, _Range] = {
+    "max_runtime_s": _Range(0, False, 86400, "s (0: no cap)"),
+    "start_delay_max_s": _Range(0, False, 86400, "s"),
+    "skip_probability": _Range(0, False, 1, "(a probability)"),
+    "interruptions_per_hour": _Range(0, False, 60, "per hour"),
+    "kill_probability": _Range(0, False, 1, "(a probability)"),
+}
+
+
 def _number(x: object) -> float | None:
     """``x`` as a float when it is a finite int or float (not a bool), else ``None``."""
     if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
@@ -329,9 +372,9 @@ def _unknown_keys(problems: list[str], where: str, table: dict[str, Any], known:
         problems.append(f"{dotted}: unknown key; expected one of {', '.join(known)}. Fix: {hint}")
 
 
-def _hardware_field(problems: list[str], name: str, entry: object) -> tuple[float, str] | None:
-    dotted = f"hardware.{name}"
-    spec = _HARDWARE[name]
+def _hardware_field(problems: list[str], name: str, entry: object, table: str = "hardware") -> tuple[float, str] | None:
+    dotted = f"{table}.{name}"
+    spec = (_HARDWARE if table == "hardware" else _PLATFORM)[name]
     example = f'{name} = {{ value = <number>, source = "<spec sheet, or estimate: reasoning>" }}'
     if not isinstance(entry, dict):
         problems.append(f"{dotted} = {entry!r}: expected an inline table {{value, source}}. Fix: write `{example}`")
@@ -483,6 +526,25 @@ def _parse(path: Path, data: dict[str, Any]) -> DeviceProfile:
             )
             sources["day"] = str(day_source)
 
+    platform: PlatformRules | None = None
+    platform_table = data.get("platform")
+    if "platform" in data and not isinstance(platform_table, dict):
+        problems.append(f"platform = {platform_table!r}: expected a [platform] table. Fix: add [platform] with "
+                        f"{', '.join(_PLATFORM)}, or remove it")
+    elif isinstance(platform_table, dict):
+        _unknown_keys(problems, "platform", platform_table, tuple(_PLATFORM))
+        rules: dict[str, float] = {}
+        for key, spec in _PLATFORM.items():
+            if key not in platform_table:
+                problems.append(f"platform.{key} is missing: expected {{value = {spec.text()}, source = \"...\"}}. "
+                                f'Fix: add `{key} = {{ value = <number>, source = "<platform docs, or estimate: ..>" }}`')
+                continue
+            got = _hardware_field(problems, key, platform_table[key], "platform")
+            if got is not None:
+                rules[key], sources[f"platform.{key}"] = got
+        if len(rules) == len(_PLATFORM):
+            platform = PlatformRules(**rules)
+
     if problems or day is None:
         raise ProfileError(path, problems)
     return DeviceProfile(
@@ -501,6 +563,7 @@ def _parse(path: Path, data: dict[str, Any]) -> DeviceProfile:
         day=day,
         sources=sources,
         path=path,
+        platform=platform,
     )
 
 
