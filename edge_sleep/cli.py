@@ -265,10 +265,17 @@ def _format_days(report: dict[str, Any]) -> str:
                      f"{d['windows_preempted']:>7d} {d['energy_j']:>8.1f} {f(d['battery_share'], '.3%'):>8s} "
                      f"{f(d['peak_memory_mb'], '.0f'):>8s}")
     lines += [f"note: {note}" for note in report["targets"]["notes"]]
+    plat = report.get("platform") or {}
+    if plat.get("rules"):
+        lines.append(f"platform rules: {plat['kills']} kill(s), {plat['interruptions']} interruption(s), "
+                     f"{plat['skipped_nights']} skipped night(s), {plat['start_delays']} delayed start(s), "
+                     f"{plat['capped_runs']} run(s) stopped at the OS's cap; checkpoint every "
+                     f"{plat['checkpoint_interval_s']:g} s, most work lost to a kill {plat['max_lost_s']:.1f} s")
     return "\n".join(lines)
 
 
-def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, calibration: Path | None) -> int:
+def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, calibration: Path | None,
+                 platform: bool = False, checkpoint_every_s: float = 60.0) -> int:
     """``edge-sleep simulate``: one profile, ``days`` days; prints the per-day summary."""
     import json
 
@@ -279,7 +286,8 @@ def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, cal
 
     try:
         prof = load_profile(profile)
-        config = SimulationConfig(days=days, policy=policy, seed=seed)
+        config = SimulationConfig(days=days, policy=policy, seed=seed, platform=platform,
+                                  checkpoint_every_s=checkpoint_every_s)
         cal = None
         if calibration is not None:
             raw = json.loads(calibration.read_text())
@@ -439,6 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--policy", choices=["fixed", "adaptive"], default="fixed",
                      help="fixed: idle and charging, one replay step per wake step; adaptive: sleep pressure")
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--platform", action="store_true",
+                     help="apply the profile's [platform] rules: the OS's cap, start delay, skipped nights, "
+                          "interruptions and kills")
+    sim.add_argument("--checkpoint-every-s", type=float, default=60.0,
+                     help="with --platform: the night saves its progress every this many device seconds (default 60)")
     sim.add_argument("--calibration", type=Path, default=None,
                      help="a JSON written by tools/calibrate.py (default: calibrate now, a few seconds)")
     watch = sub.add_parser("watch", help="on a Linux device: poll battery, charging, idle and thermal state; "
@@ -483,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("simulate", "watch") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":
-        return run_simulate(args.profile, args.days, args.out, args.policy, args.seed, args.calibration)
+        return run_simulate(args.profile, args.days, args.out, args.policy, args.seed, args.calibration,
+                            args.platform, args.checkpoint_every_s)
     if args.command == "watch":
         return run_watch(args.checkpoint, args.model, args.policy, args.poll_s, args.min_idle_s, args.polls,
                          mains=args.mains, activity_file=args.activity_file, use_terminals=args.use_terminals,
