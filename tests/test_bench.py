@@ -76,3 +76,20 @@ def test_every_row_of_the_benchmark_is_built_from_tuned_values() -> None:
     assert names[:9] == ["naive", "ewc", "er", "derpp", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only",
                          "ssr_adapters"]
     assert len(names) == len(set(names))
+
+
+def test_sources_sha256_names_the_sources_a_result_ran(tmp_path: Path) -> None:
+    """Issue 22, item 6: a results file says which sources made it, even without git."""
+    from edge_sleep.bench.provenance import provenance, sources_sha256
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub" / "__pycache__").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "k.c").write_text("int f(void) { return 1; }\n")
+    first = sources_sha256(pkg)
+    (pkg / "sub" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\x00" * 8)  # not a source
+    (pkg / "notes.md").write_text("prose")
+    assert sources_sha256(pkg) == first and len(first) == 64
+    (pkg / "sub" / "k.c").write_text("int f(void) { return 2; }\n")
+    assert sources_sha256(pkg) != first
+    assert provenance()["sources_sha256"] == sources_sha256()

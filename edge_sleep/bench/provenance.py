@@ -1,28 +1,47 @@
-"""Where a benchmark's result came from: the commit it was made at.
+"""Where a benchmark's result came from: the commit it was made at, and the sources it ran.
 
 Every results file under ``benchmarks/results/`` records ``commit`` (the ``git`` commit of the
-code that wrote it) and ``commit_dirty`` (whether tracked files differed from that commit), so a
-reader can tell whether the numbers describe the code in front of them; a result is regenerated
-when the numerics change.
+code that wrote it), ``commit_dirty`` (whether tracked files differed from that commit) and
+``sources_sha256`` (a hash of the package's own source files as they were, :func:`sources_sha256`),
+so a reader can tell whether the numbers describe the code in front of them, even from an
+installed copy without git; a result is regenerated when the numerics change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
-__all__ = ["provenance"]
+__all__ = ["provenance", "sources_sha256"]
+
+_SOURCE_SUFFIXES = (".py", ".c", ".h", ".cpp", ".hpp", ".txt", ".cmake")
+
+
+def sources_sha256(package: str | Path | None = None) -> str:
+    """SHA-256 over the package's source files (``edge_sleep/``: Python, C and C++ and their build
+    files), each as its path relative to the package and its bytes, in sorted order; compiled
+    files and caches are not sources."""
+    root = Path(package) if package is not None else Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _SOURCE_SUFFIXES
+                       and "__pycache__" not in p.parts):
+        data = path.read_bytes()
+        name = path.relative_to(root).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
 
 
 def provenance(root: str | Path | None = None) -> dict[str, str | bool | None]:
-    """``{"commit": sha or None, "commit_dirty": bool or None}`` of the repository at ``root``.
+    """``{"commit": sha or None, "commit_dirty": bool or None, "sources_sha256": hex}`` of the
+    repository at ``root`` and of the package's sources.
 
     ``None`` values where ``root`` is not in a git repository or ``git`` is missing (an installed
     package run outside its checkout).
 
     Example:
         >>> sorted(provenance())
-        ['commit', 'commit_dirty']
+        ['commit', 'commit_dirty', 'sources_sha256']
     """
     cwd = Path(root) if root is not None else Path(__file__).resolve().parent
 
@@ -35,4 +54,5 @@ def provenance(root: str | Path | None = None) -> dict[str, str | bool | None]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "commit_dirty": None if status is None else bool(status)}
+    return {"commit": commit, "commit_dirty": None if status is None else bool(status),
+            "sources_sha256": sources_sha256()}
