@@ -102,10 +102,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS / "simulate.json")
     args = parser.parse_args(argv)
     profiles = args.profiles or profile_names()
-    threads = os.cpu_count() or 1
-    cal = calibrate(threads=threads)
-    print(f"calibration: {cal.host_seconds:.3f} s here vs {cal.reference_seconds:.3f} s reference "
-          f"(host_speed {cal.host_speed:.2f})", flush=True)
+    # one calibration per thread count a night runs on (the profile's cores, at most this host's)
+    counts = sorted({max(1, min(load_profile(n).cores, os.cpu_count() or 1)) for n in profiles})
+    cals = {t: calibrate(threads=t) for t in counts}
+    cal = cals[max(counts)]
+    for t, c in cals.items():
+        print(f"calibration on {t} thread(s): {c.host_seconds:.3f} s here vs {c.reference_seconds:.3f} s reference "
+              f"(host_speed {c.host_speed:.2f})", flush=True)
     runs = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,8 +117,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for policy in POLICIES:
                 for seed in args.seeds:
                     out = Path(tmp) / f"{name}-{policy}-{seed}"
+                    threads = max(1, min(profile.cores, os.cpu_count() or 1))
                     report = simulate(profile, out, SimulationConfig(days=args.days, policy=policy, seed=seed),
-                                      calibration=cal, progress=False)
+                                      calibration=cals[threads], progress=False)
                     if name == "galaxy-s24" and seed == args.seeds[0]:
                         (RESULTS / f"timeline-{name}-{policy}.png").write_bytes((out / "timeline.png").read_bytes())
                     runs.append(report)

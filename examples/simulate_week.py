@@ -15,6 +15,7 @@ machine instead of calibrating it (what the tests run). A full week takes minute
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from pathlib import Path
 
@@ -34,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="edge-sleep-week-"))
     if args.quick:
         config = SimulationConfig(days=1, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0)
-        calibration: Calibration | None = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=2)
+        threads = max(1, min(profile.cores, os.cpu_count() or 1))  # the night's threads, as simulate picks them
+        calibration: Calibration | None = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=threads)
     else:
         config, calibration = SimulationConfig(days=args.days), None  # None: measure this host first
     report = simulate(profile, out, config, calibration=calibration, progress=not args.quick)

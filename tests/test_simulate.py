@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ HARDWARE = {
 DAY = {"usage": [[6.0, 7.0]], "charging": [[20.0, 22.0], [23.0, 24.0]], "start_battery_frac": 0.5,
        "learn_steps_per_usage_hour": 40}
 # the host counts as exactly as fast as the reference machine: device seconds = host seconds
-SAME_SPEED = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=2)
+SAME_SPEED = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=min(2, os.cpu_count() or 1))
 QUICK = SimulationConfig(days=1, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0)
 
 
@@ -157,3 +158,11 @@ def test_platform_rules_kill_cap_and_interrupt_nights_and_a_kill_loses_at_most_o
     assert report["days"][0]["lost_s"] == pytest.approx(sum(x["lost_s"] for x in report["nights"]))
     assert plat["max_stop_s"] is not None and plat["max_stop_s"] < 60.0  # a stop request is a save away
     assert report["days"][0]["nights_completed"] == 1  # the night still completes, run by run
+
+
+def test_a_calibration_of_another_thread_count_is_refused(tmp_path: Path) -> None:
+    """Issue 24: a calibration measured on 1 thread was accepted for a 2-thread night without a word."""
+    profile = load_profile(write_profile(tmp_path))
+    wrong = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=SAME_SPEED.threads + 1)
+    with pytest.raises(ConfigError, match=f"calibrate\\(threads={SAME_SPEED.threads}\\)"):
+        simulate(profile, tmp_path / "out", QUICK, calibration=wrong, progress=False)

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,6 +201,16 @@ def simulate(
     threads = max(1, min(profile.cores, os.cpu_count() or 1))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    if calibration is not None and calibration.threads not in (0, threads):
+        torch.set_num_threads(threads_before)
+        raise ConfigError("simulate", [
+            f"the calibration was measured on {calibration.threads} thread(s); this night runs on {threads} (the "
+            f"profile's {profile.cores} cores, at most this host's {os.cpu_count()}), and time per step does not "
+            f"scale with threads. Fix: calibrate(threads={threads}), or python tools/calibrate.py --threads {threads}"])
+    if calibration is not None and calibration.threads == 0:
+        warnings.warn(f"the calibration does not say how many threads it was measured on; this night runs on {threads}: "
+                      "if they differ, its time and energy are scaled wrongly. Fix: calibrate again (tools/calibrate.py "
+                      "writes the thread count)", RuntimeWarning, stacklevel=2)
     cal = calibration or calibrate(threads=threads)
     policy = make_policy(config.policy)
     device = device_conditions(policy)
