@@ -7,8 +7,8 @@ sleep code on the profile's day; nights in a child process under the profile's t
 memory budget) and writes ``benchmarks/results/simulate.json``: every run's per-day report, and
 per profile and policy the mean and spread over seeds of the final accuracy, forgetting, replay
 steps, energy per night and battery share, the peak memory against the budget, and each run's
-wall time against the 10-minute target. One calibration of this host serves every run, so the
-profiles' times are scaled alike. The galaxy-s24 timelines go to ``benchmarks/results/``.
+wall time against the 10-minute target. One calibration of this host per thread count serves every
+run on that many threads, so the profiles' times are scaled alike. The galaxy-s24 timelines go to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
