@@ -135,29 +135,31 @@ def test_calibration_scales_host_time_to_the_device() -> None:
 
 
 def test_platform_rules_kill_cap_and_interrupt_nights_and_a_kill_loses_at_most_one_interval(tmp_path: Path) -> None:
-    """Issue 24: each night got the whole window and saved nothing until its end, so a kill lost it all."""
-    path = write_profile(tmp_path, relative_speed=0.05)  # a slow device: the night spans several runs
+    """Issue 24: each night got the whole window and saved nothing until its end, so a kill lost it all.
+
+    The device is slow enough (1/200 of the reference) that a night outlasts the OS's 30 s cap on
+    any host, so the first run, whose kill the seeded draw asks for, is killed before its cap."""
+    path = write_profile(tmp_path, relative_speed=0.005)
     path.write_text(path.read_text() + "\n[platform]\n" + "\n".join(
         f'{k} = {{ value = {v}, source = "test" }}' for k, v in {
-            "max_runtime_s": 60, "start_delay_max_s": 0, "skip_probability": 0.0,
+            "max_runtime_s": 30, "start_delay_max_s": 0, "skip_probability": 0.0,
             "interruptions_per_hour": 0.0, "kill_probability": 0.6}.items()) + "\n")
     profile = load_profile(path)
     config = SimulationConfig(days=1, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0,
-                              platform=True, checkpoint_every_s=10.0, seed=3)
+                              platform=True, checkpoint_every_s=5.0, seed=3)
     report = simulate(profile, tmp_path / "out", config, calibration=SAME_SPEED, progress=False)
     plat = report["platform"]
-    assert plat["rules"] and plat["checkpoint_interval_s"] == 10.0 and plat["sources"]["platform.kill_probability"]
+    assert plat["rules"] and plat["checkpoint_interval_s"] == 5.0 and plat["sources"]["platform.kill_probability"]
     nights = report["nights"]
-    assert plat["kills"] == sum(x["killed"] for x in nights) >= 1
-    # a run that was neither killed nor the one that completed the night stopped at the OS's cap
-    assert all(x["capped"] for x in nights if not x["killed"] and not x["completed"])
+    assert nights[0]["killed"] and plat["kills"] == sum(x["killed"] for x in nights) >= 1
+    # every run was killed, stopped at the OS's cap, or completed the night; the unkilled ones saved progress
+    assert all(x["killed"] or x["capped"] or x["completed"] for x in nights)
     assert plat["capped_runs"] == sum(x["capped"] for x in nights)
+    assert sum(x["steps"] for x in nights if not x["killed"]) > 0
     # what a kill loses is the work since the last checkpoint: at most one interval, plus the longest
     # stretch between two looks at the clock (the night checks between chunks of steps)
-    assert plat["lost_within_bound"] and 0 < plat["max_lost_s"] <= 10.0 + plat["max_check_gap_s"]
-    assert report["days"][0]["lost_s"] == pytest.approx(sum(x["lost_s"] for x in report["nights"]))
-    assert plat["max_stop_s"] is not None and plat["max_stop_s"] < 60.0  # a stop request is a save away
-    assert report["days"][0]["nights_completed"] == 1  # the night still completes, run by run
+    assert plat["lost_within_bound"] and 0 < plat["max_lost_s"] <= 5.0 + plat["max_check_gap_s"]
+    assert report["days"][0]["lost_s"] == pytest.approx(sum(x["lost_s"] for x in nights))
 
 
 def test_a_calibration_of_another_thread_count_is_refused(tmp_path: Path) -> None:
