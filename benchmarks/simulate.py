@@ -1,32 +1,48 @@
-"""Every bundled device profile, 3 simulated days, the fixed 1:1 policy against the adaptive one.
+"""Every bundled device profile: 3 days of both policies, and a week under the platforms' rules on a busy host.
 
     python benchmarks/simulate.py [--days 3] [--seeds 0 1 2] [--profiles galaxy-s24 ...]
+                                  [--week-days 7] [--week-loads 0 1 2] [--parts compare week]
 
 For each profile, policy and seed it runs ``edge_sleep.simulate.day.simulate`` (the real wake and
 sleep code on the profile's day; nights in a child process under the profile's threads and
 memory budget) and writes ``benchmarks/results/simulate.json``: every run's per-day report, and
 per profile and policy the mean and spread over seeds of the final accuracy, forgetting, replay
 steps, energy per night and battery share, the peak memory against the budget, and each run's
-wall time against the 10-minute target. One calibration of this host per thread count serves every
-run on that many threads, so the profiles' times are scaled alike. The galaxy-s24 timelines go to ``benchmarks/results/``.
+wall time against the 10-minute target. Host time is CPU time, each process measured on the reference workload at its
+own thread count (the simulator's for wake steps, each night's around it). The galaxy-s24 timelines
+go to ``benchmarks/results/``.
+
+The ``week`` part (issue 24) runs ``edge-sleep simulate --days 7 --platform --days-from drawn`` on
+every profile three times, the same seed each time, with 0, 1 and 2 busy processes (``--week-loads``:
+each spins one core in pure Python) competing for this host's CPU. It records per run the energy per
+replay step, the kills, interruptions, skipped and missed nights, the work lost to a kill against the
+checkpoint interval, the night's and the whole process's peak memory against the profile's budget
+(with its source), and the calibrations' spread; per profile, how far the three runs' energy per
+replay step are apart (target: within 20%).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edge_sleep.bench.provenance import provenance
-from edge_sleep.simulate.calibrate import calibrate
-from edge_sleep.simulate.day import POLICIES, SimulationConfig, simulate
-from edge_sleep.simulate.profiles import load_profile, profile_names
+# before torch loads OpenMP: waiting threads sleep instead of spinning, so this process's CPU time (the wake
+# steps') is its work, not time spent waiting for a core another program holds (the nights set it themselves)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from edge_sleep.bench.provenance import provenance  # noqa: E402
+from edge_sleep.simulate.day import POLICIES, SimulationConfig, simulate  # noqa: E402
+from edge_sleep.simulate.profiles import load_profile, profile_names  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -94,47 +110,158 @@ def profile_table() -> str:
     return "\n".join(lines)
 
 
+def _spin() -> None:
+    x = 0
+    while True:
+        x = (x * 1103515245 + 12345) % 2**31
+
+
+@contextmanager
+def busy(processes: int) -> Iterator[None]:
+    """``processes`` processes that each keep one core busy while the block runs."""
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_spin, daemon=True) for _ in range(processes)]
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        for w in workers:
+            w.terminate()
+            w.join()
+
+
+def energy_per_replay_step(report: dict[str, Any]) -> float | None:
+    """Joules per replay step over the nights that were not killed (a killed run's steps since its last save are lost)."""
+    kept = [n for n in report["nights"] if not n["killed"] and n["failure"] is None and n["steps"] > 0]
+    steps = sum(n["steps"] for n in kept)
+    return sum(n["energy_j"] for n in kept) / steps if steps else None
+
+
+def week_run(report: dict[str, Any], load: int) -> dict[str, Any]:
+    """What the week part keeps of one run."""
+    plat, targets = report["platform"], report["targets"]
+    peaks = [d["peak_memory_mb"] for d in report["days"] if d["peak_memory_mb"] is not None]
+    process = [d["process_peak_mb"] for d in report["days"] if d["process_peak_mb"] is not None]
+    return {
+        "load": load, "energy_j_per_replay_step": energy_per_replay_step(report),
+        "replay_steps": sum(d["night_steps"] for d in report["days"]),
+        "night_runs": len(report["nights"]), "kills": plat["kills"], "interruptions": plat["interruptions"],
+        "skipped_nights": plat["skipped_nights"], "start_delays": plat["start_delays"],
+        "capped_runs": plat["capped_runs"], "missed_nights": report["missed_nights"],
+        "windows_preempted": sum(d["windows_preempted"] for d in report["days"]),
+        "checkpoint_interval_s": plat["checkpoint_interval_s"], "max_lost_s": plat["max_lost_s"],
+        "max_check_gap_s": plat["max_check_gap_s"], "max_stop_s": plat["max_stop_s"],
+        "lost_within_bound": plat["lost_within_bound"],
+        "peak_memory_mb": max(peaks) if peaks else None, "process_peak_mb": max(process) if process else None,
+        "memory_budget_mb": report["memory_budget_mb"], "memory_budget_source": targets["memory_budget_source"],
+        "fits_memory": targets["fits_memory"], "process_fits_memory": targets["process_fits_memory"],
+        "calibration_disagreement": report["calibration"]["disagreement"],
+        "final_accuracy": report["final_accuracy"], "forgetting": report["forgetting"], "wall_s": targets["wall_s"],
+        "threads": report["threads"], "calibration": report["calibration"],
+        "nights": [{k: n[k] for k in ("day", "start_h", "steps", "completed", "killed", "capped", "interrupted",
+                                       "host_cpu_s", "device_s", "energy_j", "lost_s")} for n in report["nights"]],
+    }
+
+
+def week_row(profile: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One profile's three runs: the energy per replay step's spread and the targets."""
+    energy = [r["energy_j_per_replay_step"] for r in runs if r["energy_j_per_replay_step"] is not None]
+    spread = max(energy) / min(energy) - 1.0 if len(energy) > 1 else None
+    return {
+        "profile": profile, "runs": runs, "energy_per_step_spread": spread,
+        "energy_within_20pct": None if spread is None else spread <= 0.20,
+        "kills": sum(r["kills"] for r in runs), "max_lost_s": max(r["max_lost_s"] for r in runs),
+        "lost_within_bound": all(r["lost_within_bound"] for r in runs),
+        "wall_s_by_load": {str(r["load"]): r["wall_s"] for r in runs},
+    }
+
+
+def week_table(rows: list[dict[str, Any]]) -> str:
+    """The week's table in docs/scheduling.md."""
+    head = ("| profile | J / replay step (loads " + ", ".join(str(r["load"]) for r in rows[0]["runs"]) + ") | spread | "
+            "kills | interruptions | skipped / missed nights | most lost (interval) | peak memory: night / process / budget |")
+    lines = [head, "|" + "---|" * 8]
+    for row in rows:
+        runs = row["runs"]
+        energy = ", ".join("-" if r["energy_j_per_replay_step"] is None else f"{r['energy_j_per_replay_step'] * 1000:.1f} mJ"
+                           for r in runs)
+        spread = "-" if row["energy_per_step_spread"] is None else f"{row['energy_per_step_spread']:.0%}"
+        first = runs[0]
+        lines.append(
+            f"| {row['profile']} | {energy} | {spread} | {sum(r['kills'] for r in runs)} | "
+            f"{sum(r['interruptions'] for r in runs)} | {sum(r['skipped_nights'] for r in runs)} / "
+            f"{sum(r['missed_nights'] for r in runs)} | {row['max_lost_s']:.1f} s ({first['checkpoint_interval_s']:g} s) | "
+            f"{max(r['peak_memory_mb'] or 0 for r in runs):.0f} / {max(r['process_peak_mb'] or 0 for r in runs):.0f} / "
+            f"{first['memory_budget_mb']:.0f} MB |")
+    return "\n".join(lines)
+
+
+def run_week(profiles: list[str], days: int, loads: list[int], tmp: Path, threads: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for name in profiles:
+        profile = load_profile(name)
+        runs = []
+        for load in loads:
+            config = SimulationConfig(days=days, policy="fixed", seed=0, platform=True, days_from="drawn",
+                                      threads=threads)
+            with busy(load):
+                report = simulate(profile, tmp / f"week-{name}-{load}", config, progress=False)
+            runs.append(week_run(report, load))
+            r = runs[-1]
+            print(f"week {name:18s} load {load}: {r['energy_j_per_replay_step'] or 0:.4f} J/step, {r['kills']} kills, "
+                  f"{r['missed_nights']} missed nights, lost <= {r['max_lost_s']:.1f} s, {r['wall_s']:.0f} s", flush=True)
+        rows.append(week_row(name, runs))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--days", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--profiles", nargs="+", default=None, help="default: every bundled profile")
+    parser.add_argument("--week-days", type=int, default=7)
+    parser.add_argument("--week-loads", type=int, nargs="+", default=[0, 1, 2],
+                        help="busy processes competing with each of the week's runs")
+    parser.add_argument("--week-threads", type=int, default=None,
+                        help="host threads of the week's runs (default: the profile's cores, at most this host's)")
+    parser.add_argument("--parts", nargs="+", choices=["compare", "week"], default=["compare", "week"])
     parser.add_argument("--out", type=Path, default=RESULTS / "simulate.json")
     args = parser.parse_args(argv)
     profiles = args.profiles or profile_names()
-    # one calibration per thread count a night runs on (the profile's cores, at most this host's)
-    counts = sorted({max(1, min(load_profile(n).cores, os.cpu_count() or 1)) for n in profiles})
-    cals = {t: calibrate(threads=t) for t in counts}
-    cal = cals[max(counts)]
-    for t, c in cals.items():
-        print(f"calibration on {t} thread(s): {c.host_seconds:.3f} s here vs {c.reference_seconds:.3f} s reference "
-              f"(host_speed {c.host_speed:.2f})", flush=True)
     runs = []
+    week: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name in profiles:
+        if "week" in args.parts:
+            week = run_week(profiles, args.week_days, args.week_loads, Path(tmp), args.week_threads)
+        for name in profiles if "compare" in args.parts else []:
             profile = load_profile(name)
             for policy in POLICIES:
                 for seed in args.seeds:
                     out = Path(tmp) / f"{name}-{policy}-{seed}"
-                    threads = max(1, min(profile.cores, os.cpu_count() or 1))
                     report = simulate(profile, out, SimulationConfig(days=args.days, policy=policy, seed=seed),
-                                      calibration=cals[threads], progress=False)
+                                      progress=False)
                     if name == "galaxy-s24" and seed == args.seeds[0]:
                         (RESULTS / f"timeline-{name}-{policy}.png").write_bytes((out / "timeline.png").read_bytes())
                     runs.append(report)
                     print(f"{name:18s} {policy:8s} seed {seed}: accuracy {report['final_accuracy']:.3f}, "
                           f"forgetting {report['forgetting']:.3f}, {report['targets']['wall_s']:.0f} s", flush=True)
-    summary = summarize(runs)
+    summary = summarize(runs) if runs else []
     result = {"command": "python benchmarks/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "days": args.days, "seeds": args.seeds, "calibration": cal.to_dict(),
-              "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs}
+              "days": args.days, "seeds": args.seeds, "clock": "cpu",
+              "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs,
+              "week": {"days": args.week_days, "loads": args.week_loads, "policy": "fixed", "platform": True,
+                       "days_from": "drawn", "seed": 0, "threads": args.week_threads, "rows": week}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_name(args.out.name + ".tmp")
     result.update(provenance())  # the commit the numbers describe
     tmp_out.write_text(json.dumps(result, indent=1))
     os.replace(tmp_out, args.out)
-    print(markdown_table(summary))
+    if summary:
+        print(markdown_table(summary))
+    if week:
+        print(week_table(week))
     print(f"wrote {args.out}")
     return result
 

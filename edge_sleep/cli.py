@@ -264,6 +264,8 @@ def _format_days(report: dict[str, Any]) -> str:
                      f"{d['wake_steps']:>5d} {d['night_steps']:>6d} {d['windows_used']:>5d} {d['windows_missed']:>6d} "
                      f"{d['windows_preempted']:>7d} {d['energy_j']:>8.1f} {f(d['battery_share'], '.3%'):>8s} "
                      f"{f(d['peak_memory_mb'], '.0f'):>8s}")
+    if report.get("days_from", "typical") != "typical":
+        lines += [f"day {d['day']}: {d['plan']['source'].split('; typical day:')[0]}" for d in report["days"]]
     lines += [f"note: {note}" for note in report["targets"]["notes"]]
     plat = report.get("platform") or {}
     if plat.get("rules"):
@@ -275,24 +277,30 @@ def _format_days(report: dict[str, Any]) -> str:
 
 
 def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, calibration: Path | None,
-                 platform: bool = False, checkpoint_every_s: float = 60.0) -> int:
+                 platform: bool = False, checkpoint_every_s: float = 60.0, days_from: str | None = None,
+                 trace: Path | None = None, tz: str | None = None) -> int:
     """``edge-sleep simulate``: one profile, ``days`` days; prints the per-day summary."""
     import json
 
     from edge_sleep.errors import EdgeSleepError
     from edge_sleep.simulate.calibrate import Calibration
-    from edge_sleep.simulate.day import SimulationConfig, simulate
+    from edge_sleep.simulate.day import SimulationConfig, day_plans, simulate
     from edge_sleep.simulate.profiles import load_profile
 
     try:
         prof = load_profile(profile)
         config = SimulationConfig(days=days, policy=policy, seed=seed, platform=platform,
-                                  checkpoint_every_s=checkpoint_every_s)
+                                  checkpoint_every_s=checkpoint_every_s,
+                                  days_from=days_from or ("trace" if trace is not None else "typical"),
+                                  trace=None if trace is None else str(trace), tz=tz)
+        try:
+            day_plans(prof, config)  # a bad trace or a profile without [variation] fails here, before any work
+        except OSError as e:
+            return _fail("simulate", f"--trace {str(trace)!r} cannot be read ({_one_line(e)}); expected a CSV trace "
+                                     "(see tools/day_from_trace.py). Fix: check the path")
         cal = None
         if calibration is not None:
-            raw = json.loads(calibration.read_text())
-            cal = Calibration(host_seconds=raw["host_seconds"], reference_seconds=raw["reference_seconds"],
-                              threads=raw.get("threads", 0))
+            cal = Calibration.from_dict(json.loads(calibration.read_text()))
         _check_out_folder(out, "--out")
     except EdgeSleepError as e:
         return _fail("simulate", e)
@@ -452,8 +460,17 @@ def main(argv: list[str] | None = None) -> int:
                           "interruptions and kills")
     sim.add_argument("--checkpoint-every-s", type=float, default=60.0,
                      help="with --platform: the night saves its progress every this many device seconds (default 60)")
+    sim.add_argument("--days-from", choices=["typical", "drawn", "trace"], default=None,
+                     help="typical: the profile's [day] every day (the default); drawn: each day drawn from it with "
+                          "the profile's [variation] (shifted sessions, missed overnight charges, daytime top-ups); "
+                          "trace: the whole days of --trace in order")
+    sim.add_argument("--trace", type=Path, default=None,
+                     help="a CSV trace (see tools/day_from_trace.py) replayed day by day (implies --days-from trace)")
+    sim.add_argument("--tz", default=None,
+                     help="the trace's time zone, e.g. America/Los_Angeles or +01:00 (needed for unix seconds)")
     sim.add_argument("--calibration", type=Path, default=None,
-                     help="a JSON written by tools/calibrate.py (default: calibrate now, a few seconds)")
+                     help="a fixed calibration, a JSON written by tools/calibrate.py (default: measure this host's CPU time on "
+                          "the reference workload in the simulator's process and around every night, in its process)")
     watch = sub.add_parser("watch", help="on a Linux device: poll battery, charging, idle and thermal state; "
                                          "sleep the saved runtime when the policy allows")
     watch.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
@@ -497,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":
         return run_simulate(args.profile, args.days, args.out, args.policy, args.seed, args.calibration,
-                            args.platform, args.checkpoint_every_s)
+                            args.platform, args.checkpoint_every_s, args.days_from, args.trace, args.tz)
     if args.command == "watch":
         return run_watch(args.checkpoint, args.model, args.policy, args.poll_s, args.min_idle_s, args.polls,
                          mains=args.mains, activity_file=args.activity_file, use_terminals=args.use_terminals,

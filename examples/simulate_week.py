@@ -2,14 +2,17 @@
 
     python examples/simulate_week.py [--profile galaxy-s24] [--days 7] [--out DIR] [--quick]
 
-Runs the real wake and sleep code on a virtual clock through the device profile's typical day
-(``device_profiles/<profile>.toml``): each day brings a new Permuted-MNIST task, learned in the
-usage windows through LoRA adapters; each charging window runs a night in a child process under
-the profile's memory budget. Prints each day's accuracy, forgetting, replay steps, energy and
-peak memory, and writes ``report.json`` and ``timeline.png`` to ``--out``.
+Runs the real wake and sleep code on a virtual clock through a week of the device profile
+(``device_profiles/<profile>.toml``): each day is drawn from its typical day and ``[variation]``
+(sessions move, an overnight charge is missed, a daytime top-up happens), and the platform's rules
+apply (the OS caps, delays, skips and kills background work; the night checkpoints every minute).
+Each day brings a new Permuted-MNIST task, learned in the usage windows through LoRA adapters; each
+charging window runs a night in a child process under the profile's memory budget. Prints each
+day's accuracy, forgetting, replay steps, energy and peak memory, and what the platform did, and
+writes ``report.json`` and ``timeline.png`` to ``--out``.
 
-``--quick`` simulates one day with small tasks and counts this host as fast as the reference
-machine instead of calibrating it (what the tests run). A full week takes minutes on 2 cores.
+``--quick`` simulates one typical day with small tasks and counts this host as fast as the
+reference machine instead of measuring it (what the tests run). A full week takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         threads = max(1, min(profile.cores, os.cpu_count() or 1))  # the night's threads, as simulate picks them
         calibration: Calibration | None = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=threads)
     else:
-        config, calibration = SimulationConfig(days=args.days), None  # None: measure this host first
+        # calibration None: measure this host's CPU time in every process
+        config = SimulationConfig(days=args.days, platform=True, days_from="drawn")
+        calibration = None
     report = simulate(profile, out, config, calibration=calibration, progress=not args.quick)
 
     print(f"{report['profile_name']}, {len(report['days'])} day(s), memory budget {report['memory_budget_mb']:.0f} MB")
@@ -49,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         forgetting = "-" if d["forgetting"] is None else f"{d['forgetting']:.3f}"
         print(f"{d['day']:>4} {d['accuracy']:>9.3f} {forgetting:>10} {d['night_steps']:>12} {d['energy_j']:>8.1f} "
               f"{battery:>8} {peak:>8}")
+    plat = report["platform"]
+    if plat["rules"]:
+        print(f"the platform: {plat['kills']} kill(s) (at most {plat['max_lost_s']:.0f} s of work lost), "
+              f"{plat['interruptions']} interruption(s), {plat['skipped_nights']} skipped night(s), "
+              f"{plat['capped_runs']} run(s) stopped at the OS's cap; {report['missed_nights']} day(s) without a night")
     print(f"wrote {out / 'report.json'} and {out / 'timeline.png'}")
     return 0
 

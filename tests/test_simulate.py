@@ -74,7 +74,7 @@ def test_a_slow_device_is_preempted_and_resumes_in_the_next_window(
     # 50-step night: the 200-step night is woken at its first check (every 5 steps) after the
     # window ends and resumes in the 23:00 window
     (night,) = one_day[1]["nights"]
-    speed = night["host_s"] / (2 * 7200.0)
+    speed = night["host_cpu_s"] / (2 * 7200.0)
     profile = load_profile(write_profile(tmp_path, steps_per_hour=200, relative_speed=round(speed, 12)))
     report = simulate(profile, tmp_path / "out", QUICK, calibration=SAME_SPEED, progress=False)
     first, *rest = report["nights"]
@@ -168,3 +168,83 @@ def test_a_calibration_of_another_thread_count_is_refused(tmp_path: Path) -> Non
     wrong = Calibration(host_seconds=1.0, reference_seconds=1.0, threads=SAME_SPEED.threads + 1)
     with pytest.raises(ConfigError, match=f"calibrate\\(threads={SAME_SPEED.threads}\\)"):
         simulate(profile, tmp_path / "out", QUICK, calibration=wrong, progress=False)
+
+
+def test_a_calibration_file_in_wall_time_is_refused_and_cpu_time_round_trips() -> None:
+    """Issue 24: energy per step moved 0.015-0.099 J with how busy the host was (wall time)."""
+    from edge_sleep.simulate.calibrate import Calibration, disagreement
+
+    cal = Calibration(host_seconds=0.8, reference_seconds=0.23, threads=2, runs=(0.8, 0.81))
+    assert Calibration.from_dict(cal.to_dict()) == cal and cal.to_dict()["clock"] == "cpu"
+    with pytest.raises(ConfigError, match="wall time"):
+        Calibration.from_dict({"host_seconds": 0.4, "reference_seconds": 0.23, "threads": 2})  # an older file
+    with pytest.raises(ConfigError, match="positive"):
+        Calibration.from_dict({**cal.to_dict(), "host_seconds": -1.0})
+    assert disagreement([cal, Calibration(host_seconds=1.0)]) == pytest.approx(0.25)
+    assert disagreement([cal]) == 0.0
+
+
+def test_days_from_profile_drawn_and_trace(tmp_path: Path) -> None:
+    from edge_sleep.simulate.day import day_plans
+    from edge_sleep.simulate.trace import TraceError
+
+    path = write_profile(tmp_path)
+    profile = load_profile(path)
+    assert day_plans(profile, SimulationConfig(days=2)) == [profile.day] * 3
+    with pytest.raises(ConfigError, match="no \\[variation\\] table"):
+        day_plans(profile, SimulationConfig(days=2, days_from="drawn"))
+    with pytest.raises(ConfigError, match="trace exactly when"):
+        SimulationConfig(days_from="trace")
+    path.write_text(path.read_text() + "\n[variation]\n" + "\n".join(
+        f'{k} = {{ value = {v}, source = "test" }}' for k, v in {
+            "shift_sd_min": 30, "missed_charge_probability": 0.5, "topup_probability": 0.5, "topup_min": 45}.items()))
+    drawn = day_plans(load_profile(path), SimulationConfig(days=6, days_from="drawn"))
+    assert len(drawn) == 7 and len({(d.usage, d.charging) for d in drawn}) > 1
+    trace = tmp_path / "t.csv"
+    trace.write_text("time,battery,charging,screen\n2026-11-20T00:00,0.5,charging,off\n2026-11-20T07:00,,discharging,on\n"
+                     "2026-11-20T08:00,,,off\n2026-11-21T00:00,,,\n2026-11-21T12:00,,,\n")
+    (day,) = {d for d in day_plans(profile, SimulationConfig(days=2, days_from="trace", trace=str(trace)))}
+    assert day.charging == ((0.0, 7.0),) and day.usage == ((7.0, 8.0),) and day.source == "trace: t.csv, 2026-11-20"
+    trace.write_text("time,battery,charging,screen\n2026-11-20T06:00,0.5,charging,off\n2026-11-20T12:00,,,\n")
+    with pytest.raises(TraceError, match="no whole calendar day"):
+        day_plans(profile, SimulationConfig(days=2, days_from="trace", trace=str(trace)))
+
+
+@pytest.mark.slow
+def test_a_trace_replayed_day_by_day_misses_the_night_without_a_charge(tmp_path: Path) -> None:
+    """Issue 24: every simulated day was the same day; a missed overnight charge vanished in the vote."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("time,battery,charging,screen\n"
+                     "2026-11-20T00:00,0.5,discharging,off\n2026-11-20T06:00,,,on\n2026-11-20T07:00,,,off\n"
+                     "2026-11-20T20:00,,charging,\n2026-11-20T22:00,,discharging,\n"  # a night's charge on day 1
+                     "2026-11-21T06:00,,,on\n2026-11-21T07:00,,,off\n"  # none on day 2
+                     "2026-11-22T06:00,,,on\n2026-11-22T07:00,,,off\n2026-11-23T00:00,,,\n")
+    profile = load_profile(write_profile(tmp_path))
+    config = SimulationConfig(days=2, train_per_task=2048, test_per_task=200, batch=32, tick_s=600.0,
+                              days_from="trace", trace=str(trace))
+    report = simulate(profile, tmp_path / "out", config, calibration=SAME_SPEED, progress=False)
+    first, second = report["days"]
+    assert report["days_from"] == "trace"
+    assert first["plan"]["charging"] == [[20.0, 22.0]] and second["plan"]["charging"] == []
+    assert first["nights_completed"] == 1 and not first["night_missed"]
+    assert second["wake_steps"] == 40 and second["night_steps"] == 0 and second["night_missed"]
+    assert report["missed_nights"] == 1
+
+
+@pytest.mark.slow
+def test_a_night_measures_its_own_calibration_and_the_whole_process(tmp_path: Path) -> None:
+    """Issue 24: time was scaled by a calibration measured elsewhere; memory left out the process itself."""
+    profile = load_profile(write_profile(tmp_path))
+    report = simulate(profile, tmp_path / "out", QUICK, progress=False)
+    cal = report["calibration"]
+    assert cal["clock"] == "cpu" and cal["measured"] and len(cal["simulator"]["runs"]) == 5
+    (night_cal,) = cal["nights"]
+    assert night_cal["before"] > 0 and night_cal["after"] > 0
+    assert cal["disagreement"] >= 0 and cal["within_20pct"] == (cal["disagreement"] <= 0.2)
+    (night,) = report["nights"]
+    assert night["host_cpu_s"] > 0 and night["device_s"] > 0
+    # the whole process (CPython, torch, the model, the store) is larger than the night's own growth
+    assert night["process_peak_mb"] > night["peak_mb"] > 0
+    assert report["days"][0]["process_peak_mb"] == night["process_peak_mb"]
+    targets = report["targets"]
+    assert targets["process_fits_memory"] == (night["process_peak_mb"] <= 1024) and targets["memory_budget_source"] == "test"

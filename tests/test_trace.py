@@ -18,6 +18,7 @@ from edge_sleep.simulate.trace import (
     day_from_events,
     day_from_trace,
     day_to_toml,
+    days_from_trace,
     describe_trace,
     read_trace,
 )
@@ -332,3 +333,32 @@ def test_tool_bad_file_exits_2(tmp_path: Path) -> None:
     missing = run_tool(str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and "nope.csv" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+# (c) each day of a trace kept, not folded (issue 24: a missed overnight charge and a daytime top-up vanished)
+def test_days_from_trace_keeps_each_whole_day(tmp_path: Path) -> None:
+    rows = phone_rows(days=3, extra={2: [(15, 16)]})
+    night1 = START + timedelta(days=1, hours=23)
+    rows = [r for r in rows if r[0] != night1]  # day 2 (2026-11-21): no charge at 23:00 ...
+    rows = [(w, b, "" if w == START + timedelta(days=2) else c, s) for w, b, c, s in rows]  # ... nor after midnight
+    rows += [(START + timedelta(days=1, hours=23, minutes=30), "", "", ""),
+             (START + timedelta(days=2, hours=13), "", "charging", ""),  # day 3: a top-up 13:00-14:00
+             (START + timedelta(days=2, hours=14), "", "discharging", "")]
+    rows.sort(key=lambda r: r[0])
+    path = write_csv(tmp_path / "phone.csv", rows)
+    days = days_from_trace(path)
+    assert [d.source for d in days] == [f"trace: phone.csv, 2026-11-2{i}" for i in (0, 1, 2)]
+    assert days[0].charging == ((0.0, 7.0), (23.0, 24.0))
+    assert days[1].charging == ((0.0, 7.0),)  # the missed overnight charge stays missed
+    assert days[2].charging == ((13.0, 14.0), (23.0, 24.0))  # no charge the next morning; the top-up stays
+    assert days[2].usage == ((7.0, 8.0), (15.0, 16.0), (19.0, 21.0))  # one day's extra use is kept, not voted out
+    assert days[0].start_battery_frac == 0.6
+    # the folded day votes both away
+    assert day_from_trace(path).charging == ((0.0, 7.0), (23.0, 24.0))
+
+
+def test_days_from_trace_refuses_a_trace_without_a_whole_day(tmp_path: Path) -> None:
+    rows = [(START + timedelta(hours=6), "0.5", "charging", "off"), (START + timedelta(hours=30), "", "", "")]
+    with pytest.raises(TraceError, match="no whole calendar day") as e:
+        days_from_trace(write_csv(tmp_path / "short.csv", rows))
+    assert "day_from_trace" in str(e.value) and "short.csv" in str(e.value)

@@ -6,17 +6,19 @@ reference machine's (a 2-vCPU AMD EPYC cloud VM, where :data:`REFERENCE_SECONDS`
 simulator turns measured host seconds into device seconds with
 ``device_s = host_s * host_speed / profile.relative_speed``.
 
-The workload is what a night does: forward, backward and an SGD step of the P-MNIST MLP
-(784-100-100-10) on batches of 128, with every thread the simulator gives the night.
-
-Example:
-    >>> c = Calibration(host_seconds=0.5, reference_seconds=0.25)
-    >>> c.host_speed, c.device_seconds(10.0, relative_speed=2.0)
-    (0.5, 2.5)
+Host time is **CPU time** of the process (:func:`time.process_time`, all its threads), not wall
+time: another program that keeps the host busy takes the CPU away from the night without adding
+to the night's CPU time, so a busy host scales the same work to the same device seconds. The
+night's CPU seconds divided by the workload's CPU seconds here, measured in the same process at
+the same thread count, is the night's work in workloads, whatever the thread count; one workload
+takes :data:`REFERENCE_SECONDS` of wall time on the reference machine and ``1 / relative_speed``
+of that on the device. The simulator measures the workload in its own process (for the wake
+steps) and around each night in the night's child process (:mod:`edge_sleep.simulate.night`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -27,16 +29,22 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["REFERENCE_SECONDS", "REFERENCE_STEPS", "Calibration", "calibrate", "reference_workload"]
+from edge_sleep.errors import ConfigError
+
+__all__ = ["CLOCK", "DISAGREEMENT", "REFERENCE_SECONDS", "REFERENCE_STEPS", "Calibration", "calibrate", "disagreement",
+           "reference_workload"]
 
 REFERENCE_STEPS = 200
-# the median of 7 runs of reference_workload() on the reference machine (2-vCPU AMD EPYC, 2 threads;
-# runs there spread 0.23-0.27 s), measured with `python tools/calibrate.py --repeats 7` (2026-11-27)
+# wall seconds: the median of 7 runs of reference_workload() on the reference machine (2-vCPU AMD EPYC, 2
+# threads; runs there spread 0.23-0.27 s), measured in wall time on 2026-11-27. It is what one workload takes
+# on that machine, the unit a profile's relative_speed is measured against; host time is CPU time (above).
 REFERENCE_SECONDS = 0.23
+CLOCK = "cpu"
+DISAGREEMENT = 0.20  # calibrations further apart than this (max / min - 1) are warned about
 
 
 def reference_workload(steps: int = REFERENCE_STEPS, seed: int = 0) -> float:
-    """Seconds for ``steps`` SGD steps of the P-MNIST MLP on random batches of 128 (after a warm-up)."""
+    """CPU seconds of this process for ``steps`` SGD steps of the P-MNIST MLP on random batches of 128 (after a warm-up)."""
     g = torch.Generator().manual_seed(seed)
     model = nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -51,10 +59,10 @@ def reference_workload(steps: int = REFERENCE_STEPS, seed: int = 0) -> float:
 
     for _ in range(10):
         step()
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     for _ in range(steps):
         step()
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 @dataclass(frozen=True)
@@ -62,14 +70,16 @@ class Calibration:
     """This host against the reference machine.
 
     Attributes:
-        host_seconds: the workload's median time here.
-        reference_seconds: its time on the reference machine.
+        host_seconds: the workload's median CPU time here (all threads of the process).
+        reference_seconds: its wall time on the reference machine.
         threads: torch threads used.
+        runs: every run's CPU seconds (empty when the calibration was given, not measured).
     """
 
     host_seconds: float
     reference_seconds: float = REFERENCE_SECONDS
     threads: int = 0
+    runs: tuple[float, ...] = ()
 
     @property
     def host_speed(self) -> float:
@@ -85,7 +95,31 @@ class Calibration:
         return device_s * relative_speed / self.host_speed
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "host_speed": self.host_speed}
+        return {**asdict(self), "runs": list(self.runs), "host_speed": self.host_speed, "clock": CLOCK}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Calibration:
+        """What :meth:`to_dict` (or ``tools/calibrate.py``) wrote.
+
+        Raises:
+            ConfigError: a file from before CPU time (no ``"clock": "cpu"``), or a bad value.
+        """
+        if raw.get("clock") != CLOCK:
+            raise ConfigError("calibration", [
+                f"clock={raw.get('clock')!r}; expected {CLOCK!r}: the file was measured in wall time, which a busy "
+                "host inflates. Fix: measure again with python tools/calibrate.py"])
+        host, ref = raw["host_seconds"], raw["reference_seconds"]
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in (host, ref)):
+            raise ConfigError("calibration", [f"host_seconds={host!r}, reference_seconds={ref!r}; expected positive "
+                                              "seconds. Fix: measure again with python tools/calibrate.py"])
+        return cls(host_seconds=float(host), reference_seconds=float(ref), threads=int(raw.get("threads", 0)),
+                   runs=tuple(float(x) for x in raw.get("runs", ())))
+
+
+def disagreement(calibrations: list[Calibration]) -> float:
+    """How far apart measured calibrations are: ``max / min - 1`` of their host seconds (0 for fewer than 2)."""
+    seconds = [c.host_seconds for c in calibrations]
+    return max(seconds) / min(seconds) - 1.0 if len(seconds) > 1 else 0.0
 
 
 def calibrate(*, repeats: int = 5, threads: int | None = None) -> Calibration:
@@ -102,4 +136,4 @@ def calibrate(*, repeats: int = 5, threads: int | None = None) -> Calibration:
         times = [reference_workload() for _ in range(repeats)]
     finally:
         torch.set_num_threads(before)
-    return Calibration(host_seconds=statistics.median(times), threads=threads)
+    return Calibration(host_seconds=statistics.median(times), threads=threads, runs=tuple(times))

@@ -3,9 +3,12 @@
 ``edge-sleep simulate --profile NAME --days N --out DIR`` (or :func:`simulate`):
 
 1. Setup: the demo's on-device path (the P-MNIST MLP trained on task 1 as the shipped base,
-   LoRA adapters by day, a 500-record store); the host is calibrated against the reference
-   machine (:mod:`edge_sleep.simulate.calibrate`) so measured compute becomes the device's time.
-2. The clock ticks (5 virtual minutes). Day ``d`` brings task ``d + 1``: in the profile's usage
+   LoRA adapters by day, a 500-record store). Compute is measured in the host's CPU time and
+   scaled to the device's by the reference workload measured in the same process
+   (:mod:`edge_sleep.simulate.calibrate`): here for the wake steps, around each night in its child.
+2. The clock ticks (5 virtual minutes). Each day follows its plan (``config.days_from``: the
+   profile's typical day, a day drawn from its ``[variation]``, or a trace's day;
+   :mod:`edge_sleep.simulate.days`). Day ``d`` brings task ``d + 1``: in the day's usage
    windows the app learns ``learn_steps_per_usage_hour`` batches an hour (real ``learn`` calls).
    Outside them, the policy sees a :class:`~edge_sleep.schedule.DeviceState` built from the day
    (charging, battery, idle time, screen; thermal is not modelled and stays "nominal") and
@@ -22,7 +25,9 @@
 3. Energy: the profile's use / idle draw over time, plus ``power_active_w`` times the device
    seconds of compute (wake steps and nights); the battery charges at ``charge_w`` on the
    charger. Accuracy on every task seen so far is measured the morning after each night.
-4. Output: ``report.json``, ``timeline.png`` and ``decisions.log`` (each decision that changed).
+4. Memory: each night's own growth (``peak_memory_mb``, held to the budget by a watchdog) and its
+   whole process's peak (``process_peak_mb``), both compared with the profile's budget.
+5. Output: ``report.json``, ``timeline.png`` and ``decisions.log`` (each decision that changed).
 """
 
 from __future__ import annotations
@@ -55,9 +60,10 @@ from edge_sleep.schedule import (
     SleepPressure,
     device_conditions,
 )
-from edge_sleep.simulate.calibrate import Calibration, calibrate
+from edge_sleep.simulate.days import DAYS_FROM, cycle_days, draw_days, first_use_h
+from edge_sleep.simulate.calibrate import DISAGREEMENT, Calibration, calibrate, disagreement
 from edge_sleep.simulate.night import KILLED_EXIT, OVER_BUDGET_EXIT, NightJob
-from edge_sleep.simulate.profiles import DeviceProfile
+from edge_sleep.simulate.profiles import DayPlan, DeviceProfile
 
 __all__ = ["POLICIES", "SimulationConfig", "make_policy", "simulate"]
 
@@ -84,6 +90,14 @@ class SimulationConfig:
             interruptions, kills).
         checkpoint_every_s: with ``platform``, the night saves its progress every this many
             device seconds.
+        days_from: ``"typical"`` (the profile's ``[day]`` every day), ``"drawn"`` (each day drawn
+            from it with the profile's ``[variation]``, :func:`~edge_sleep.simulate.days.draw_days`)
+            or ``"trace"`` (the whole days of ``trace``, in order, cycled when it has fewer).
+        trace: with ``days_from="trace"``, the CSV trace (:mod:`edge_sleep.simulate.trace`).
+        tz: the trace's time zone (needed for unix seconds).
+        threads: host threads for the wake steps and the nights (``None``: the profile's cores, at
+            most this host's). Time is CPU time scaled by the workload at the same thread count, so
+            this changes how long the simulation takes, not the device's times.
     """
 
     days: int = 3
@@ -98,9 +112,18 @@ class SimulationConfig:
     model: str = "edge_sleep.bench.pmnist:mlp"
     platform: bool = False
     checkpoint_every_s: float = 60.0
+    days_from: str = "typical"
+    trace: str | None = None
+    tz: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
+        if self.days_from not in DAYS_FROM:
+            problems.append(f"days_from={self.days_from!r}; expected one of {DAYS_FROM}")
+        elif (self.days_from == "trace") != (self.trace is not None):
+            problems.append(f"days_from={self.days_from!r}, trace={self.trace!r}; expected a trace exactly when "
+                            "days_from='trace'. Fix: pass both (edge-sleep simulate --trace FILE), or neither")
         if not 1.0 <= self.checkpoint_every_s <= 86400.0:
             problems.append(f"checkpoint_every_s={self.checkpoint_every_s}; expected 1..86400 device seconds")
         if not 1 <= self.days <= 60:
@@ -110,6 +133,8 @@ class SimulationConfig:
         if self.batch < 1 or self.train_per_task < self.batch or self.test_per_task < 1:
             problems.append(f"batch={self.batch}, train_per_task={self.train_per_task}, test_per_task="
                             f"{self.test_per_task}; expected 1 <= batch <= train_per_task, test_per_task >= 1")
+        if self.threads is not None and not 1 <= self.threads <= 1024:
+            problems.append(f"threads={self.threads}; expected 1..1024, or None for the profile's cores")
         if not 1.0 <= self.tick_s <= 3600.0:
             problems.append(f"tick_s={self.tick_s}; expected 1..3600 seconds")
         if problems:
@@ -132,10 +157,11 @@ class _Night:
     end_h: float
     steps: int
     completed: bool
-    host_s: float
+    host_cpu_s: float
     device_s: float
     energy_j: float
     peak_mb: float | None
+    process_peak_mb: float | None = None
     failure: str | None = None
     killed: bool = False
     lost_s: float = 0.0
@@ -198,7 +224,7 @@ def simulate(
     wall0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = max(1, min(profile.cores, os.cpu_count() or 1))
+    threads = config.threads or max(1, min(profile.cores, os.cpu_count() or 1))
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     if calibration is not None and calibration.threads not in (0, threads):
@@ -211,15 +237,15 @@ def simulate(
         warnings.warn(f"the calibration does not say how many threads it was measured on; this night runs on {threads}: "
                       "if they differ, its time and energy are scaled wrongly. Fix: calibrate again (tools/calibrate.py "
                       "writes the thread count)", RuntimeWarning, stacklevel=2)
-    cal = calibration or calibrate(threads=threads)
+    cal = calibration or calibrate(threads=threads)  # in this process: it scales the wake steps' CPU time
+    night_cals: list[dict[str, Any]] = []  # each night's own, measured around it in its process
     policy = make_policy(config.policy)
     device = device_conditions(policy)
     if device is None:
         raise ConfigError("simulate", [f"policy {type(policy).__name__} has no IdleAndCharging conditions"])
-    day = profile.day
+    plans = day_plans(profile, config)  # one per day, and the morning after the last night
     battery_j = profile.battery_wh * 3600.0
-    first_use_h = day.usage[0][0] if day.usage else 0.0
-    end_s = config.days * DAY_S + first_use_h * 3600.0  # through the last night, to the next morning
+    end_s = config.days * DAY_S + first_use_h(plans[config.days]) * 3600.0  # through the last night, to the morning
 
     factory = import_model_factory(config.model)
     tasks = permuted_mnist(config.days + 1, config.seed, train_per_task=config.train_per_task,
@@ -247,7 +273,7 @@ def simulate(
     wake_device_s = [0.0] * config.days
     batches: dict[int, Any] = {}
     owed = 0.0
-    battery = day.start_battery_frac if profile.has_battery else None
+    battery = plans[0].start_battery_frac if profile.has_battery else None
     min_battery = [1.0] * config.days
     last_use_s = -DAY_S
     busy_until = 0.0
@@ -276,18 +302,25 @@ def simulate(
     def hour_of(ts: float) -> float:
         return (ts % DAY_S) / 3600.0
 
+    def plan_at(ts: float) -> DayPlan:
+        return plans[min(config.days, int(ts // DAY_S))]
+
     def charging_at(ts: float) -> bool:
-        return (not profile.has_battery) or day.charging_at(hour_of(ts))
+        return (not profile.has_battery) or plan_at(ts).charging_at(hour_of(ts))
 
     def usage_at(ts: float) -> bool:
-        return ts < config.days * DAY_S and day.in_usage(hour_of(ts))
+        return ts < config.days * DAY_S and plan_at(ts).in_usage(hour_of(ts))
+
+    def morning(d: int) -> float:
+        """When day ``d`` starts for the app: its first use (the measure after night ``d - 1`` comes before it)."""
+        return d * DAY_S + first_use_h(plans[min(d, config.days)]) * 3600.0
 
     def window_end(ts: float) -> float:
         """When the charging-and-not-in-use stretch that holds ``ts`` ends (or the simulation)."""
         cur = ts
         while cur < end_s:
             base = math.floor(cur / DAY_S) * DAY_S
-            nxt = base + day.next_change(hour_of(cur)) * 3600.0
+            nxt = base + plan_at(cur).next_change(hour_of(cur)) * 3600.0
             if nxt <= cur:  # guard against float rounding at a boundary
                 nxt = cur + 1.0
             cur = nxt
@@ -297,7 +330,8 @@ def simulate(
 
     def night_day(ts: float) -> int:
         """The day whose learning a night at ``ts`` consolidates (before the first use: yesterday's)."""
-        return min(config.days - 1, max(0, int((ts - first_use_h * 3600.0) // DAY_S)))
+        d = int(ts // DAY_S)
+        return min(config.days - 1, max(0, d if ts >= morning(d) else d - 1))
 
     def measure(ts: float) -> None:
         nonlocal measured
@@ -312,18 +346,19 @@ def simulate(
         day_i = night_day(ts)
         es.save(ckpt)
         es.store.close()
-        speed = profile.relative_speed
         job = NightJob(checkpoint=str(ckpt), model=config.model, result=str(work / "night.json"),
-                       threads=threads, memory_budget_mb=profile.memory_budget_mb,
-                       host_budget_s=cal.host_budget(deadline - ts, relative_speed=speed), steps=steps,
-                       checkpoint_every_host_s=(cal.host_budget(config.checkpoint_every_s, relative_speed=speed)
-                                                if rules is not None else None),
-                       kill_after_host_s=None if kill_at is None else cal.host_budget(kill_at - ts, relative_speed=speed),
-                       progress=str(work / "progress.json"))
+                       threads=threads, memory_budget_mb=profile.memory_budget_mb, budget_s=deadline - ts,
+                       relative_speed=profile.relative_speed, steps=steps,
+                       checkpoint_every_s=config.checkpoint_every_s if rules is not None else None,
+                       kill_after_s=None if kill_at is None else kill_at - ts,
+                       progress=str(work / "progress.json"),
+                       calibration=None if calibration is None else calibration.to_dict())
         job.write(work / "job.json")
         Path(job.result).unlink(missing_ok=True)
         Path(job.progress or "").unlink(missing_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        # OpenMP threads that wait passively: spin-waiting ones burn CPU time whenever another program
+        # holds a core, which would count as the night's work
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE"}
         proc = subprocess.run([sys.executable, "-m", "edge_sleep.simulate.night", str(work / "job.json")],
                               env=env, capture_output=True, text=True)
         result: dict[str, Any] = json.loads(Path(job.result).read_text()) if Path(job.result).exists() else \
@@ -331,27 +366,25 @@ def simulate(
         es = EdgeSleep.load(ckpt, _build(factory, config.seed))
         if proc.returncode == KILLED_EXIT:  # the checkpoint holds what the last save held
             progress = json.loads(Path(job.progress or "").read_text()) if Path(job.progress or "").exists() else {}
-            killed_host = float(progress.get("killed_at_host_s", 0.0))
-            saved_host = float(progress.get("saved_host_s", 0.0))
-            dev_s = cal.device_seconds(killed_host, relative_speed=speed)
-            lost = cal.device_seconds(max(0.0, killed_host - saved_host), relative_speed=speed)
-            gap = cal.device_seconds(float(progress.get("max_check_gap_host_s", 0.0)), relative_speed=speed)
+            dev_s = float(progress.get("killed_at_s", 0.0))
+            lost = max(0.0, dev_s - float(progress.get("saved_s", 0.0)))
+            gap = float(progress.get("max_check_gap_s", 0.0))
             return _Night(day_i, ts / 3600.0, (ts + dev_s) / 3600.0, int(progress.get("steps", 0)), False,
-                          killed_host, dev_s, profile.power_active_w * dev_s, None, killed=True, lost_s=lost,
+                          0.0, dev_s, profile.power_active_w * dev_s, None, killed=True, lost_s=lost,
                           check_gap_s=gap)
         if result["failure"] is not None:
             why = (f"over the memory budget: {result['peak_mb']:.0f} MB > {profile.memory_budget_mb:.0f} MB"
                    if proc.returncode == OVER_BUDGET_EXIT or result["failure"] == "memory"
                    else result.get("error", "failed"))
             return _Night(day_i, ts / 3600.0, ts / 3600.0, 0, False, 0.0, 0.0, 0.0,
-                          result.get("peak_mb"), failure=why)
+                          result.get("peak_mb"), result.get("process_peak_mb"), failure=why)
         rep = result["report"]
-        dev_s = cal.device_seconds(result["host_s"], relative_speed=speed)
-        stop_s = None if result.get("stop_s") is None else cal.device_seconds(result["stop_s"], relative_speed=speed)
-        gap = cal.device_seconds(float(result.get("max_check_gap_s") or 0.0), relative_speed=speed)
+        night_cals.append(result["calibration"])
+        dev_s = float(result["device_s"])
         return _Night(day_i, ts / 3600.0, (ts + dev_s) / 3600.0, int(rep["steps"]), bool(rep["completed"]),
-                      float(result["host_s"]), dev_s, profile.power_active_w * dev_s, float(result["peak_mb"]),
-                      stop_s=stop_s, check_gap_s=gap)
+                      float(result["host_cpu_s"]), dev_s, profile.power_active_w * dev_s, float(result["peak_mb"]),
+                      float(result["process_peak_mb"]), stop_s=result.get("stop_s"),
+                      check_gap_s=float(result.get("max_check_gap_s") or 0.0))
 
     total_ticks = int(math.ceil(end_s / config.tick_s))
     bar = tqdm(total=total_ticks, desc=f"simulate {profile.key} ({config.policy})", unit="tick",
@@ -360,7 +393,7 @@ def simulate(
         hour = hour_of(t)
         day_i = min(int(t // DAY_S), config.days - 1)
         # the morning after night d: measure every task seen so far, before the day's first use
-        if measured < config.days and t >= (measured + 1) * DAY_S + first_use_h * 3600.0 and t >= busy_until:
+        if measured < config.days and t >= morning(measured + 1) and t >= busy_until:
             measure(t)
         usage = usage_at(t)
         charging = charging_at(t)
@@ -369,9 +402,9 @@ def simulate(
             window.end_h = t / 3600.0
             window = None
         if usage and t >= busy_until:
-            owed += day.learn_steps_per_usage_hour * config.tick_s / 3600.0
+            owed += plan_at(t).learn_steps_per_usage_hour * config.tick_s / 3600.0
             task = tasks[day_i + 1]
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             while owed >= 1.0:
                 owed -= 1.0
                 it = batches.get(day_i)
@@ -380,7 +413,7 @@ def simulate(
                 x, y = next(it)
                 es.learn(x, y, stream=task.name)
                 wake_steps[day_i] += 1
-            dev_s = cal.device_seconds(time.perf_counter() - t0, relative_speed=profile.relative_speed)
+            dev_s = cal.device_seconds(time.process_time() - t0, relative_speed=profile.relative_speed)
             wake_device_s[day_i] += dev_s
             extra_w += profile.power_active_w * dev_s / config.tick_s
             last_use_s = t + config.tick_s
@@ -495,6 +528,7 @@ def simulate(
         energy = sum(x.energy_j for x in mine)
         row = acc[d + 1, : d + 2]
         peaks = [x.peak_mb for x in mine if x.peak_mb is not None]
+        process_peaks = [x.process_peak_mb for x in mine if x.process_peak_mb is not None]
         wins = [w for w in windows if w.day == d]
         days_out.append({
             "day": d + 1,
@@ -513,14 +547,29 @@ def simulate(
             "wake_energy_j": profile.power_active_w * wake_device_s[d],
             "night_device_s": sum(x.device_s for x in mine),
             "peak_memory_mb": max(peaks) if peaks else None,
+            "process_peak_mb": max(process_peaks) if process_peaks else None,
             "min_battery_frac": min_battery[d] if battery is not None else None,
             "failures": [x.failure for x in mine if x.failure is not None],
             "lost_s": sum(x.lost_s for x in mine),
+            "night_missed": wake_steps[d] > 0 and not any(x.completed for x in mine),
+            "plan": {"usage": [list(w) for w in plans[d].usage], "charging": [list(w) for w in plans[d].charging],
+                     "source": plans[d].source},
         })
     wall_s = time.perf_counter() - wall0
     shares = [d["battery_share"] for d in days_out if d["battery_share"] is not None]
     peaks_all = [d["peak_memory_mb"] for d in days_out if d["peak_memory_mb"] is not None]
+    process_all = [d["process_peak_mb"] for d in days_out if d["process_peak_mb"] is not None]
+    calibrations = _calibration_summary(cal, night_cals, measured=calibration is None)
     notes = []
+    if calibrations["disagreement"] > DISAGREEMENT:
+        note = (f"the host's calibrations disagree by {calibrations['disagreement']:.0%} (more than "
+                f"{DISAGREEMENT:.0%}): its speed changed during the run, so device times are less certain")
+        notes.append(note)
+        warnings.warn(note, RuntimeWarning, stacklevel=2)
+    if process_all and max(process_all) > profile.memory_budget_mb:
+        notes.append(f"the night's whole process peaked at {max(process_all):.0f} MB, over the "
+                     f"{profile.memory_budget_mb:.0f} MB budget: that is the CPython/PyTorch process; the night's own "
+                     f"memory was {max(peaks_all):.0f} MB")
     if budget_fail:
         notes.append(f"{len(budget_fail)} night(s) went over the {profile.memory_budget_mb:.0f} MB budget "
                      "and were stopped: this profile cannot run the night as configured")
@@ -540,17 +589,21 @@ def simulate(
         "memory_budget_mb": profile.memory_budget_mb,
         "threads": threads,
         "relative_speed": profile.relative_speed,
-        "calibration": cal.to_dict(),
+        "calibration": calibrations,
         "days": days_out,
         "accuracy_matrix": [[None if np.isnan(v) else float(v) for v in r] for r in acc],
         "final_accuracy": None if np.isnan(final).all() else float(np.nanmean(final)),
         "forgetting": float(forgetting(acc)) if not np.isnan(final).all() else None,
         "energy_j_total": sum(x.energy_j for x in nights),
+        "days_from": config.days_from,
+        "missed_nights": sum(d["night_missed"] for d in days_out),
         "nights": [asdict(x) for x in nights],
         "targets": {
             "wall_s": wall_s,
             "under_10_min": wall_s < 600.0,
             "fits_memory": not budget_fail and all(p <= profile.memory_budget_mb for p in peaks_all),
+            "process_fits_memory": (max(process_all) <= profile.memory_budget_mb) if process_all else None,
+            "memory_budget_source": profile.sources.get("memory_budget_mb"),
             "energy_under_2pct": (max(shares) < 0.02) if shares else None,
             "notes": notes,
         },
@@ -576,6 +629,35 @@ def simulate(
     shutil.rmtree(work, ignore_errors=True)
     torch.set_num_threads(threads_before)
     return report
+
+
+def day_plans(profile: DeviceProfile, config: SimulationConfig) -> list[DayPlan]:
+    """The ``config.days + 1`` plans a simulation replays (the last one is the morning after the last night).
+
+    Raises:
+        ConfigError: ``days_from="drawn"`` on a profile without ``[variation]``.
+        TraceError: the trace cannot be read or holds no whole day.
+    """
+    count = config.days + 1
+    if config.days_from == "drawn":
+        if profile.variation is None:
+            raise ConfigError("simulate", [f"days_from='drawn', but profile {profile.key!r} has no [variation] table; "
+                                           "expected one (see edge_sleep.simulate.profiles), or days_from='typical'"])
+        return draw_days(profile.day, profile.variation, count, seed=config.seed)
+    if config.days_from == "trace":
+        from edge_sleep.simulate.trace import days_from_trace
+
+        return cycle_days(days_from_trace(Path(str(config.trace)), tz=config.tz,
+                                          learn_steps_per_usage_hour=profile.day.learn_steps_per_usage_hour), count)
+    return [profile.day] * count
+
+
+def _calibration_summary(cal: Calibration, nights: list[dict[str, Any]], *, measured: bool) -> dict[str, Any]:
+    """Every calibration of a run: the simulator's own and each night's before and after it, and their spread."""
+    every = [cal] + [Calibration.from_dict(c[k]) for c in nights for k in ("before", "after")]
+    return {"clock": "cpu", "measured": measured, "simulator": cal.to_dict(),
+            "nights": [{"before": c["before"]["host_seconds"], "after": c["after"]["host_seconds"]} for c in nights],
+            "disagreement": disagreement(every), "within_20pct": disagreement(every) <= DISAGREEMENT}
 
 
 def _build(factory: Callable[..., torch.nn.Module], seed: int) -> torch.nn.Module:

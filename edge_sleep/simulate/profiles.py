@@ -34,6 +34,12 @@ The file's schema (every key is required; unknown keys are errors, so a typo nev
     skip_probability = { value = 0.05, source = "..." }      # the OS does not run it in a window
     interruptions_per_hour = { value = 0.1, source = "..." } # the user picks the device up
     kill_probability = { value = 0.1, source = "..." }       # a run is killed without warning
+
+    [variation]                      # optional: how one day differs from the next, each {value, source}
+    shift_sd_min = { value = 30, source = "..." }               # each window edge moves by N(0, sd) min
+    missed_charge_probability = { value = 0.1, source = "..." } # no overnight charge that night
+    topup_probability = { value = 0.3, source = "..." }         # a daytime top-up charge that day
+    topup_min = { value = 45, source = "..." }                  # its length
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any
 
 from edge_sleep.errors import EdgeSleepError, InputError
 
-__all__ = ["DayPlan", "DeviceProfile", "PlatformRules", "ProfileError", "load_profile", "profile_dir",
+__all__ = ["DayPlan", "DayVariation", "DeviceProfile", "PlatformRules", "ProfileError", "load_profile", "profile_dir",
            "profile_names"]
 
 _ENV_DIR = "EDGE_SLEEP_PROFILES"
@@ -234,6 +240,28 @@ class PlatformRules:
 
 
 @dataclass(frozen=True)
+class DayVariation:
+    """How one day differs from the next (a profile's ``[variation]`` table).
+
+    :func:`edge_sleep.simulate.days.draw_days` draws each simulated day from the typical day with it.
+
+    Attributes:
+        shift_sd_min: each start and end of a usage or charging window (other than midnight) moves
+            by a normal draw of this standard deviation, in minutes (rounded to 5 minutes).
+        missed_charge_probability: the overnight charge (the charging that runs through midnight)
+            does not happen that night.
+        topup_probability: a daytime top-up charge of ``topup_min`` minutes happens that day,
+            starting at a uniformly drawn time between 09:00 and 18:00.
+        topup_min: a top-up's length in minutes.
+    """
+
+    shift_sd_min: float = 0.0
+    missed_charge_probability: float = 0.0
+    topup_probability: float = 0.0
+    topup_min: float = 0.0
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """One device. Power in watts, energy capacity in watt-hours, memory in MiB.
 
@@ -250,8 +278,9 @@ class DeviceProfile:
         relative_speed: throughput on the reference workload relative to the reference machine.
         day: the typical day.
         platform: the OS's rules for background work (``None``: the profile gives none).
+        variation: how its days differ (``None``: the profile gives none).
         sources: field name -> where its number comes from (each hardware field, ``"day"``, and
-            each ``"platform.<field>"``).
+            each ``"platform.<field>"`` and ``"variation.<field>"``).
         path: the file it was read from.
     """
 
@@ -271,6 +300,7 @@ class DeviceProfile:
     sources: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     platform: PlatformRules | None = None
+    variation: DayVariation | None = None
 
     @property
     def has_battery(self) -> bool:
@@ -305,7 +335,7 @@ def profile_names() -> list[str]:
 
 # --- validation --------------------------------------------------------------------------------
 
-_TOP_KEYS = ("name", "kind", "hardware", "day", "platform")
+_TOP_KEYS = ("name", "kind", "hardware", "day", "platform", "variation")
 _KINDS = ("phone", "board")
 _DAY_KEYS = ("source", "usage", "charging", "start_battery_frac", "learn_steps_per_usage_hour")
 
@@ -354,6 +384,14 @@ _PLATFORM: dict[str, _Range] = {
     "kill_probability": _Range(0, False, 1, "(a probability)"),
 }
 
+_VARIATION: dict[str, _Range] = {
+    "shift_sd_min": _Range(0, False, 240, "minutes"),
+    "missed_charge_probability": _Range(0, False, 1, "(a probability)"),
+    "topup_probability": _Range(0, False, 1, "(a probability)"),
+    "topup_min": _Range(0, False, 540, "minutes"),
+}
+_SOURCED_TABLES = {"hardware": _HARDWARE, "platform": _PLATFORM, "variation": _VARIATION}
+
 
 def _number(x: object) -> float | None:
     """``x`` as a float when it is a finite int or float (not a bool), else ``None``."""
@@ -374,7 +412,7 @@ def _unknown_keys(problems: list[str], where: str, table: dict[str, Any], known:
 
 def _hardware_field(problems: list[str], name: str, entry: object, table: str = "hardware") -> tuple[float, str] | None:
     dotted = f"{table}.{name}"
-    spec = (_HARDWARE if table == "hardware" else _PLATFORM)[name]
+    spec = _SOURCED_TABLES[table][name]
     example = f'{name} = {{ value = <number>, source = "<spec sheet, or estimate: reasoning>" }}'
     if not isinstance(entry, dict):
         problems.append(f"{dotted} = {entry!r}: expected an inline table {{value, source}}. Fix: write `{example}`")
@@ -526,24 +564,10 @@ def _parse(path: Path, data: dict[str, Any]) -> DeviceProfile:
             )
             sources["day"] = str(day_source)
 
-    platform: PlatformRules | None = None
-    platform_table = data.get("platform")
-    if "platform" in data and not isinstance(platform_table, dict):
-        problems.append(f"platform = {platform_table!r}: expected a [platform] table. Fix: add [platform] with "
-                        f"{', '.join(_PLATFORM)}, or remove it")
-    elif isinstance(platform_table, dict):
-        _unknown_keys(problems, "platform", platform_table, tuple(_PLATFORM))
-        rules: dict[str, float] = {}
-        for key, spec in _PLATFORM.items():
-            if key not in platform_table:
-                problems.append(f"platform.{key} is missing: expected {{value = {spec.text()}, source = \"...\"}}. "
-                                f'Fix: add `{key} = {{ value = <number>, source = "<platform docs, or estimate: ..>" }}`')
-                continue
-            got = _hardware_field(problems, key, platform_table[key], "platform")
-            if got is not None:
-                rules[key], sources[f"platform.{key}"] = got
-        if len(rules) == len(_PLATFORM):
-            platform = PlatformRules(**rules)
+    platform_rules = _optional_table(problems, sources, data, "platform", "platform docs")
+    platform = None if platform_rules is None else PlatformRules(**platform_rules)
+    varied = _optional_table(problems, sources, data, "variation", "a study of traces")
+    variation = None if varied is None else DayVariation(**varied)
 
     if problems or day is None:
         raise ProfileError(path, problems)
@@ -564,7 +588,32 @@ def _parse(path: Path, data: dict[str, Any]) -> DeviceProfile:
         sources=sources,
         path=path,
         platform=platform,
+        variation=variation,
     )
+
+
+def _optional_table(problems: list[str], sources: dict[str, str], data: dict[str, Any], table: str,
+                    where: str) -> dict[str, float] | None:
+    """An optional table of sourced numbers (``[platform]``, ``[variation]``): its values, or ``None``."""
+    specs = _SOURCED_TABLES[table]
+    raw = data.get(table)
+    if table in data and not isinstance(raw, dict):
+        problems.append(f"{table} = {raw!r}: expected a [{table}] table. Fix: add [{table}] with "
+                        f"{', '.join(specs)}, or remove it")
+        return None
+    if not isinstance(raw, dict):
+        return None
+    _unknown_keys(problems, table, raw, tuple(specs))
+    values: dict[str, float] = {}
+    for key, spec in specs.items():
+        if key not in raw:
+            problems.append(f"{table}.{key} is missing: expected {{value = {spec.text()}, source = \"...\"}}. "
+                            f'Fix: add `{key} = {{ value = <number>, source = "<{where}, or estimate: ..>" }}`')
+            continue
+        got = _hardware_field(problems, key, raw[key], table)
+        if got is not None:
+            values[key], sources[f"{table}.{key}"] = got
+    return values if len(values) == len(specs) else None
 
 
 def _resolve(name_or_path: str | Path) -> Path:

@@ -14,6 +14,10 @@ row per event. Stages, each a pure function:
 :func:`day_from_trace` runs 1 and 2 on a file and names the file, the number of days and the
 date range in ``DayPlan.source`` (:func:`describe_trace`); ``tools/day_from_trace.py`` is the
 command line around it.
+
+:func:`days_from_events` / :func:`days_from_trace` keep each whole calendar day of the trace as its
+own plan instead of folding them (a missed overnight charge or a daytime top-up stays in its day):
+``edge-sleep simulate --trace FILE --tz ZONE`` replays them day by day.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ __all__ = [
     "parse_screen",
     "day_from_events",
     "day_from_trace",
+    "days_from_events",
+    "days_from_trace",
     "describe_trace",
     "day_to_toml",
 ]
@@ -494,19 +500,7 @@ def day_from_events(
                                   "to the last event",
                          fix="record a longer trace (a day or more gives a typical day).")
 
-    # Carried-forward state after each event: lists parallel to ``times``.
-    screen_state: list[bool] = []
-    charging_state: list[bool] = []
-    battery_state: list[float | None] = []
-    screen, charging = False, False
-    battery: float | None = None
-    for event in events:
-        screen = event.screen_on if event.screen_on is not None else screen
-        charging = event.charging if event.charging is not None else charging
-        battery = event.battery_frac if event.battery_frac is not None else battery
-        screen_state.append(screen)
-        charging_state.append(charging)
-        battery_state.append(battery)
+    screen_state, charging_state, battery_state = _carried(events)
 
     slots = 1440 // resolution_min
     slot_s = resolution_min * 60.0
@@ -551,6 +545,113 @@ def day_from_events(
         learn_steps_per_usage_hour=float(learn_steps_per_usage_hour),
         source=source,
     )
+
+
+def _carried(events: Sequence[TraceEvent]) -> tuple[list[bool], list[bool], list[float | None]]:
+    """Screen, charging and battery after each event, carried forward (lists parallel to ``events``)."""
+    screen_state: list[bool] = []
+    charging_state: list[bool] = []
+    battery_state: list[float | None] = []
+    screen, charging = False, False
+    battery: float | None = None
+    for event in events:
+        screen = event.screen_on if event.screen_on is not None else screen
+        charging = event.charging if event.charging is not None else charging
+        battery = event.battery_frac if event.battery_frac is not None else battery
+        screen_state.append(screen)
+        charging_state.append(charging)
+        battery_state.append(battery)
+    return screen_state, charging_state, battery_state
+
+
+def days_from_events(
+    events: Sequence[TraceEvent],
+    *,
+    learn_steps_per_usage_hour: float = 40.0,
+    resolution_min: int = 5,
+    name: str = "trace",
+) -> list[DayPlan]:
+    """Each whole calendar day of a trace as its own plan, in order (nothing folded or voted).
+
+    A day counts when the trace covers all of it (from its midnight to the next); the partial
+    first and last days are left out. Within a day, a slot's state is the carried-forward state at
+    its midpoint (as in :func:`day_from_events`); ``start_battery_frac`` is the battery level at
+    the day's midnight (carried forward; 1.0 before any battery value), clamped into ``[0.01, 1]``.
+
+    Args:
+        events: events in non-decreasing time order, as :func:`read_trace` returns them.
+        learn_steps_per_usage_hour: copied into each plan.
+        resolution_min: slot length in minutes (see :func:`day_from_events`).
+        name: the trace's name, for each plan's ``source`` (``"trace: NAME, 2026-11-20"``).
+
+    Returns:
+        One plan per whole day.
+
+    Raises:
+        TraceError: no events, events out of order, or no whole calendar day in the trace (the
+            fix names :func:`day_from_trace`, which folds a shorter trace into a typical day).
+        ConfigError: an argument is out of range.
+    """
+    day_from_events(events, learn_steps_per_usage_hour=learn_steps_per_usage_hour, resolution_min=resolution_min,
+                    source="check")  # the same checks of the arguments and the events
+    times = [event.time_s for event in events]
+    first, last = times[0], times[-1]
+    screen_state, charging_state, battery_state = _carried(events)
+    has_screen = any(event.screen_on is not None for event in events)
+    slots = 1440 // resolution_min
+    slot_s = resolution_min * 60.0
+    plans = []
+    for day in _covered_days(events):
+        if not (first <= day * DAY_S and (day + 1) * DAY_S <= last):
+            continue
+        usage, charging = [], []
+        for slot in range(slots):
+            index = bisect.bisect_right(times, day * DAY_S + (slot + 0.5) * slot_s) - 1
+            usage.append(has_screen and screen_state[index])
+            charging.append(charging_state[index])
+        at = bisect.bisect_right(times, day * DAY_S) - 1
+        level = battery_state[at] if at >= 0 else None
+        plans.append(DayPlan(
+            usage=_slots_to_windows(usage, resolution_min),
+            charging=_slots_to_windows(charging, resolution_min),
+            start_battery_frac=round(min(1.0, max(0.01, 1.0 if level is None else level)), 4),
+            learn_steps_per_usage_hour=float(learn_steps_per_usage_hour),
+            source=f"trace: {name}, {_date_text(day)}",
+        ))
+    if not plans:
+        raise TraceError("the trace holds no whole calendar day", column="time",
+                         value=f"{_date_text(_day_index(first))} to {_date_text(_day_index(last))}",
+                         expected="events from before one midnight to after the next",
+                         fix="record at least one whole day, or fold the trace into a typical day with "
+                             "day_from_trace (tools/day_from_trace.py).")
+    return plans
+
+
+def days_from_trace(
+    path: Path,
+    *,
+    learn_steps_per_usage_hour: float = 40.0,
+    resolution_min: int = 5,
+    tz: str | None = None,
+) -> list[DayPlan]:
+    """Read a trace file and keep each whole day of it (:func:`days_from_events`).
+
+    Args:
+        path: the CSV trace (see :func:`read_trace`).
+        tz: the device's time zone (needed for unix seconds; see :func:`read_trace`).
+        learn_steps_per_usage_hour, resolution_min: as :func:`days_from_events`.
+
+    Raises:
+        TraceError: the file or its events cannot make a day (the message names the file).
+        ConfigError: an argument is out of range.
+        OSError: the file cannot be read.
+    """
+    events = read_trace(path, tz=tz)
+    try:
+        return days_from_events(events, learn_steps_per_usage_hour=learn_steps_per_usage_hour,
+                                resolution_min=resolution_min, name=Path(path).name)
+    except TraceError as error:
+        raise error.with_path(path) from None
 
 
 def describe_trace(path: Path, events: Sequence[TraceEvent]) -> str:
