@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edge_sleep.errors import ConfigError, InputError
-from edge_sleep.privacy import GRID_STEPS, RecordPrivacy, clip_rows, discrete_gaussian, rdp_noise_multiplier
+from edge_sleep.privacy import GRID_STEPS, RecordPrivacy, clip_rows, noised_on_grid, rdp_noise_multiplier
 
 if TYPE_CHECKING:
     from edge_sleep.config import PrivacyConfig
@@ -230,13 +230,6 @@ class ClassStatistics:
     factor: torch.Tensor
 
 
-def _noised_on_grid(values: torch.Tensor, step: float, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    """``values`` rounded to the grid of ``step``, plus discrete Gaussian noise of ``sigma`` (in
-    ``values``' units), as float64: a function of the noised integers only."""
-    grid = torch.round(values.double() / step).long()
-    return (grid + discrete_gaussian(tuple(grid.shape), sigma / step, generator)).double() * step
-
-
 def class_statistics(stream: str, label: int, count: float, total: torch.Tensor, second: torch.Tensor,
                      rank: int, second_noise: float = 0.0) -> ClassStatistics | None:
     """Mean and rank-``rank`` covariance factor from one cell's noised count, sum and second
@@ -277,12 +270,12 @@ def release_statistics(acc: StatsAccumulator, noise: StatsNoise, rank: int,
     upper = torch.triu_indices(d, d)
     for stream in sorted(acc.cells):
         cell = acc.cells[stream]
-        counts = _noised_on_grid(cell["counts"], 1.0, noise.counts, generator)
-        sums = _noised_on_grid(cell["sums"], noise.sums_step, noise.sums, generator)
+        counts = noised_on_grid(cell["counts"], 1.0, noise.counts, generator)
+        sums = noised_on_grid(cell["sums"], noise.sums_step, noise.sums / noise.sums_step, generator)
         for c in range(k):
             tri = torch.zeros(d, d, dtype=torch.float64)
-            tri[upper[0], upper[1]] = _noised_on_grid(cell["second"][c][upper[0], upper[1]], noise.second_step,
-                                                      noise.second, generator)
+            tri[upper[0], upper[1]] = noised_on_grid(cell["second"][c][upper[0], upper[1]], noise.second_step,
+                                                     noise.second / noise.second_step, generator)
             second = tri + torch.triu(tri, 1).T  # the released upper triangle, mirrored
             stats = class_statistics(stream, c, float(counts[c]), sums[c], second, rank, noise.second)
             if stats is not None:

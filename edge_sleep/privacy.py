@@ -58,6 +58,7 @@ __all__ = [
     "analytic_gaussian_sigma",
     "classic_gaussian_sigma",
     "clip_rows",
+    "noised_on_grid",
     "GRID_STEPS",
     "rdp_noise_multiplier",
     "discrete_gaussian",
@@ -317,6 +318,18 @@ def delta_problem(delta: float, records: int) -> str:
             "records is expected to. Fix: PrivacyConfig(delta=1e-5) or smaller")
 
 
+def noised_on_grid(values: torch.Tensor, step: float, steps_sigma: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``values`` rounded to the grid of ``step``, plus discrete Gaussian noise of ``steps_sigma``
+    grid steps, as float64 in ``values``' units: a function of the noised integers only.
+
+    Both designs release through it: each stored record (:func:`privatize`) and the per-class
+    statistics (:mod:`edge_sleep.dreams`).
+    """
+    grid = torch.round(values.double() / step).long()
+    return (grid + discrete_gaussian(tuple(grid.shape), steps_sigma, generator)).double() * step
+
+
 def privatize(
     latents: torch.Tensor,
     labels: torch.Tensor,
@@ -355,15 +368,12 @@ def privatize(
                 "noise. Fix: store a float hidden state with StoreConfig(latent_layer=...), or set epsilon=None"])
         n, c = latents.shape[0], params.max_norm or 1.0
         flat = clip_rows(latents.detach().reshape(n, -1).float().cpu(), c)
-        step = c / GRID_STEPS
-        grid = torch.round(flat.double() / step).long()  # |rounding| <= 1/2 step a coordinate
-        z = params.sigma / (2.0 * c)
-        noised = grid + discrete_gaussian(tuple(grid.shape), z * (2.0 * GRID_STEPS + math.sqrt(grid.shape[1])),
-                                          generator)
+        z = params.sigma / (2.0 * c)  # |rounding| <= 1/2 step a coordinate: sensitivity 2 G + sqrt(d) steps
+        noised = noised_on_grid(flat, c / GRID_STEPS, z * (2.0 * GRID_STEPS + math.sqrt(flat.shape[1])), generator)
         # projected back onto the ball of radius C: post-processing, so the guarantee is unchanged,
         # and a stored record is never larger than a real one (noise of norm ~ sigma * sqrt(d)
         # would otherwise make replay's gradients explode)
-        flat = clip_rows((noised.double() * step).float(), c)
+        flat = clip_rows(noised.float(), c)
         out_x = flat.reshape(latents.shape).to(device=latents.device, dtype=latents.dtype)
     if params.label_epsilon is not None:
         out_y = randomized_response(labels.cpu(), num_classes, params.label_epsilon, generator).to(labels.device)
