@@ -93,3 +93,26 @@ def test_sources_sha256_names_the_sources_a_result_ran(tmp_path: Path) -> None:
     (pkg / "sub" / "k.c").write_text("int f(void) { return 2; }\n")
     assert sources_sha256(pkg) != first
     assert provenance()["sources_sha256"] == sources_sha256()
+
+
+@pytest.mark.slow
+def test_the_committed_smoke_result_is_reproduced_exactly() -> None:
+    """Issue 22, item 6: a change to the numerics fails here until `python benchmarks/pmnist.py --smoke` is rerun."""
+    import torch
+
+    from edge_sleep.bench.pmnist import SMOKE, run_method, smoke_kwargs
+
+    committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/pmnist_smoke.json").read_text())
+    assert committed["smoke"] and committed["commit"] and len(committed["sources_sha256"]) == 64
+    assert {(r["method"], r["seed"]) for r in committed["runs"]} == {(m, s) for m in SMOKE["methods"] for s in SMOKE["seeds"]}
+    methods = {m.name: m for m in default_methods(TUNED)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the benchmark's worker runs it
+    try:
+        for run in committed["runs"]:
+            again = run_method(methods[run["method"]], run["seed"], **smoke_kwargs())
+            assert np.array_equal(np.array(again["acc"]), np.array(run["acc"]), equal_nan=True), (
+                f"{run['method']} seed {run['seed']}: the numerics changed since {committed['commit'][:8]}; if on "
+                "purpose, rerun python benchmarks/pmnist.py --smoke (and the full benchmark) and commit the results")
+    finally:
+        torch.set_num_threads(threads)

@@ -33,7 +33,7 @@ from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.sleep import mask_sparsity
 
-__all__ = ["TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "main"]
+__all__ = ["SMOKE", "TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "smoke_kwargs", "main"]
 
 # The winners of `python benchmarks/tune.py` (every method's budget, grid and validation scores
 # are in benchmarks/results/tune.json; a test checks that these agree with it). Tuning seed 100,
@@ -49,6 +49,18 @@ TUNED: dict[str, dict[str, float]] = {
     "ssr_sleep_only": {"lam": 3.0, "lr": 0.4, "ratio": 1.0, "sleep_distill": 1.0, "sleep_lr": 0.03},
     "ssr_adapters": {"lam": 3.0, "lr": 0.4, "sleep_distill": 1.0, "sleep_lr": 0.03},
 }
+
+
+# `--smoke`: a minute of the benchmark that a test reruns and must match exactly (any change to the
+# numerics fails it until benchmarks/results/pmnist_smoke.json is regenerated on purpose).
+SMOKE: dict[str, Any] = {"tasks": 3, "seeds": [0], "train_per_task": 8192, "test_per_task": 1000,
+                         "methods": ["naive", "derpp", "ssr", "ssr_adapters"]}
+
+
+def smoke_kwargs() -> dict[str, Any]:
+    """:func:`run_method`'s keyword arguments for a smoke run."""
+    return {"n_tasks": SMOKE["tasks"], "buffer": 500, "train_per_task": SMOKE["train_per_task"],
+            "test_per_task": SMOKE["test_per_task"], "split": "test"}
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -271,8 +283,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="training images per task (default: all 60,000)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of rows to run")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pmnist.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/pmnist.json "
+                                                                "(pmnist_smoke.json with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{SMOKE['tasks']} tasks of {SMOKE['train_per_task']} images, seed 0, rows "
+                             f"{', '.join(SMOKE['methods'])}, one process: about a minute; tests/test_bench.py "
+                             "reruns it and must match it exactly")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.tasks, args.seeds, args.methods, args.workers = SMOKE["tasks"], SMOKE["seeds"], SMOKE["methods"], 1
+        args.train_per_task = SMOKE["train_per_task"]
+    args.out = args.out or Path("benchmarks/results/pmnist_smoke.json" if args.smoke else "benchmarks/results/pmnist.json")
 
     methods = default_methods(TUNED)
     if args.methods:
@@ -285,18 +306,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # longest first so the workers finish together
     jobs.sort(key=lambda j: -(1 + (j[0].sleep.steps_per_wake_step if j[0].sleep else 0)))
     kw = {"n_tasks": args.tasks, "buffer": args.buffer, "train_per_task": args.train_per_task, "split": "test"}
+    if args.smoke:
+        kw = smoke_kwargs()
     t0 = time.perf_counter()
     results = run_all(jobs, args.workers, kw)
     summary = summarize(results, methods)
     payload = {"tasks": args.tasks, "buffer": args.buffer, "seeds": args.seeds,
-               "train_per_task": args.train_per_task or 60000, "batch": 128, "split": "test",
+               "train_per_task": args.train_per_task or 60000, "batch": 128, "split": "test", "smoke": args.smoke,
+               "test_per_task": kw.get("test_per_task", 10000),
                "hyperparameters": TUNED, "total_wall_s": time.perf_counter() - t0, "methods": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload.update(provenance())  # the commit the numbers describe
+    if args.smoke:  # every run's accuracy matrix, what the test compares
+        payload["runs"] = [{"method": r["method"], "seed": r["seed"], "acc": r["acc"]} for r in results]
     args.out.write_text(json.dumps(payload, indent=1))
-    plot_summary(summary, args.out.with_suffix(".png"))
+    if not args.smoke:
+        plot_summary(summary, args.out.with_suffix(".png"))
     print(format_table(summary))
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} in {payload['total_wall_s']:.0f} s")
+    print(f"\nwrote {args.out} in {payload['total_wall_s']:.0f} s")
     return payload
 
 
