@@ -132,6 +132,15 @@ class SleepConfig:
             (a file beside the replay store, ``<store>.restore.pt``, written once when the night
             starts, read only if it is abandoned, deleted when it ends: the copy's RAM saved for
             one write of the weights).
+        probe_records: records of the store held out of replay as a probe (``0``: off, the
+            default until measured). The night measures the probe's replay loss (without noise)
+            before its first step and every ``probe_every`` steps; when it has not improved (by more
+            than 0.01% of its best, ``edge_sleep.sleep.PROBE_MIN_GAIN``) for
+            ``probe_patience`` looks, the night stops replaying: its remaining Fisher steps only
+            measure, and ``SleepReport.replay_stopped`` says why. A store with fewer than twice
+            ``probe_records`` records is not probed.
+        probe_every: replay steps between two looks at the probe.
+        probe_patience: looks without improvement before replay stops.
     """
 
     steps_per_wake_step: float = 1.0
@@ -154,9 +163,15 @@ class SleepConfig:
     anchor_decay: float = 0.9
     check_every: int = 25
     restore_point: Literal["memory", "disk"] = "memory"
+    probe_records: int = 0
+    probe_every: int = 25
+    probe_patience: int = 2
 
     def __post_init__(self) -> None:
         p: list[str] = []
+        _posint(p, "probe_records", self.probe_records, zero_ok=True)
+        _posint(p, "probe_every", self.probe_every)
+        _posint(p, "probe_patience", self.probe_patience)
         _nonneg(p, "steps_per_wake_step", self.steps_per_wake_step)
         _posint(p, "min_steps", self.min_steps, zero_ok=True)
         _pos(p, "lr", self.lr)

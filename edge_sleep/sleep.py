@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,6 +123,9 @@ class Night:
     generator: torch.Generator
 
 
+PROBE_MIN_GAIN = 1e-4  # a look improves on the best when the probe's loss is lower by more than this fraction
+
+
 @dataclass
 class SleepState:
     """Progress of a night, kept when sleep is preempted so the next window resumes it.
@@ -136,12 +140,19 @@ class SleepState:
     fisher_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     fisher_count: int = 0
     loss_first: float | None = None
+    probe_slots: list[int] | None = None
+    probe_first: float | None = None
+    probe_best: float | None = None
+    probe_bad: int = 0
+    replay_stopped: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"format_version": SLEEP_FORMAT_VERSION, "total_steps": self.total_steps,
                 # "optimizer": always None now (plain SGD keeps no state), kept for older readers
                 "wake_steps": self.wake_steps, "step": self.step, "optimizer": None,
-                "fisher_sums": self.fisher_sums, "fisher_count": self.fisher_count, "loss_first": self.loss_first}
+                "fisher_sums": self.fisher_sums, "fisher_count": self.fisher_count, "loss_first": self.loss_first,
+                "probe_slots": self.probe_slots, "probe_first": self.probe_first, "probe_best": self.probe_best,
+                "probe_bad": self.probe_bad, "replay_stopped": self.replay_stopped}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> SleepState:
@@ -149,7 +160,9 @@ class SleepState:
         return cls(total_steps=state["total_steps"], wake_steps=int(state.get("wake_steps", 0)),
                    step=state["step"],
                    fisher_sums=dict(state["fisher_sums"]), fisher_count=state["fisher_count"],
-                   loss_first=state["loss_first"])
+                   loss_first=state["loss_first"], probe_slots=state.get("probe_slots"),
+                   probe_first=state.get("probe_first"), probe_best=state.get("probe_best"),
+                   probe_bad=int(state.get("probe_bad", 0)), replay_stopped=state.get("replay_stopped"))
 
 
 @dataclass(frozen=True)
@@ -175,6 +188,11 @@ class SleepReport:
         fisher_peak_mb: the largest growth of the resident set measured during one Fisher
             step (:class:`edge_sleep.memory.ResidentPeak`; ``None`` where Linux's counters are
             not available).
+        replay_stopped: ``None``, or why the night stopped replaying before its planned length
+            (``SleepConfig.probe_records``): its remaining steps only measured the Fisher.
+        probe_loss_first / probe_loss_best: the held-out probe's replay loss before the night's
+            first step and the lowest seen (``None`` without a probe).
+        replay_steps: steps of this call that changed the weights (the others only measured).
     """
 
     steps: int
@@ -191,6 +209,10 @@ class SleepReport:
     fisher_method: str = ""
     fisher_planned_mb: float | None = None
     fisher_peak_mb: float | None = None
+    replay_stopped: str | None = None
+    probe_loss_first: float | None = None
+    probe_loss_best: float | None = None
+    replay_steps: int | None = None
 
 
 def mask_sparsity(masks: Mapping[str, torch.Tensor]) -> float:
@@ -279,27 +301,71 @@ def run_sleep(
     use_vmap = True
     plan: FisherPlan | None = None
     peak_bytes: int | None = None
+    replayed = 0
+    if config.probe_records > 0 and state.probe_slots is None and state.step == 0:
+        slots = store.slots()
+        if len(slots) >= 2 * config.probe_records:  # the night's generator picks them; kept for a resumed night
+            pick = torch.randperm(len(slots), generator=night.generator)[:config.probe_records].numpy()
+            state.probe_slots = sorted(int(v) for v in slots[pick])
+    if state.probe_slots:  # a resumed night: records deleted meanwhile (forget) leave the probe
+        state.probe_slots = [v for v in state.probe_slots if v in set(store.slots().tolist())]
+    probe = None if not state.probe_slots else store.read(np.asarray(state.probe_slots)).to(device)
+    exclude = None if not state.probe_slots else np.asarray(state.probe_slots, dtype=np.int64)
+
+    def look_at_probe() -> None:
+        """The probe's loss now; replay stops when it has not improved for ``probe_patience`` looks."""
+        assert probe is not None
+        noise.enabled = False
+        with torch.no_grad():
+            value = float(replay_loss(replay_forward(probe.x), probe.y, probe.logits, config.label_weight,
+                                      config.distill_weight))
+        noise.enabled = True
+        if state.probe_first is None:
+            state.probe_first = value
+        if state.probe_best is None or value < state.probe_best - PROBE_MIN_GAIN * abs(state.probe_best):
+            state.probe_best, state.probe_bad = value, 0
+        else:
+            state.probe_bad += 1
+            if state.probe_bad >= config.probe_patience:
+                state.replay_stopped = (f"the probe's loss ({len(probe.y)} held-out records) did not improve for "
+                                        f"{state.probe_bad} looks: {value:.4f} at step {state.step}, best "
+                                        f"{state.probe_best:.4f}, {state.probe_first:.4f} before the night")
+
     try:
         # Phase 1: replay with consolidation noise, accumulating the Fisher at the end
         while state.step < state.total_steps:
-            batch = store.sample(config.batch_size).to(device)
+            if probe is not None and state.replay_stopped is None and state.step % config.probe_every == 0 \
+                    and state.step < fisher_from:
+                look_at_probe()
+                if state.replay_stopped is not None:  # only the Fisher's steps remain, and they only measure
+                    state.step = max(state.step, fisher_from)
+                    if state.step >= state.total_steps:
+                        break
+            batch = store.sample(config.batch_size, exclude=exclude).to(device)
             if plan is None:  # before the first step, so a budget too small refuses with nothing changed
                 noise.enabled = False
                 plan = _plan(head, head_names, (batch.x, batch.y, batch.logits), fisher_loss, config)
                 noise.enabled = True
-            logits = replay_forward(batch.x)
-            loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
+            measuring_only = state.replay_stopped is not None
+            if measuring_only:
+                with torch.no_grad():
+                    loss = replay_loss(replay_forward(batch.x), batch.y, batch.logits, config.label_weight,
+                                       config.distill_weight)
+            else:
+                logits = replay_forward(batch.x)
+                loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)
             loss_last = loss.item()
             problem = None if math.isfinite(loss_last) else f"non-finite replay loss ({loss_last})"
-            if problem is None:
+            if problem is None and not measuring_only:
                 with descend:  # SGD, each weight stepped as soon as backward has its gradient
                     loss.backward()
                 if not descend.finite:
                     problem = "non-finite gradient"
-            if problem is None:
+            if problem is None and not measuring_only:
                 apply_masks_(params, masks)
                 if not all_finite(list(params.values())):
                     problem = "non-finite weights after a step"
+                replayed += 1
             if problem is not None:
                 return _abort(params, start_weights, state, steps_run, masks, start,
                               f"{problem} at replay step {state.step + 1} of {state.total_steps}")
@@ -356,7 +422,8 @@ def run_sleep(
                     and state.step < state.total_steps and should_stop():
                 return SleepReport(steps_run, state.total_steps, False, state.loss_first, loss_last,
                                    state.fisher_count, 0, mask_sparsity(masks), 0,
-                                   time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
+                                   time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config),
+                                   state.replay_stopped, state.probe_first, state.probe_best, replayed)
     finally:
         start_weights.close()
         noise.remove()
@@ -376,7 +443,8 @@ def run_sleep(
             anchor.update_(fisher, {n: w.detach() for n, w in effective_weights(model, list(params)).items()})
     return SleepReport(steps_run, state.total_steps, True, state.loss_first, loss_last,
                        state.fisher_count, pruned, mask_sparsity(masks), strengthened,
-                       time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config))
+                       time.perf_counter() - start, None, *_fisher_info(plan, peak_bytes, config),
+                       state.replay_stopped, state.probe_first, state.probe_best, replayed)
 
 
 class _DescendInBackward:

@@ -291,3 +291,51 @@ def test_phase1_steps_each_weight_inside_backward_and_never_holds_every_gradient
     assert max(held) == 1  # each gradient is gone (stepped and dropped) before the next arrives
     assert all(p.grad is None for p in params)
     assert any(not torch.equal(a, b) for a, b in zip(before, params))  # the night did train
+
+
+def test_a_night_stops_replaying_when_its_held_out_probe_stops_improving(tmp_path: Path) -> None:
+    """Issue 22, item 2: replay fits the store and weakens the anchor; a probe held out of replay says when to stop."""
+    es = trained(tmp_path, "probe", lr=1e-12, probe_records=30, probe_every=5, probe_patience=1)
+    seen: list[set[int]] = []
+    sample = es.store.sample
+
+    def spy(n: int, **kw: object):  # type: ignore[no-untyped-def]
+        batch = sample(n, **kw)  # type: ignore[arg-type]
+        seen.append(set(kw["exclude"].tolist()) if kw.get("exclude") is not None else set())  # type: ignore[union-attr]
+        return batch
+
+    es.store.sample = spy  # type: ignore[method-assign]
+    report = es.sleep()
+    # at lr 1e-12 the probe cannot improve: the look at step 5 stops replay; the Fisher's 40 steps only measure
+    assert report.completed and report.replay_stopped is not None and "did not improve" in report.replay_stopped
+    assert report.replay_steps == 5 and report.steps == 5 + 40 and report.total_steps == 100
+    assert report.fisher_samples == 40 * 32 and es.anchor.fisher  # the anchor still gets tonight's Fisher
+    assert report.probe_loss_first == report.probe_loss_best is not None
+    assert seen and all(len(s) == 30 for s in seen)  # every draw left the probe out
+
+
+def test_a_night_whose_probe_improves_runs_to_its_length_and_without_a_probe_nothing_changes(tmp_path: Path) -> None:
+    probed = trained(tmp_path, "p1", probe_records=30, probe_every=5, probe_patience=50).sleep()
+    assert probed.completed and probed.replay_stopped is None and probed.replay_steps == probed.steps == 100
+    assert probed.probe_loss_best is not None and probed.probe_loss_first is not None
+    assert probed.probe_loss_best <= probed.probe_loss_first
+    # on this store's random labels replay cannot help held-out records: the default patience stops it early
+    early = trained(tmp_path, "p3", probe_records=30).sleep()
+    assert early.replay_stopped is not None and 0 < (early.replay_steps or 0) < 60 and early.fisher_samples == 40 * 32
+    plain = trained(tmp_path, "p0").sleep()
+    assert plain.replay_stopped is None and plain.probe_loss_first is None and plain.replay_steps == 100
+    with pytest.raises(ConfigError, match="probe_every"):
+        SleepConfig(probe_every=0)
+
+
+def test_the_probe_survives_a_preempted_night_in_its_state(tmp_path: Path) -> None:
+    from edge_sleep.sleep import SleepState
+
+    es = trained(tmp_path, "p2", probe_records=30, probe_every=5, probe_patience=50)
+    calls = iter([True])
+    assert not es.sleep(should_stop=lambda: next(calls, False)).completed
+    state = es.sleep_state
+    assert state is not None and state.probe_slots is not None and len(state.probe_slots) == 30
+    again = SleepState.from_state_dict(state.state_dict())
+    assert again.probe_slots == state.probe_slots and again.probe_best == state.probe_best
+    assert es.sleep().completed

@@ -87,14 +87,18 @@ class Slots:
         victims = [s for s, lab in self.labels.items() if lab == victim_class]
         return victims[int(rng.integers(0, len(victims)))]
 
-    def sample(self, n: int, rng: np.random.Generator, *, balanced: bool = False) -> np.ndarray:
+    def sample(self, n: int, rng: np.random.Generator, *, balanced: bool = False,
+               exclude: np.ndarray | None = None) -> np.ndarray:
         """``min(n, len(self))`` occupied slots without replacement; ``balanced``: classes
-        uniformly first, then records within each class."""
+        uniformly first, then records within each class; ``exclude``: slots never drawn."""
         slots_all = np.fromiter(self.labels.keys(), dtype=np.int64)
+        labels_all = np.fromiter(self.labels.values(), dtype=np.int64)
+        if exclude is not None and len(exclude):
+            keep = ~np.isin(slots_all, exclude)
+            slots_all, labels_all = slots_all[keep], labels_all[keep]
         k = min(n, slots_all.size)
         if not balanced:
             return rng.choice(slots_all, size=k, replace=False)
-        labels_all = np.fromiter(self.labels.values(), dtype=np.int64)
         classes, inv, counts = np.unique(labels_all, return_inverse=True, return_counts=True)
         p = 1.0 / (len(classes) * counts[inv])
         return rng.choice(slots_all, size=k, replace=False, p=p / p.sum())

@@ -799,20 +799,25 @@ class ReplayStore:
 
     # ----------------------------------------------------------------- reads
     @_locked
-    def sample(self, n: int, *, balanced: bool = False) -> ReplayBatch:
+    def sample(self, n: int, *, balanced: bool = False, exclude: np.ndarray | None = None) -> ReplayBatch:
         """Draw ``min(n, len(self))`` records without replacement.
 
         Args:
             n: records wanted.
             balanced: draw classes uniformly first, then records within each class.
+            exclude: slots never drawn (a night's probe records).
 
         Raises:
-            StoreError: the store is empty.
+            StoreError: the store is empty, or holds nothing outside ``exclude``.
         """
         if not len(self._slots):
             raise StoreError(f"replay store {str(self.path)!r} is empty; call learn() (or append) "
                              "before sampling from it.")
-        return self.read(self._slots.sample(n, self.rng, balanced=balanced))
+        slots = self._slots.sample(n, self.rng, balanced=balanced, exclude=exclude)
+        if not len(slots):
+            raise StoreError(f"replay store {str(self.path)!r} holds no record outside the {0 if exclude is None else len(exclude)} "
+                             "excluded; expected at least one to sample. Fix: exclude fewer records")
+        return self.read(slots)
 
     @_locked
     def read(self, slots: np.ndarray) -> ReplayBatch:
