@@ -2,6 +2,7 @@
 
     python benchmarks/simulate.py [--days 3] [--seeds 0 1 2] [--profiles galaxy-s24 ...]
                                   [--week-days 7] [--week-loads 0 1 2] [--parts compare week]
+    python benchmarks/simulate.py --parts stress     # -> benchmarks/results/simulate_stress.json
 
 For each profile, policy and seed it runs ``edge_sleep.simulate.day.simulate`` (the real wake and
 sleep code on the profile's day; nights in a child process under the profile's threads and
@@ -19,6 +20,13 @@ replay step, the kills, interruptions, skipped and missed nights, the work lost 
 checkpoint interval, the night's and the whole process's peak memory against the profile's budget
 (with its source), and the calibrations' spread; per profile, how far the three runs' energy per
 replay step are apart (target: within 20%).
+
+The ``stress`` part (``--parts stress``, its own file ``simulate_stress.json``) runs the same week
+once per profile with kills and interruptions far likelier than the profiles say
+(:data:`STRESS`: every run has a one-in-two chance of a kill, and the user picks the device up
+every two hours of a night), so that every profile is killed and the work a kill loses can be
+checked against the checkpoint interval (target: never more than one interval plus the longest
+stretch between two looks at the clock).
 """
 
 from __future__ import annotations
@@ -197,6 +205,46 @@ def week_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+STRESS = {"kill_probability": 0.5, "interruptions_per_hour": 0.5}
+
+
+def run_stress(profiles: list[str], days: int, tmp: Path) -> list[dict[str, Any]]:
+    """One week per profile under :data:`STRESS` (and the profile's other rules)."""
+    import dataclasses
+
+    rows = []
+    for name in profiles:
+        profile = load_profile(name)
+        rules = profile.platform
+        assert rules is not None, f"{name} has no [platform] table"
+        sources = {**profile.sources, **{f"platform.{k}": f"stress test: {v} (not the platform's figure)"
+                                         for k, v in STRESS.items()}}
+        stressed = dataclasses.replace(profile, platform=dataclasses.replace(rules, **STRESS), sources=sources)
+        config = SimulationConfig(days=days, policy="fixed", seed=0, platform=True, days_from="drawn")
+        report = simulate(stressed, tmp / f"stress-{name}", config, progress=False)
+        run = week_run(report, 0)
+        rows.append({"profile": name, **{k: run[k] for k in (
+            "kills", "interruptions", "skipped_nights", "capped_runs", "missed_nights", "night_runs", "replay_steps",
+            "checkpoint_interval_s", "max_lost_s", "max_check_gap_s", "max_stop_s", "lost_within_bound",
+            "final_accuracy", "wall_s", "nights")}})
+        print(f"stress {name:18s}: {run['kills']} kills, lost <= {run['max_lost_s']:.1f} s "
+              f"(interval {run['checkpoint_interval_s']:g} s, check gap {run['max_check_gap_s'] or 0:.1f} s), "
+              f"{run['interruptions']} interruptions, {run['wall_s']:.0f} s", flush=True)
+    return rows
+
+
+def stress_table(rows: list[dict[str, Any]]) -> str:
+    """The stress week's table in docs/scheduling.md."""
+    lines = ["| profile | night runs | kills | interruptions | most work lost to a kill | interval + longest check gap "
+             "| longest stop | within bound |", "|" + "---|" * 8]
+    for r in rows:
+        bound = r["checkpoint_interval_s"] + (r["max_check_gap_s"] or 0.0)
+        stop = "-" if r["max_stop_s"] is None else f"{r['max_stop_s']:.1f} s"
+        lines.append(f"| {r['profile']} | {r['night_runs']} | {r['kills']} | {r['interruptions']} | "
+                     f"{r['max_lost_s']:.1f} s | {bound:.1f} s | {stop} | {'yes' if r['lost_within_bound'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def run_week(profiles: list[str], days: int, loads: list[int], tmp: Path, threads: int | None = None) -> list[dict[str, Any]]:
     rows = []
     for name in profiles:
@@ -225,10 +273,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="busy processes competing with each of the week's runs")
     parser.add_argument("--week-threads", type=int, default=None,
                         help="host threads of the week's runs (default: the profile's cores, at most this host's)")
-    parser.add_argument("--parts", nargs="+", choices=["compare", "week"], default=["compare", "week"])
+    parser.add_argument("--parts", nargs="+", choices=["compare", "week", "stress"], default=["compare", "week"],
+                        help="stress runs alone and writes simulate_stress.json")
     parser.add_argument("--out", type=Path, default=RESULTS / "simulate.json")
     args = parser.parse_args(argv)
     profiles = args.profiles or profile_names()
+    if "stress" in args.parts:
+        if args.parts != ["stress"]:
+            parser.error(f"--parts {' '.join(args.parts)}: stress writes its own file; run it alone")
+        return stress_main(args, profiles, argv)
     runs = []
     week: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -263,6 +316,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if week:
         print(week_table(week))
     print(f"wrote {args.out}")
+    return result
+
+
+def stress_main(args: argparse.Namespace, profiles: list[str], argv: list[str] | None) -> dict[str, Any]:
+    out = args.out if args.out != RESULTS / "simulate.json" else RESULTS / "simulate_stress.json"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = run_stress(profiles, args.week_days, Path(tmp))
+    result = {"command": "python benchmarks/simulate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "days": args.week_days, "stress": STRESS, "policy": "fixed", "days_from": "drawn", "seed": 0,
+              "clock": "cpu", "wall_s": time.perf_counter() - t0, "rows": rows}
+    result.update(provenance())
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=1))
+    os.replace(tmp_out, out)
+    print(stress_table(rows))
+    print(f"wrote {out}")
     return result
 
 

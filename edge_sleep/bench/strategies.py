@@ -20,7 +20,8 @@ evaluation, so differences come from the method alone.
 - ``ssr_sleep_only``: SSR with no replay while awake: the day costs what naive fine-tuning costs.
 - ``ssr_adapters``: the on-device default path: a base first trained on task 0, then LoRA
   adapters (rank 8) by day, merged and consolidated by night.
-- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``: one change each to ``ssr``.
+- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_probe``: one change each to ``ssr``;
+  ``ssr_1to10_probe``: the 1:10 ratio with the probe (a night that knows when to stop).
 
 Hyperparameters come as ``hp[method]``; the controls and SSR add their own to DER++'s tuned
 wake (``hp["derpp"]``), so each spends the same tuning budget on what it adds.
@@ -160,5 +161,9 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
                notes="no Fisher anchor during the day"),
         Method("ssr_prune", ssr_w, dataclasses.replace(ssr_s, prune_frac=0.01, strengthen_eta=0.01),
                notes="prune 1% of alive weights a night (cap 20%), strengthen the top 1% by 1%"),
+        Method("ssr_probe", ssr_w, dataclasses.replace(ssr_s, probe_records=50),
+               notes="50 records held out as a probe; replay stops when their loss stops improving"),
+        Method("ssr_1to10_probe", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0, probe_records=50),
+               notes="the 1:10 ratio with the probe: the night should stop before it hurts"),
     ]
     return methods
