@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,31 @@ def test_sources_sha256_names_the_sources_a_result_ran(tmp_path: Path) -> None:
     (pkg / "sub" / "k.c").write_text("int f(void) { return 2; }\n")
     assert sources_sha256(pkg) != first
     assert provenance()["sources_sha256"] == sources_sha256()
+
+
+def test_a_result_is_dirty_for_changed_sources_but_not_for_what_benchmarks_write(tmp_path: Path) -> None:
+    """A benchmark that writes its plots before its JSON still records a clean commit; a changed source does not."""
+    import shutil
+    import subprocess
+
+    from edge_sleep.bench.provenance import provenance
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    (repo / "pkg").mkdir()
+    (repo / "pkg" / "a.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "results" / "plot.png").write_bytes(b"old")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True)
+    assert provenance(repo / "pkg")["commit_dirty"] is False
+    (repo / "benchmarks" / "results" / "plot.png").write_bytes(b"new")
+    assert provenance(repo / "pkg")["commit_dirty"] is False
+    (repo / "pkg" / "a.py").write_text("x = 2\n")
+    assert provenance(repo / "pkg")["commit_dirty"] is True
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Where a benchmark's result came from: the commit it was made at, and the sources it ran.
 
 Every results file under ``benchmarks/results/`` records ``commit`` (the ``git`` commit of the
-code that wrote it), ``commit_dirty`` (whether tracked files differed from that commit) and
+code that wrote it), ``commit_dirty`` (whether tracked files other than ``benchmarks/results/``, what benchmarks write,
+differed from that commit: a benchmark that writes its plots before its JSON stays clean) and
 ``sources_sha256`` (a hash of the package's own source files as they were, :func:`sources_sha256`),
 so a reader can tell whether the numbers describe the code in front of them, even from an
 installed copy without git; a result is regenerated when the numerics change.
@@ -53,6 +54,7 @@ def provenance(root: str | Path | None = None) -> dict[str, str | bool | None]:
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(exclude,top)benchmarks/results") \
+        if commit else None
     return {"commit": commit, "commit_dirty": None if status is None else bool(status),
             "sources_sha256": sources_sha256()}
