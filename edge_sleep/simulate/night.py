@@ -21,9 +21,11 @@ The result also gives the whole process's peak (``process_peak_mb``, the kernel'
 which the simulator compares with the budget too: that is what a platform's memory limit sees.
 
 With ``checkpoint_every_s`` the night saves the checkpoint every that many device seconds (it stops
-between chunks of steps, saves atomically, and resumes), and writes ``progress`` after each save, so
-a kill loses at most one interval plus the longest stretch between two looks at the clock (the
-night checks between chunks of steps; ``max_check_gap_s``); the time from each stop decision to its
+between chunks of steps, saves atomically, and resumes; it saves early when the next look at the clock,
+one more stretch like the last, would come after the checkpoint is due), and writes ``progress`` after
+each save, so a kill loses about one interval at most, and never more than one interval plus the
+longest stretch between two looks at the clock (the night checks between chunks of steps;
+``max_check_gap_s``); the time from each stop decision to its
 saved checkpoint is measured (``stop_s``). ``kill_after_s`` kills the child without warning at the
 first check after that many device seconds (:data:`KILLED_EXIT`), as a platform's low-memory
 killer would.
@@ -142,17 +144,22 @@ def run_job(job: NightJob) -> dict[str, Any]:
         while True:
             segment0 = clock()
             asked: list[float] = []
+            looked = [segment0]  # this segment's last look at the clock
 
             def should_stop() -> bool:
                 now = clock()
                 checks[1], checks[0] = max(checks[1], now - checks[0]), now
+                stretch, looked[0] = now - looked[0], now
                 if job.kill_after_s is not None and device_s(now - t0) >= job.kill_after_s:
                     if job.progress is not None:
                         _write_result(job.progress, {**_read(job.progress), "killed_at_s": device_s(now - t0),
                                                      "max_check_gap_s": device_s(checks[1])})
                     os._exit(KILLED_EXIT)  # no warning and nothing saved, as a platform's killer does
+                # save now if the next look at the clock (one more stretch like the last) would come after the
+                # checkpoint is due: a kill then loses at most the interval, not the interval plus a stretch
                 done = device_s(now - t0) >= job.budget_s or (
-                    job.checkpoint_every_s is not None and device_s(now - segment0) >= job.checkpoint_every_s)
+                    job.checkpoint_every_s is not None
+                    and device_s(now - segment0 + stretch) >= job.checkpoint_every_s)
                 if done:
                     asked.append(now)
                 return done
