@@ -136,6 +136,19 @@ def test_simulation_tables_are_what_the_benchmark_and_profiles_say() -> None:
             in _flat("scheduling.md"))
 
 
+def test_the_week_under_the_platforms_rules_is_what_the_benchmark_wrote() -> None:
+    bench, result = _benchmark("simulate")
+    text, flat = _page("scheduling.md"), _flat("scheduling.md")
+    rows = result["week"]["rows"]
+    assert len(rows) == 5 and bench.week_table(rows) in text
+    spreads = [r["energy_per_step_spread"] for r in rows]
+    assert f"at most {max(spreads):.0%} apart" in flat
+    stress = _result("simulate_stress")
+    assert bench.stress_table(stress["rows"]) in text
+    kills = sum(r["kills"] for r in stress["rows"])
+    assert f"{kills} kills" in flat and all(r["lost_within_bound"] for r in stress["rows"])
+
+
 def test_store_figures_are_what_the_benchmark_wrote() -> None:
     r = _result("store")
     text = _flat("store.md")

@@ -100,3 +100,33 @@ def test_the_fault_campaign_headline_is_what_the_benchmark_wrote() -> None:
     failed_before = sum(1 for r in before["scenarios"].values() if r["raw"] or r["silent"])
     assert (f"no raw error and no silent loss in {tries:,} tries over {len(faults['scenarios'])} scenarios "
             f"({failed_before} of them failed before)") in _text()
+
+
+def test_the_week_headline_is_what_the_benchmark_wrote() -> None:
+    text = _text()
+    result = _result("simulate")
+    rows = result["week"]["rows"]
+    spread = max(r["energy_per_step_spread"] for r in rows)
+    met = [r for r in rows if r["energy_within_20pct"]]
+    missed = ", ".join(_pretty(r["profile"]) for r in rows if not r["energy_within_20pct"])
+    verdict = "met on every profile" if not missed else f"met on {_count(len(met))} profiles, missed on the {missed}"
+    assert f"energy per replay step at most {spread:.0%} apart across the loads (target 20%: {verdict})" in text
+    process = max(run["process_peak_mb"] for r in rows for run in r["runs"])
+    assert f"the whole Python process ({process:.0f} MB)" in text
+    over = [r["profile"] for r in rows if not all(run["process_fits_memory"] for run in r["runs"])]
+    assert over == ["galaxy-a15", "iphone-15"]
+    stress = _result("simulate_stress")
+    kills, lost = sum(r["kills"] for r in stress["rows"]), max(r["max_lost_s"] for r in stress["rows"])
+    assert lost <= stress["checkpoint_every_s"] and all(r["kills"] for r in stress["rows"])
+    assert (f"a stress week's {kills} kills lost at most {lost:.1f} s of work against a "
+            f"{stress['checkpoint_every_s']:g} s checkpoint interval") in text
+    assert f"`benchmarks/simulate.py` ({result['commit'][:7]}; stress {stress['commit'][:7]})" in text
+
+
+def _pretty(profile: str) -> str:
+    return {"galaxy-a15": "Galaxy A15", "galaxy-s24": "Galaxy S24", "iphone-15": "iPhone 15",
+            "jetson-orin-nano": "Jetson Orin Nano", "raspberry-pi-5": "Raspberry Pi 5"}[profile]
+
+
+def _count(n: int) -> str:
+    return ["no", "one", "two", "three", "four", "five"][n]
