@@ -27,13 +27,16 @@ import csv
 import math
 import statistics
 import tomllib  # noqa: F401  (used by the doctest of day_to_toml)
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path
+from typing import TypeVar
 
 from edge_sleep.errors import ConfigError, EdgeSleepError
 from edge_sleep.simulate.profiles import DayPlan
+
+_Built = TypeVar("_Built")
 
 __all__ = [
     "TraceError",
@@ -642,14 +645,18 @@ def days_from_trace(
         learn_steps_per_usage_hour, resolution_min: as :func:`days_from_events`.
 
     Raises:
-        TraceError: the file or its events cannot make a day (the message names the file).
-        ConfigError: an argument is out of range.
-        OSError: the file cannot be read.
+        TraceError, ConfigError, OSError: as :func:`day_from_trace`.
     """
+    return _from_file(path, tz, lambda events: days_from_events(
+        events, learn_steps_per_usage_hour=learn_steps_per_usage_hour, resolution_min=resolution_min,
+        name=Path(path).name))
+
+
+def _from_file(path: Path, tz: str | None, build: Callable[[list[TraceEvent]], _Built]) -> _Built:
+    """``build`` applied to the trace file's events; a :class:`TraceError` names the file."""
     events = read_trace(path, tz=tz)
     try:
-        return days_from_events(events, learn_steps_per_usage_hour=learn_steps_per_usage_hour,
-                                resolution_min=resolution_min, name=Path(path).name)
+        return build(events)
     except TraceError as error:
         raise error.with_path(path) from None
 
@@ -700,12 +707,9 @@ def day_from_trace(
         ConfigError: an argument is out of range.
         OSError: the file cannot be read.
     """
-    events = read_trace(path, tz=tz)
-    try:
-        return day_from_events(events, learn_steps_per_usage_hour=learn_steps_per_usage_hour,
-                               resolution_min=resolution_min, source=describe_trace(path, events))
-    except TraceError as error:
-        raise error.with_path(path) from None
+    return _from_file(path, tz, lambda events: day_from_events(
+        events, learn_steps_per_usage_hour=learn_steps_per_usage_hour, resolution_min=resolution_min,
+        source=describe_trace(path, events)))
 
 
 def day_to_toml(day: DayPlan) -> str:
