@@ -119,17 +119,19 @@ def profile_table() -> str:
     return "\n".join(lines)
 
 
-def _spin() -> None:
+def _spin(parent: int) -> None:
+    """Keep one core busy until the parent is gone (a benchmark killed by a signal runs no ``finally``)."""
     x = 0
-    while True:
-        x = (x * 1103515245 + 12345) % 2**31
+    while os.getppid() == parent:
+        for _ in range(100_000):
+            x = (x * 1103515245 + 12345) % 2**31
 
 
 @contextmanager
 def busy(processes: int) -> Iterator[None]:
     """``processes`` processes that each keep one core busy while the block runs."""
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_spin, daemon=True) for _ in range(processes)]
+    workers = [ctx.Process(target=_spin, args=(os.getpid(),), daemon=True) for _ in range(processes)]
     for w in workers:
         w.start()
     try:
