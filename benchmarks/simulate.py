@@ -33,6 +33,7 @@ stretch between two looks at the clock).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -218,8 +219,6 @@ STRESS_CHECKPOINT_S = 5.0
 
 def run_stress(profiles: list[str], days: int, tmp: Path) -> list[dict[str, Any]]:
     """One week per profile under :data:`STRESS` (and the profile's other rules)."""
-    import dataclasses
-
     rows = []
     for name in profiles:
         profile = load_profile(name)
@@ -317,17 +316,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "wall_s": time.perf_counter() - t0, "summary": summary, "runs": runs,
               "week": {"days": args.week_days, "loads": args.week_loads, "policy": "fixed", "platform": True,
                        "days_from": "drawn", "seed": 0, "threads": args.week_threads, "rows": week}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    result.update(provenance())  # the commit the numbers describe
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, args.out)
+    _write(result, args.out)
     if summary:
         print(markdown_table(summary))
     if week:
         print(week_table(week))
     print(f"wrote {args.out}")
     return result
+
+
+def _write(result: dict[str, Any], out: Path) -> None:
+    """``result`` with the commit the numbers describe, written to ``out`` atomically."""
+    result.update(provenance())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(out.name + ".tmp")
+    tmp_out.write_text(json.dumps(result, indent=1))
+    os.replace(tmp_out, out)
 
 
 def stress_main(args: argparse.Namespace, profiles: list[str], argv: list[str] | None) -> dict[str, Any]:
@@ -339,10 +343,7 @@ def stress_main(args: argparse.Namespace, profiles: list[str], argv: list[str] |
               "days": args.week_days, "stress": STRESS, "slowdown": STRESS_SLOWDOWN,
               "checkpoint_every_s": STRESS_CHECKPOINT_S, "policy": "fixed", "days_from": "drawn", "seed": 0,
               "clock": "cpu", "wall_s": time.perf_counter() - t0, "rows": rows}
-    result.update(provenance())
-    tmp_out = out.with_name(out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_out, out)
+    _write(result, out)
     print(stress_table(rows))
     print(f"wrote {out}")
     return result
