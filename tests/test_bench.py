@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 def test_pmnist_writes_the_documented_json(tmp_path: Path) -> None:
     out = tmp_path / "pmnist.json"
-    rows = ["naive", "ewc", "derpp", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only", "ssr_adapters", "ssr_prune"]
+    rows = ["naive", "ewc", "derpp", "derpp_mammoth", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only", "ssr_adapters",
+            "ssr_prune", "ssr_no_replay"]
     payload = main(["--tasks", "2", "--train-per-task", "256", "--seeds", "0", "--workers", "1",
                     "--methods", *rows, "--out", str(out)])
     data = json.loads(out.read_text())
@@ -31,6 +33,13 @@ def test_pmnist_writes_the_documented_json(tmp_path: Path) -> None:
         assert row["avg_acc"] == pytest.approx(float(np.mean(acc[-1])))  # the mean of the last row
         assert row["per_seed_avg_acc"] == [row["avg_acc"]] and row["avg_acc_std"] == 0.0
         assert row["day_ms_per_step"] > 0 and row["skipped_steps"] == 0, name
+        assert row["diag"] == pytest.approx(float(np.mean(np.diag(acc))))  # plasticity: just-learned accuracy
+        # paired against every control row (not the ssr* rows), one seed: the difference itself, sd 0
+        controls = [c for c in rows if not c.startswith("ssr") and c != name]
+        assert list(row["paired_diff_vs"]) == controls, name
+        for c in controls:
+            assert row["paired_diff_vs"][c]["diffs"] == [round(row["avg_acc"] - methods[c]["avg_acc"], 6)]
+            assert row["paired_diff_vs"][c]["std"] == 0.0
     steps_per_task = 2  # 256 images at batch 128
     # daytime replay: DER++ draws two batches a step once the store holds records; naive none
     assert methods["naive"]["day_replay_per_step"] == 0 and methods["naive"]["replay_steps"] == 0
@@ -43,6 +52,7 @@ def test_pmnist_writes_the_documented_json(tmp_path: Path) -> None:
     assert methods["derpp_eq"]["night_steps"] == methods["ssr"]["night_steps"] == 2 * steps_per_task
     assert methods["derpp"]["night_steps"] == 0 and methods["derpp"]["night_ms"] == 0
     assert methods["derpp_ewc"]["night_ms"] > 0  # its task-end Fisher is night-time work
+    assert methods["ssr_no_replay"]["night_ms"] > 0 and methods["ssr_no_replay"]["night_steps"] == 0
     assert methods["ssr"]["sparsity"] == 0 and methods["ssr_prune"]["sparsity"] > 0
     assert out.with_suffix(".png").stat().st_size > 10_000
 
@@ -73,10 +83,18 @@ def test_tuned_hyperparameters_are_the_winners_of_the_committed_tuning_run() -> 
 
 
 def test_every_row_of_the_benchmark_is_built_from_tuned_values() -> None:
-    names = [m.name for m in default_methods(TUNED)]
-    assert names[:9] == ["naive", "ewc", "er", "derpp", "derpp_ewc", "derpp_eq", "ssr", "ssr_sleep_only",
-                         "ssr_adapters"]
+    methods = {m.name: m for m in default_methods(TUNED)}
+    names = list(methods)
+    assert names[:10] == ["naive", "ewc", "er", "derpp", "derpp_mammoth", "derpp_ewc", "derpp_eq", "ssr",
+                          "ssr_sleep_only", "ssr_adapters"]
     assert len(names) == len(set(names))
+    peer = methods["derpp_mammoth"].wake  # the peer's published arguments, not ours
+    assert (peer.lr, peer.replay_alpha, peer.replay_beta, peer.replay_batch) == (0.2, 1.0, 0.5, 128)
+    assert peer.max_grad_norm is None and peer.anchor_lambda == 0.0
+    # the store-Fisher ablation is SSR's day with its night's replay removed
+    ssr, no_replay = methods["ssr"], methods["ssr_no_replay"]
+    assert no_replay.sleep is None and no_replay.store_fisher and no_replay.wake == ssr.wake
+    assert ssr.sleep is not None and no_replay.ewc_decay == ssr.sleep.anchor_decay
 
 
 def test_sources_sha256_names_the_sources_a_result_ran(tmp_path: Path) -> None:
@@ -142,3 +160,79 @@ def test_the_committed_smoke_result_is_reproduced_exactly() -> None:
                 "purpose, rerun python benchmarks/pmnist.py --smoke (and the full benchmark) and commit the results")
     finally:
         torch.set_num_threads(threads)
+
+
+def _tune_module():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune", Path(__file__).resolve().parents[1] / "benchmarks/tune.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_follow_ups_go_beyond_edges_first_then_step_then_halve_the_gaps() -> None:
+    tune = _tune_module()
+    grid = {"lr": [0.1, 0.2, 0.4], "decay": [0.7, 0.9], "ratio": [1.0]}
+    tried = tune.configs(grid)
+    winner = {"lr": 0.2, "decay": 0.9, "ratio": 1.0}
+    ups = tune.follow_ups(grid, tried, winner, 10)
+    # decay sits on its upper edge: the step beyond is clipped to its bound 1.0; then ratio's factor
+    # either side (a STEPPED axis); then the midpoints between lr 0.2 and its neighbours, decay 0.9 and 0.7
+    assert ups == [{**winner, "decay": 1.0}, {**winner, "ratio": 2.0}, {**winner, "ratio": 0.5},
+                   {**winner, "lr": round(math.sqrt(0.02), 6)}, {**winner, "lr": round(math.sqrt(0.08), 6)},
+                   {**winner, "decay": round(math.sqrt(0.63), 6)}]
+    assert tune.follow_ups(grid, tried, winner, 2) == ups[:2]
+    # never a configuration twice; a value tried by a follow-up is a neighbour too (decay 1.0)
+    assert tune.follow_ups(grid, tried + ups[:3], winner, 10) == ups[3:] + [{**winner, "decay": round(math.sqrt(0.9), 6)}]
+    # a winner on the lower edge of lr: one geometric step below it
+    assert tune.follow_ups({"lr": [0.1, 0.2]}, [{"lr": 0.1}, {"lr": 0.2}], {"lr": 0.1}, 1) == [{"lr": 0.05}]
+
+
+@pytest.mark.slow
+def test_tuning_gives_every_row_the_same_total_budget(tmp_path: Path) -> None:
+    tune = _tune_module()
+    out = tmp_path / "tune.json"
+    payload = tune.main(["--tasks", "2", "--train-per-task", "256", "--budget", "3", "--workers", "1",
+                         "--out", str(out)])
+    assert json.loads(out.read_text())["budget"] == payload["budget"]
+    assert set(payload["budget"]) == set(tune.STAGE1) | set(tune.STAGE2)
+    for name, b in payload["budget"].items():
+        assert b["total"] == 3 and b["grid"] + b["follow_ups"] == 3 and b["follow_ups"] >= 1, name
+        runs = [r for r in payload["runs"] if r["method"] == name]
+        assert len(runs) == 3 and len({json.dumps(r["hp"], sort_keys=True) for r in runs}) == 3, name
+        assert payload["best"][name]["val_avg_acc"] == max(r["val_avg_acc"] for r in runs)
+
+
+def test_the_store_fisher_is_the_mean_squared_gradient_of_each_stored_records_replay_loss() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from edge_sleep.bench.pmnist import mlp
+    from edge_sleep.bench.strategies import store_fisher_consolidate
+    from edge_sleep.config import StoreConfig, WakeConfig
+    from edge_sleep.runtime import EdgeSleep
+
+    torch.manual_seed(0)
+    x, y = torch.rand(40, 784), torch.randint(0, 10, (40,))
+    es = EdgeSleep(mlp(0), store=":memory:", store_config=StoreConfig(capacity_records=30),
+                   wake=WakeConfig(train="all", replay_batch=0, anchor_lambda=1.0), seed=0)
+    es.learn(x, y)
+    assert not es.anchor
+    store_fisher_consolidate(es, decay=0.5, distill_weight=1.0)
+    records = es.store.read(es.store.slots())
+    assert len(records.y) == 30
+    expected = {n: torch.zeros_like(p) for n, p in es.model.named_parameters()}
+    for i in range(30):  # the plain per-record loop: CE on the label + MSE to the stored logits
+        es.model.zero_grad()
+        logits = es.model(records.x[i:i + 1])
+        (F.cross_entropy(logits, records.y[i:i + 1]) + F.mse_loss(logits, records.logits[i:i + 1])).backward()
+        for n, p in es.model.named_parameters():
+            expected[n] += p.grad ** 2 / 30
+    assert set(es.anchor.fisher) == set(expected)
+    for n, f in es.anchor.fisher.items():
+        torch.testing.assert_close(f, expected[n], rtol=1e-4, atol=1e-9)
+    store_fisher_consolidate(es, decay=0.5)  # the same weights again: 0.5 F + F
+    for n, f in es.anchor.fisher.items():
+        torch.testing.assert_close(f, 1.5 * expected[n], rtol=1e-4, atol=1e-9)

@@ -8,13 +8,17 @@ Example:
     >>> acc = np.array([[0.9, 0.1], [0.7, 0.8]])
     >>> round(average_accuracy(acc), 3), round(backward_transfer(acc), 3), round(forgetting(acc), 3)
     (0.75, -0.2, 0.2)
+    >>> round(plasticity(acc), 3)
+    0.85
+    >>> paired_differences([0.91, 0.90, 0.92], [0.89, 0.89, 0.90])
+    {'diffs': [0.02, 0.01, 0.02], 'mean': 0.016667, 'std': 0.005774}
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["average_accuracy", "backward_transfer", "forgetting"]
+__all__ = ["average_accuracy", "backward_transfer", "forgetting", "plasticity", "sample_std", "paired_differences"]
 
 
 def average_accuracy(acc: np.ndarray) -> float:
@@ -36,3 +40,22 @@ def forgetting(acc: np.ndarray) -> float:
     if t < 2:
         return 0.0
     return float(np.mean([acc[j:t - 1, j].max() - acc[-1, j] for j in range(t - 1)]))
+
+
+def plasticity(acc: np.ndarray) -> float:
+    """The diagonal's mean, ``mean_j acc[j, j]``: accuracy on each task just after learning it."""
+    return float(np.mean(np.diag(acc)))
+
+
+def sample_std(values: list[float]) -> float:
+    """The sample standard deviation (``ddof=1``); ``0.0`` for a single value."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def paired_differences(a: list[float], b: list[float]) -> dict[str, float | list[float]]:
+    """Per-seed differences ``a[i] - b[i]`` of two rows run on the same seeds, their mean and
+    sample standard deviation (rounded to 6 decimals)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired rows need the same seeds; got {len(a)} and {len(b)} values")
+    diffs = [round(x - y, 6) for x, y in zip(a, b)]
+    return {"diffs": diffs, "mean": round(float(np.mean(diffs)), 6), "std": round(sample_std(diffs), 6)}

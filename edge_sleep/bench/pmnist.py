@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_sleep.bench.datasets import PermutedTask, permuted_mnist
-from edge_sleep.bench.metrics import average_accuracy, backward_transfer, forgetting
+from edge_sleep.bench.metrics import (average_accuracy, backward_transfer, forgetting, paired_differences,
+                                     plasticity, sample_std)
 from edge_sleep.bench.provenance import provenance
-from edge_sleep.bench.strategies import Method, default_methods, ewc_consolidate
+from edge_sleep.bench.strategies import Method, default_methods, ewc_consolidate, store_fisher_consolidate
 from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.sleep import mask_sparsity
@@ -129,11 +130,13 @@ def run_method(
             t0 = time.perf_counter()
             if method.ewc_samples:
                 ewc_consolidate(es, *task.train_sample(method.ewc_samples), method.ewc_decay)
+            if method.store_fisher:
+                store_fisher_consolidate(es, method.ewc_decay)
             if method.sleep is not None:
                 steps = es.sleep().steps
                 replay_steps += steps
                 night_steps += steps
-            if method.ewc_samples or method.sleep is not None:
+            if method.ewc_samples or method.store_fisher or method.sleep is not None:
                 night_s += time.perf_counter() - t0
             for j in range(i + 1):
                 acc[i, j] = evaluate(es, tasks[j])
@@ -143,6 +146,7 @@ def run_method(
         es.store.close()
     return {"method": method.name, "seed": seed, "split": split, "acc": acc.tolist(),
             "avg_acc": average_accuracy(acc), "bwt": backward_transfer(acc), "forgetting": forgetting(acc),
+            "diag": plasticity(acc),
             "wall_s": day_s + night_s, "day_s": day_s, "night_s": night_s, "wake_steps": wake_steps,
             "replayed": replayed, "replay_steps": replay_steps, "night_steps": night_steps,
             "skipped_steps": skipped, "sparsity": sparsity}
@@ -177,7 +181,10 @@ def run_all(jobs: list[tuple[Method, int]], workers: int, kw: dict[str, Any]) ->
 def summarize(results: list[dict[str, Any]], methods: list[Method]) -> dict[str, Any]:
     """Per-method means over seeds (and the per-seed figures) in the results JSON layout.
 
-    Daytime cost: ``day_ms_per_step`` (measured milliseconds per wake step) and
+    ``avg_acc_std`` is the sample standard deviation over seeds; ``diag`` the mean just-learned
+    accuracy (plasticity); ``paired_diff_vs[control]`` the per-seed differences of ``avg_acc``
+    against each control row (every row not named ``ssr*``) run on the same seeds, with their mean
+    and sample standard deviation. Daytime cost: ``day_ms_per_step`` (measured milliseconds per wake step) and
     ``day_replay_per_step`` (stored records replayed per wake step). Night-time cost:
     ``night_ms`` (measured milliseconds of all the run's nights, or online EWC's Fisher, together)
     and ``night_steps`` (replay steps of all the nights).
@@ -194,9 +201,10 @@ def summarize(results: list[dict[str, Any]], methods: list[Method]) -> dict[str,
 
         out[m.name] = {
             "avg_acc": float(np.mean(accs)),
-            "avg_acc_std": float(np.std(accs)),
+            "avg_acc_std": sample_std(accs),
             "bwt": mean("bwt"),
             "forgetting": mean("forgetting"),
+            "diag": mean("diag"),
             "wall_s": mean("wall_s"),
             "replay_steps": int(round(mean("replay_steps"))),
             "day_ms_per_step": float(np.mean([1000 * r["day_s"] / r["wake_steps"] for r in rs])),
@@ -210,6 +218,10 @@ def summarize(results: list[dict[str, Any]], methods: list[Method]) -> dict[str,
             "acc_matrix_first_seed": rs[0]["acc"],
             "notes": m.notes,
         }
+    for name, row in out.items():
+        row["paired_diff_vs"] = {c: paired_differences(row["per_seed_avg_acc"], out[c]["per_seed_avg_acc"])
+                                 for c in out if c != name and not c.startswith("ssr")
+                                 and out[c]["seeds"] == row["seeds"]}
     return out
 
 

@@ -12,6 +12,11 @@ evaluation, so differences come from the method alone.
   on stored labels, two independent store batches per step.
 - ``derpp_ewc`` (control): tuned DER++ plus the online Fisher anchor SSR uses (same capped
   penalty), refreshed at each task end from the task's data: SSR's protection without a night.
+- ``derpp_mammoth`` (peer): DER++ at Mammoth's published P-MNIST arguments (lr 0.2, alpha 1.0,
+  beta 0.5, buffer 500), untuned: the peer's own configuration as a row.
+- ``derpp_storefisher`` (control): tuned DER++ plus the anchor's Fisher measured on the replay
+  store at each task end (the night's clean replay loss, CE + distillation) and no replay steps:
+  what SSR's night adds to the anchor, without its replay.
 - ``derpp_eq`` (control): tuned DER++ plus buffer-only replay at each task end, as many steps as
   SSR's night (no noise, no Fisher, no pruning), its learning rate and distillation weight tuned
   like SSR's night: SSR's replay compute without its mechanisms.
@@ -20,7 +25,9 @@ evaluation, so differences come from the method alone.
 - ``ssr_sleep_only``: SSR with no replay while awake: the day costs what naive fine-tuning costs.
 - ``ssr_adapters``: the on-device default path: a base first trained on task 0, then LoRA
   adapters (rank 8) by day, merged and consolidated by night.
-- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_probe``: one change each to ``ssr``;
+- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_no_replay``, ``ssr_probe``: one
+  change each to ``ssr`` (``ssr_no_replay``: the night's replay steps removed, its Fisher measured
+  on the store at each task end);
   ``ssr_1to10_probe``: the 1:10 ratio with the probe (a night that knows when to stop).
 
 Hyperparameters come as ``hp[method]``; the controls and SSR add their own to DER++'s tuned
@@ -37,10 +44,17 @@ import torch
 
 from edge_sleep.config import SleepConfig, WakeConfig
 from edge_sleep.fisher import fisher_sums
+from edge_sleep.modelio import logits_of
 from edge_sleep.runtime import EdgeSleep
+from edge_sleep.sleep import replay_loss
 from edge_sleep.wake import effective_weights
 
-__all__ = ["Method", "default_methods", "ewc_consolidate", "buffer_only_sleep", "ssr_sleep"]
+__all__ = ["Method", "MAMMOTH_DERPP", "default_methods", "ewc_consolidate", "store_fisher_consolidate",
+           "buffer_only_sleep", "ssr_sleep"]
+
+# DER++'s best arguments for perm-mnist with a 500-record buffer in Mammoth's best_args
+# (Buzzega et al. 2020's code): SGD lr 0.2, alpha 1.0, beta 0.5, batch and replay batch 128.
+MAMMOTH_DERPP: dict[str, float] = {"lr": 0.2, "alpha": 1.0, "beta": 0.5}
 
 
 @dataclass(frozen=True)
@@ -52,7 +66,9 @@ class Method:
         wake: wake settings (``train="all"`` on the P-MNIST protocol).
         sleep: sleep settings, or ``None`` for no sleep.
         ewc_samples: examples of each finished task used for the online-EWC Fisher (0: off).
-        ewc_decay: online EWC's ``gamma``.
+        ewc_decay: online EWC's ``gamma`` (also the store Fisher's, with ``store_fisher``).
+        store_fisher: at each task end, fold the Fisher measured on the replay store into the
+            anchor (decay ``ewc_decay``) with no replay step (:func:`store_fisher_consolidate`).
         pretrain_lr: ``> 0``: first train the base on task 0 (one pass, plain SGD at this rate),
             as a model shipped pretrained to a phone; then run the whole stream.
         notes: what the row isolates.
@@ -63,6 +79,7 @@ class Method:
     sleep: SleepConfig | None = None
     ewc_samples: int = 0
     ewc_decay: float = 1.0
+    store_fisher: bool = False
     pretrain_lr: float = 0.0
     notes: str = ""
 
@@ -75,9 +92,11 @@ def buffer_only_sleep(lr: float, distill_weight: float, steps_per_wake_step: flo
 
 
 def ssr_sleep(hp: dict[str, float]) -> SleepConfig:
-    """SSR's night from its hyperparameters (``sleep_lr``, ``sleep_distill``, optional ``ratio``)."""
+    """SSR's night from its hyperparameters (``sleep_lr``; optional ``sleep_distill``, ``ratio``
+    and the anchor's ``decay``, which default to ``SleepConfig``'s)."""
     return SleepConfig(steps_per_wake_step=hp.get("ratio", 1.0), min_steps=0, lr=hp["sleep_lr"],
-                       distill_weight=hp.get("sleep_distill", 1.0), prune_frac=0.0, strengthen_eta=0.0)
+                       distill_weight=hp.get("sleep_distill", 1.0), prune_frac=0.0, strengthen_eta=0.0,
+                       anchor_decay=hp.get("decay", SleepConfig.anchor_decay))
 
 
 def ewc_consolidate(es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, decay: float) -> None:
@@ -93,14 +112,36 @@ def ewc_consolidate(es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, decay: floa
     es.anchor.update_(fisher, effective_weights(es.model, names))
 
 
+def store_fisher_consolidate(es: EdgeSleep, decay: float, label_weight: float = 1.0,
+                             distill_weight: float = 1.0) -> None:
+    """The anchor's Fisher measured on the replay store, without a replay step.
+
+    Every stored record's squared gradient of the night's clean replay loss (``label_weight`` CE on
+    its label + ``distill_weight`` MSE to its stored logits), averaged and folded into the anchor
+    with ``decay``: what a night contributes to the anchor, minus its replay.
+    """
+    batch = es.store.read(es.store.slots()).to(es.device)
+    head, base = es.replay_head, es.base_parameters
+    by_id = {id(p): n for n, p in base.items()}
+    names = [n for n, p in head.named_parameters() if id(p) in by_id]
+
+    def loss(logits: torch.Tensor, yi: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        return replay_loss(logits_of(logits), yi, t, label_weight, distill_weight)
+
+    sums = fisher_sums(head, names, batch.x, batch.y, batch.logits, loss, chunk=256)
+    fisher = {by_id[id(p)]: sums[n] / batch.y.shape[0] for n, p in head.named_parameters() if n in sums}
+    es.anchor.decay = decay
+    es.anchor.update_(fisher, effective_weights(es.model, list(fisher)))
+
+
 def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     """The benchmark's rows, from tuned hyperparameters ``hp[method]``.
 
     ``hp`` keys: ``naive {lr}``, ``ewc {lr, lam, decay}``, ``er {lr, beta}``, ``derpp {lr, alpha,
-    beta}``, ``derpp_ewc {lam, decay}``, ``derpp_eq {sleep_lr, sleep_distill}``, ``ssr {lam,
+    beta}``, ``derpp_ewc {lam, decay}``, ``derpp_storefisher {lam, decay}``, ``derpp_eq {sleep_lr, sleep_distill}``, ``ssr {lam,
     sleep_lr, sleep_distill}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
     ``ssr_adapters {lr, lam, sleep_lr, sleep_distill}``. A missing key leaves its rows out; the
-    rows after ``derpp`` need it.
+    rows after ``derpp`` need it; ``derpp_mammoth`` comes with it and takes no hyperparameter.
     """
     def wake(lr: float, **kw: Any) -> WakeConfig:
         # the standard P-MNIST protocol trains unclipped; the adapters rows keep the library default
@@ -121,12 +162,22 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     d = hp["derpp"]
     derpp_w = wake(d["lr"], replay_alpha=d["alpha"], replay_beta=d["beta"], anchor_lambda=0.0)
     methods.append(Method("derpp", derpp_w))
+    m = MAMMOTH_DERPP
+    methods.append(Method("derpp_mammoth", wake(m["lr"], replay_alpha=m["alpha"], replay_beta=m["beta"],
+                                                anchor_lambda=0.0),
+                          notes="DER++ at Mammoth's published P-MNIST arguments, untuned: the peer's row"))
     if "derpp_ewc" in hp:
         c = hp["derpp_ewc"]
         methods.append(Method("derpp_ewc", dataclasses.replace(derpp_w, anchor_lambda=c["lam"]),
                               ewc_samples=1000, ewc_decay=c["decay"],
                               notes="DER++ + SSR's Fisher anchor refreshed at each task end from the "
                                     "task's data: the protection without a night"))
+    if "derpp_storefisher" in hp:
+        c = hp["derpp_storefisher"]
+        methods.append(Method("derpp_storefisher", dataclasses.replace(derpp_w, anchor_lambda=c["lam"]),
+                              ewc_decay=c["decay"], store_fisher=True,
+                              notes="DER++ + the anchor's Fisher measured on the store at each task end, "
+                                    "no replay steps: SSR's anchor without its night's replay"))
     if "derpp_eq" in hp:
         c = hp["derpp_eq"]
         methods.append(Method("derpp_eq", derpp_w, buffer_only_sleep(c["sleep_lr"], c["sleep_distill"]),
@@ -161,6 +212,9 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
                notes="no Fisher anchor during the day"),
         Method("ssr_prune", ssr_w, dataclasses.replace(ssr_s, prune_frac=0.01, strengthen_eta=0.01),
                notes="prune 1% of alive weights a night (cap 20%), strengthen the top 1% by 1%"),
+        Method("ssr_no_replay", ssr_w, None, store_fisher=True, ewc_decay=ssr_s.anchor_decay,
+               notes="no replay step at night: the anchor's Fisher measured on the store at each task end, "
+                     "with SSR's strength and decay"),
         Method("ssr_probe", ssr_w, dataclasses.replace(ssr_s, probe_records=50),
                notes="50 records held out as a probe; replay stops when their loss stops improving"),
         Method("ssr_1to10_probe", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0, probe_records=50),
