@@ -141,6 +141,11 @@ class SleepConfig:
             ``probe_records`` records is not probed.
         probe_every: replay steps between two looks at the probe.
         probe_patience: looks without improvement before replay stops.
+        dream_fraction: share of each replay batch replaced by dreams, pairs of records blended
+            (:func:`edge_sleep.mixup.mix_records`: latents, stored logits and labels mixed at a
+            weight uniform in [0, 1]); ``0``: off, the default until a benchmark says otherwise.
+            Needs floating-point records (not token ids). The Fisher and the probe see the
+            records themselves. Torch nights only: ``night.pte`` replays the records it is given.
     """
 
     steps_per_wake_step: float = 1.0
@@ -166,12 +171,14 @@ class SleepConfig:
     probe_records: int = 0
     probe_every: int = 25
     probe_patience: int = 2
+    dream_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         p: list[str] = []
         _posint(p, "probe_records", self.probe_records, zero_ok=True)
         _posint(p, "probe_every", self.probe_every)
         _posint(p, "probe_patience", self.probe_patience)
+        _frac(p, "dream_fraction", self.dream_fraction)
         _nonneg(p, "steps_per_wake_step", self.steps_per_wake_step)
         _posint(p, "min_steps", self.min_steps, zero_ok=True)
         _pos(p, "lr", self.lr)

@@ -29,6 +29,7 @@ from edge_sleep.errors import (
     first_line,
 )
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
+from edge_sleep.mixup import check_blendable
 from edge_sleep.dreams import StatsAccumulator, release_dreams
 from edge_sleep.privacy import delta_problem, privatize
 from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
@@ -451,6 +452,7 @@ class EdgeSleep:
         Raises:
             CallOrderError: the store is empty (call ``learn`` first).
         """
+        check_blendable(self.store, self.sleep_config.dream_fraction)  # before anything changes
         if self.sleep_state is None:
             total = self.planned_sleep_steps() if steps is None else int(steps)
             if total < 0:

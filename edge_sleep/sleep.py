@@ -38,6 +38,7 @@ from edge_sleep.errors import ConfigError, StoreError, check_format_version
 from edge_sleep.fisher import FisherPlan, fisher_sums, fisher_sums_loop, fisher_sums_streamed, plan_fisher
 from edge_sleep.kernels import consolidate_, prune_count
 from edge_sleep.memory import ResidentPeak, saved_activation_bytes
+from edge_sleep.mixup import mix_records
 from edge_sleep.store import ReplayStore
 from edge_sleep.wake import Anchor, all_finite, effective_weights, elements_finite
 
@@ -49,7 +50,10 @@ SLEEP_FORMAT_VERSION = 2
 
 def replay_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None,
                 label_weight: float, distill_weight: float) -> torch.Tensor:
-    """``label_weight * CE(logits, y) + distill_weight * MSE(logits, target)`` (mean over the batch)."""
+    """``label_weight * CE(logits, y) + distill_weight * MSE(logits, target)`` (mean over the batch).
+
+    ``y`` is class indices ``(n,)`` or class probabilities ``(n, C)`` (a dream's soft label).
+    """
     loss = label_weight * F.cross_entropy(logits, y)
     if target is not None and distill_weight > 0:
         loss = loss + distill_weight * F.mse_loss(logits, target)
@@ -302,6 +306,7 @@ def run_sleep(
     plan: FisherPlan | None = None
     peak_bytes: int | None = None
     replayed = 0
+    num_classes: int | None = None  # the dreams' soft labels' width, from the first replayed batch
     if config.probe_records > 0 and state.probe_slots is None and state.step == 0:
         slots = store.slots()
         if len(slots) >= 2 * config.probe_records:  # the night's generator picks them; kept for a resumed night
@@ -351,6 +356,13 @@ def run_sleep(
                 with torch.no_grad():
                     loss = replay_loss(replay_forward(batch.x), batch.y, batch.logits, config.label_weight,
                                        config.distill_weight)
+            elif config.dream_fraction > 0:  # a share of the batch replaced by blends of two records
+                if num_classes is None:
+                    with torch.no_grad():
+                        num_classes = int(replay_forward(batch.x[:1]).shape[-1])
+                dx, probs, dt = mix_records(batch.x, batch.y, batch.logits, config.dream_fraction, num_classes,
+                                            night.generator)
+                loss = replay_loss(replay_forward(dx), probs, dt, config.label_weight, config.distill_weight)
             else:
                 logits = replay_forward(batch.x)
                 loss = replay_loss(logits, batch.y, batch.logits, config.label_weight, config.distill_weight)

@@ -25,8 +25,8 @@ evaluation, so differences come from the method alone.
 - ``ssr_sleep_only``: SSR with no replay while awake: the day costs what naive fine-tuning costs.
 - ``ssr_adapters``: the on-device default path: a base first trained on task 0, then LoRA
   adapters (rank 8) by day, merged and consolidated by night.
-- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_no_replay``, ``ssr_probe``: one
-  change each to ``ssr`` (``ssr_no_replay``: the night's replay steps removed, its Fisher measured
+- ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_no_replay``, ``ssr_dreams``,
+  ``ssr_probe``: one change each to ``ssr`` (``ssr_no_replay``: the night's replay steps removed, its Fisher measured
   on the store at each task end);
   ``ssr_1to10_probe``: the 1:10 ratio with the probe (a night that knows when to stop).
 
@@ -215,6 +215,8 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
         Method("ssr_no_replay", ssr_w, None, store_fisher=True, ewc_decay=ssr_s.anchor_decay,
                notes="no replay step at night: the anchor's Fisher measured on the store at each task end, "
                      "with SSR's strength and decay"),
+        Method("ssr_dreams", ssr_w, dataclasses.replace(ssr_s, dream_fraction=0.5),
+               notes="half of each night's batch replaced by dreams: pairs of records blended (mixup)"),
         Method("ssr_probe", ssr_w, dataclasses.replace(ssr_s, probe_records=50),
                notes="50 records held out as a probe; replay stops when their loss stops improving"),
         Method("ssr_1to10_probe", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0, probe_records=50),
