@@ -107,7 +107,7 @@ def run_configs(todo: list[tuple[str, dict[str, float]]], base: dict[str, dict[s
         jobs.append((dataclasses.replace(m, name=f"{name} {json.dumps(hp, sort_keys=True)}"), args.seed))
     jobs.sort(key=lambda j: -(1 + (j[0].sleep.steps_per_wake_step if j[0].sleep else 0)))
     kw = {"n_tasks": args.tasks, "split": "validation", "train_per_task": args.train_per_task}
-    results = run_all(jobs, args.workers, kw)
+    results = run_all(jobs, args.workers, kw, cache=args.cache)
     return [{"method": r["method"].split(" ", 1)[0], "hp": json.loads(r["method"].split(" ", 1)[1]),
              "val_avg_acc": r["avg_acc"], "day_s": r["day_s"], "night_s": r["night_s"]} for r in results]
 
@@ -155,6 +155,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              f"values (default {BUDGET})")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tune.json"))
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a JSON-lines file of finished runs, added to as each ends; a rerun takes the runs it "
+                             "holds for the same sources and settings, so a tuning killed or spread over several "
+                             "sittings loses only the runs in flight")
     args = parser.parse_args(argv)
     if args.seed in (0, 1, 2):
         parser.error(f"--seed={args.seed} is an evaluation seed; tune on another one")

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from edge_sleep.bench.datasets import VALIDATION_SIZE, load_mnist, permuted_mnist
 from edge_sleep.bench.pmnist import TUNED, main
-from edge_sleep.bench.strategies import default_methods
+from edge_sleep.bench.strategies import Method, default_methods
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -236,3 +237,37 @@ def test_the_store_fisher_is_the_mean_squared_gradient_of_each_stored_records_re
     store_fisher_consolidate(es, decay=0.5)  # the same weights again: 0.5 F + F
     for n, f in es.anchor.fisher.items():
         torch.testing.assert_close(f, 1.5 * expected[n], rtol=1e-4, atol=1e-9)
+
+
+def test_a_cache_keeps_each_finished_run_and_a_rerun_takes_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge_sleep.bench.pmnist as pm
+
+    ran: list[tuple[str, int]] = []
+
+    def fake_worker(args: tuple[Method, int, dict[str, object]]) -> dict[str, object]:
+        method, seed, _ = args
+        ran.append((method.name, seed))
+        return {"method": method.name, "seed": seed, "avg_acc": 0.5 + seed / 10}
+
+    monkeypatch.setattr(pm, "_worker", fake_worker)
+    methods = {m.name: m for m in default_methods(TUNED)}
+    kw = {"n_tasks": 2}
+    cache = tmp_path / "runs.jsonl"
+    jobs = [(methods["naive"], 0), (methods["naive"], 1), (methods["derpp"], 0)]
+    first = pm.run_all(jobs, 1, kw, cache=cache)
+    assert ran == [("naive", 0), ("naive", 1), ("derpp", 0)] and len(cache.read_text().splitlines()) == 3
+    ran.clear()
+    assert sorted(map(str, pm.run_all(jobs, 1, kw, cache=cache))) == sorted(map(str, first)) and ran == []
+    # a line cut short by a kill is skipped, and only its run is done again
+    lines = cache.read_text().splitlines()
+    cache.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    pm.run_all(jobs, 1, kw, cache=cache)
+    assert ran == [("derpp", 0)]
+    # other settings, another protocol or other sources are other runs
+    ran.clear()
+    changed = dataclasses.replace(methods["naive"], wake=dataclasses.replace(methods["naive"].wake, lr=0.123))
+    pm.run_all([(changed, 0)], 1, kw, cache=cache)
+    pm.run_all([(methods["naive"], 0)], 1, {"n_tasks": 3}, cache=cache)
+    monkeypatch.setattr("edge_sleep.bench.provenance.sources_sha256", lambda *a: "other")
+    pm.run_all([(methods["naive"], 0)], 1, kw, cache=cache)
+    assert ran == [("naive", 0)] * 3

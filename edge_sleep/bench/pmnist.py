@@ -12,8 +12,10 @@ thread each, and every run measures its own daytime and night-time cost.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -158,21 +160,66 @@ def _worker(args: tuple[Method, int, dict[str, Any]]) -> dict[str, Any]:
     return run_method(method, seed, **kw)
 
 
-def run_all(jobs: list[tuple[Method, int]], workers: int, kw: dict[str, Any]) -> list[dict[str, Any]]:
-    """Run ``(method, seed)`` jobs in ``workers`` processes, with a progress bar."""
+def job_key(method: Method, seed: int, kw: dict[str, Any], sources: str) -> str:
+    """What fixes a run's result: the method (its name and every setting), the seed, the protocol
+    and the package's sources (:func:`edge_sleep.bench.provenance.sources_sha256`)."""
+    blob = json.dumps({"method": repr(method), "seed": seed, "kw": kw, "sources": sources}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cached(cache: Path) -> dict[str, dict[str, Any]]:
+    """The runs a cache file holds, by key (a line cut short by a kill is skipped)."""
+    done: dict[str, dict[str, Any]] = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                done[entry["key"]] = entry["result"]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def run_all(jobs: list[tuple[Method, int]], workers: int, kw: dict[str, Any],
+            cache: Path | None = None) -> list[dict[str, Any]]:
+    """Run ``(method, seed)`` jobs in ``workers`` processes, with a progress bar.
+
+    With ``cache`` (a JSON-lines file), each finished run is appended to it at once (flushed and
+    fsynced), and a run it already holds under the same :func:`job_key` is taken from it instead
+    of run again: a benchmark that is killed, or spread over several sittings, loses at most the
+    runs in flight. Runs of other sources or settings in the file are ignored.
+    """
     from tqdm import tqdm
 
-    args = [(m, s, kw) for m, s in jobs]
-    results = []
-    with tqdm(total=len(args), desc="runs", unit="run") as bar:
+    from edge_sleep.bench.provenance import sources_sha256
+
+    keys = {}
+    done: dict[str, dict[str, Any]] = {}
+    if cache is not None:
+        sources = sources_sha256()
+        keys = {(m.name, s): job_key(m, s, kw, sources) for m, s in jobs}
+        done = _cached(cache)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+    results = [done[keys[(m.name, s)]] for m, s in jobs if keys.get((m.name, s)) in done]
+    args = [(m, s, kw) for m, s in jobs if keys.get((m.name, s)) not in done]
+
+    def keep(r: dict[str, Any]) -> None:
+        results.append(r)
+        if cache is not None:
+            with cache.open("a") as f:
+                f.write(json.dumps({"key": keys[(r["method"], r["seed"])], "result": r}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+    with tqdm(total=len(jobs), initial=len(results), desc="runs", unit="run") as bar:
         if workers <= 1:
             for a in args:
-                results.append(_worker(a))
+                keep(_worker(a))
                 bar.update(1)
-        else:
+        elif args:
             with mp.get_context("spawn").Pool(workers) as pool:
                 for r in pool.imap_unordered(_worker, args):
-                    results.append(r)
+                    keep(r)
                     bar.set_postfix_str(f"{r['method']} seed {r['seed']}: {r['avg_acc']:.3f}")
                     bar.update(1)
     return results
@@ -297,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/pmnist.json "
                                                                 "(pmnist_smoke.json with --smoke)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="a JSON-lines file of finished runs: each run is added as it ends, and a rerun "
+                             "takes the runs it holds for the same sources and settings (resume a killed run)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"{SMOKE['tasks']} tasks of {SMOKE['train_per_task']} images, seed 0, rows "
                              f"{', '.join(SMOKE['methods'])}, one process: about a minute; tests/test_bench.py "
@@ -321,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         kw = smoke_kwargs()
     t0 = time.perf_counter()
-    results = run_all(jobs, args.workers, kw)
+    results = run_all(jobs, args.workers, kw, cache=args.cache)
     summary = summarize(results, methods)
     payload = {"tasks": args.tasks, "buffer": args.buffer, "seeds": args.seeds,
                "train_per_task": args.train_per_task or 60000, "batch": 128, "split": "test", "smoke": args.smoke,
