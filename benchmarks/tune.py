@@ -43,8 +43,9 @@ STAGE2: dict[str, dict[str, list[float]]] = {
     "derpp_ewc": {"lam": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "decay": [0.7, 0.9]},
     "derpp_storefisher": {"lam": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0], "decay": [0.7, 0.9]},
     "derpp_eq": {"sleep_lr": [0.01, 0.03, 0.1, 0.2], "sleep_distill": [0.3, 1.0, 3.0]},
+    # the night's length: the ratio's steps either side, and the probe that stops a night which no longer helps
     "ssr": {"lam": [1.0, 3.0, 10.0], "sleep_lr": [0.0003, 0.003], "decay": [0.7, 0.9], "sleep_distill": [1.0],
-            "ratio": [1.0]},
+            "ratio": [1.0], "probe": [50.0]},
     "ssr_sleep_only": {"lr": [0.1, 0.2], "lam": [3.0, 10.0, 30.0], "ratio": [1.0, 2.0],
                        "sleep_lr": [0.03], "sleep_distill": [1.0]},
     "ssr_adapters": {"lr": [0.05, 0.1, 0.2], "lam": [3.0, 10.0], "sleep_lr": [0.03, 0.1],

@@ -92,11 +92,12 @@ def buffer_only_sleep(lr: float, distill_weight: float, steps_per_wake_step: flo
 
 
 def ssr_sleep(hp: dict[str, float]) -> SleepConfig:
-    """SSR's night from its hyperparameters (``sleep_lr``; optional ``sleep_distill``, ``ratio``
-    and the anchor's ``decay``, which default to ``SleepConfig``'s)."""
+    """SSR's night from its hyperparameters (``sleep_lr``; optional ``sleep_distill``, ``ratio``,
+    the anchor's ``decay`` and ``probe`` records, which default to ``SleepConfig``'s)."""
     return SleepConfig(steps_per_wake_step=hp.get("ratio", 1.0), min_steps=0, lr=hp["sleep_lr"],
                        distill_weight=hp.get("sleep_distill", 1.0), prune_frac=0.0, strengthen_eta=0.0,
-                       anchor_decay=hp.get("decay", SleepConfig.anchor_decay))
+                       anchor_decay=hp.get("decay", SleepConfig.anchor_decay),
+                       probe_records=int(hp.get("probe", SleepConfig.probe_records)))
 
 
 def ewc_consolidate(es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, decay: float) -> None:
