@@ -279,3 +279,64 @@ def test_every_results_file_records_the_commit_it_was_made_at() -> None:
     for path in results:
         data = json.loads(path.read_text())
         assert re.fullmatch(r"[0-9a-f]{40}", str(data.get("commit"))), f"{path.name} has no commit"
+
+
+# The night's decomposition (issue 22): benchmarks/results/pmnist_night.json's rows, by label.
+DECOMPOSITION_ROWS = {
+    "DER++ as tuned (`derpp`)": "derpp",
+    "DER++ at Mammoth's published arguments (`derpp_mammoth`)": "derpp_mammoth",
+    "DER++ + anchor from each task's data (`derpp_ewc`)": "derpp_ewc",
+    "SSR without the night's replay: the anchor measured on the store (`ssr_no_replay`)": "ssr_no_replay",
+    "**SSR** as tuned (`ssr`)": "ssr",
+    "SSR without consolidation noise (`ssr_no_noise`)": "ssr_no_noise",
+    "SSR with dreams, half of each night's batch (`ssr_dreams`)": "ssr_dreams",
+    "SSR at 1:10 with the probe (`ssr_1to10_probe`)": "ssr_1to10_probe",
+}
+
+
+def _paired_points(a: list[float], b: list[float]) -> str:
+    from edge_sleep.bench.metrics import paired_differences
+
+    d = paired_differences(a, b)
+    return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"  # type: ignore[operator]
+
+
+def test_the_nights_decomposition_is_what_the_benchmark_wrote() -> None:
+    night = _result("pmnist_night")
+    methods = night["methods"]
+    assert night["seeds"] == [0, 1, 2] and not night["commit_dirty"]
+    text = _page("benchmarks.md")
+    rows = _rows(text, "| row | avg acc | ± sd | vs SSR, paired points |")
+    assert set(rows) == set(DECOMPOSITION_ROWS), set(rows) ^ set(DECOMPOSITION_ROWS)
+    ssr = methods["ssr"]["per_seed_avg_acc"]
+    for label, key in DECOMPOSITION_ROWS.items():
+        m = methods[key]
+        vs = "—" if key == "ssr" else _paired_points(m["per_seed_avg_acc"], ssr)
+        assert [_unbold(c) for c in rows[label]] == [
+            f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", vs, f"{m['forgetting']:.3f}", f"{m['bwt']:.3f}",
+            f"{m['diag']:.3f}", str(m["night_steps"])], label
+    assert f"`benchmarks/results/pmnist_night.json`, written at {night['commit'][:7]}" in text
+    # the seed paper's 1:10 without the probe: pmnist.json's row, the same runs (SSR's per-seed scores agree)
+    old = _result("pmnist")["methods"]
+    assert old["ssr"]["per_seed_avg_acc"] == ssr
+    flat = _flat("benchmarks.md")
+    long_nights = old["ssr_1to10"]["per_seed_avg_acc"]
+    assert (f"Without the probe the same 1:10 scores {_flat_acc(old['ssr_1to10'])} "
+            f"({_paired_points(long_nights, ssr)} points against SSR;") in flat
+    probe = methods["ssr_1to10_probe"]["per_seed_avg_acc"]
+    assert f"the probe is worth {_paired_points(probe, long_nights)} points at that length" in flat
+    no_replay, ewc = methods["ssr_no_replay"], methods["derpp_ewc"]
+    assert f"It is {_paired_points(no_replay['per_seed_avg_acc'], ewc['per_seed_avg_acc']).lstrip('+')} points above `derpp_ewc`" in flat
+    assert all(a > b for a, b in zip(no_replay["per_seed_avg_acc"], ssr))  # "on every seed"
+    peer = _paired_points(methods["derpp_mammoth"]["per_seed_avg_acc"], methods["derpp"]["per_seed_avg_acc"])
+    assert f"(0.881 against 0.874, {peer} points paired)" in flat
+    naive = old["naive"]["forgetting"]
+    assert f"its forgetting is {100 * (1 - no_replay['forgetting'] / naive):.1f}% below naive" in flat
+    gaps = [round(100 * (a - b), 2) for a, b in zip(probe, ssr)]
+    assert sum(g >= 0 for g in gaps) == 2 and f"on seed 0 it is {-gaps[0]:.2f} points below" in flat
+
+
+def _flat_acc(m: dict[str, Any]) -> str:
+    from edge_sleep.bench.metrics import sample_std
+
+    return f"{m['avg_acc']:.3f} ± {sample_std(m['per_seed_avg_acc']):.3f}"

@@ -61,6 +61,27 @@ def test_pmnist_headlines_are_what_the_benchmark_wrote() -> None:
     assert m["ssr_adapters"]["avg_acc"] < m["derpp"]["avg_acc"]
 
 
+def test_the_nights_decomposition_headline_is_what_the_benchmark_wrote() -> None:
+    from edge_sleep.bench.metrics import paired_differences
+
+    night = _result("pmnist_night")
+    m, old = night["methods"], _result("pmnist")["methods"]
+    text = _text()
+
+    def vs(a: list[float], b: list[float]) -> str:
+        d = paired_differences(a, b)
+        return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"  # type: ignore[operator]
+
+    ssr, probe = m["ssr"]["per_seed_avg_acc"], m["ssr_1to10_probe"]["per_seed_avg_acc"]
+    no_replay = m["ssr_no_replay"]
+    assert (f"only the Fisher measured on the store: {no_replay['avg_acc']:.3f} ± {no_replay['avg_acc_std']:.3f}, "
+            f"{vs(no_replay['per_seed_avg_acc'], ssr)} points over SSR (target 0.92: "
+            f"{'met' if no_replay['avg_acc'] >= 0.92 else 'missed'})") in text
+    long_nights = vs(old["ssr_1to10"]["per_seed_avg_acc"], ssr).split(" ± ")[0]
+    assert f"{vs(probe, ssr)} points over 1:1, where without the probe it is {long_nights} |" in text
+    assert f"`benchmarks/pmnist.py --out pmnist_night.json` ({night['commit'][:7]}) |" in text
+
+
 def test_privacy_latency_kernel_fisher_and_simulation_headlines() -> None:
     text = _text()
     rows = _result("privacy")["rows"]
