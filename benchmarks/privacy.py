@@ -63,7 +63,7 @@ import torch
 
 from edge_sleep.audit import audit, store_audit
 from edge_sleep.bench.datasets import PermutedTask, load_mnist, permuted_mnist
-from edge_sleep.bench.metrics import average_accuracy
+from edge_sleep.bench.metrics import average_accuracy, sample_std
 from edge_sleep.bench.pmnist import TUNED, evaluate, mlp
 from edge_sleep.bench.provenance import provenance
 from edge_sleep.bench.strategies import Method, default_methods
@@ -223,7 +223,7 @@ def audit_pair(runs: tuple[dict[str, Any], dict[str, Any]], dirs: tuple[Path, Pa
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    return statistics.fmean(values), sample_std(values)
 
 
 def summarize(eps: float | None, runs: list[dict[str, Any]], audits: list[dict[str, Any]]) -> dict[str, Any]:
