@@ -48,9 +48,11 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
+        # True for a GPT-2 Conv1D, whose weight the model's own files keep as (in, out)
+        self.fan_in_fan_out = is_conv1d(base)
         if isinstance(base, nn.Linear):
             weight = base.weight.detach()
-        elif is_conv1d(base):
+        elif self.fan_in_fan_out:
             conv_weight: torch.Tensor = base.weight  # type: ignore[assignment]
             weight = conv_weight.detach().t()  # Conv1D stores (in, out)
         else:

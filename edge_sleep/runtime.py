@@ -28,13 +28,14 @@ from edge_sleep.errors import (
     check_format_version,
     first_line,
 )
+from edge_sleep.integrations.peft import adopt_peft_, peft_lora_layers, peft_problems, save_adapters, save_base
 from edge_sleep.modelio import activation_module_names, logits_of, model_fingerprint, split_sequential
 from edge_sleep.mixup import check_blendable
 from edge_sleep.dreams import StatsAccumulator, release_dreams
 from edge_sleep.privacy import delta_problem, privatize
 from edge_sleep.sleep import Night, SleepReport, SleepState, apply_masks_, run_sleep
 from edge_sleep.store import STORE_FORMAT_VERSION, ReplayStore
-from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats
+from edge_sleep.wake import ANCHOR_FORMAT_VERSION, Anchor, WakeStats, effective_weights
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -122,6 +123,15 @@ class EdgeSleep:
         if next(model.parameters(), None) is None:
             raise ConfigError("EdgeSleep", [f"model ({type(model).__name__}) has no parameters; expected a model "
                                             "with weights to learn"])
+        from_peft = bool(peft_lora_layers(model))
+        if from_peft:  # a model with PEFT's LoRA keeps its adapters (checked before anything changes)
+            problems = peft_problems(model)
+            if (wake or WakeConfig()).train != "adapters":
+                problems.append("the model has PEFT LoRA adapters and WakeConfig(train='all') would train its base "
+                                "too; expected WakeConfig(train='adapters'). Fix: that, or hand over "
+                                "model.merge_and_unload()")
+            if problems:
+                raise ConfigError("EdgeSleep", problems)
         self.model = model
         self.privacy = privacy or PrivacyConfig()
         # noise from os.urandom, unless a seed asks for repeatable (not private) noise in tests
@@ -150,17 +160,19 @@ class EdgeSleep:
             self.store = ReplayStore(path, store_config, fingerprint=fingerprint, seed=seed, key=store_key)
         self.fingerprint = fingerprint
 
-        if self.wake_config.train == "adapters":
+        if from_peft:  # PEFT's ranks and scales; its modules_to_save copies stay trainable
+            adopt_peft_(model)
+        elif self.wake_config.train == "adapters":
             attach_lora(model, rank=self.wake_config.lora_rank, alpha=self.wake_config.lora_alpha)
         else:
             for p in model.parameters():
                 p.requires_grad_(True)
         self._wake_params = [p for p in model.parameters() if p.requires_grad]
         self._sleep_params = {n: p for n, p in model.named_parameters() if ".lora_" not in n
-                              and not n.startswith("lora_")}
+                              and not n.startswith("lora_") and ".original_module." not in n}
         self.skipped_steps = 0
         self.prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
-                         if isinstance(m, _PRUNABLE) or is_conv1d(m)]
+                         if (isinstance(m, _PRUNABLE) or is_conv1d(m)) and ".original_module" not in f".{n}"]
         # anchor the weight matrices and biases the model computes with
         self._anchored = [n for n in self._sleep_params if n.endswith(("weight", "bias"))]
         names = self.sleep_config.noise_layers
@@ -342,14 +354,27 @@ class EdgeSleep:
             return stats
         if self.masks and cfg.train == "all":
             apply_masks_(dict(self.model.named_parameters()), self.masks)
+        where = self._keep(latent, y, logits, stream, stepped=True)
+        if where is None:
+            return stats
+        return dataclasses.replace(stats, stored=int(np.count_nonzero(where >= 0)), slots=tuple(where.tolist()))
+
+    def _keep(self, latent: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None, stream: str, *,
+              stepped: bool) -> np.ndarray | None:
+        """Offer a checked batch to the store (or tonight's class statistics) and count the wake step.
+
+        With ``stepped``, a failure undoes the wake step just taken, so the weights and the store
+        stay in step: both or neither. Returns the store's slots, or ``None`` when nothing was offered.
+        """
         where = None
         if self.privacy.design == "stats":  # nothing of this batch is stored; its statistics wait for the night
             try:
                 self._stats_for(latent).add(latent, y, stream)
             except BaseException:
-                self._engine.undo_step(self)
+                if stepped:
+                    self._engine.undo_step(self)
                 raise
-        elif self.wake_steps_since_sleep % cfg.store_every == 0:
+        elif self.wake_steps_since_sleep % self.wake_config.store_every == 0:
             try:
                 record = None
                 if self.privacy.enabled:  # what is stored is private; its logits are post-processing
@@ -358,17 +383,101 @@ class EdgeSleep:
                     if logits is not None and noised is not latent:
                         # of the noised latent, by the weights before this step: weights that had
                         # trained on the raw batch would carry it into the record (issue 20)
-                        with self._engine.weights_before_step(self):
+                        if stepped:
+                            with self._engine.weights_before_step(self):
+                                logits = self.record_logits(noised)
+                        else:
                             logits = self.record_logits(noised)
                     latent = noised
                 where = self.store.offer(latent, y, logits, stream=stream, privacy=record)
             except BaseException:  # the store and the weights stay in step: both or neither
-                self._engine.undo_step(self)
+                if stepped:
+                    self._engine.undo_step(self)
                 raise
         self.wake_steps_since_sleep += 1
-        if where is None:
-            return stats
-        return dataclasses.replace(stats, stored=int(np.count_nonzero(where >= 0)), slots=tuple(where.tolist()))
+        return where
+
+    @_serialized
+    def remember(self, x: torch.Tensor, y: torch.Tensor, *, stream: str = "",
+                 logits: torch.Tensor | None = None) -> int:
+        """Offer a labelled batch to the replay store without taking a wake step.
+
+        For a model that another loop trains by day (a Hugging Face ``Trainer``: see
+        :class:`edge_sleep.integrations.transformers.EdgeSleepCallback`). The batch counts as one
+        wake step toward tonight's planned length and ``WakeConfig.store_every``, and the store's
+        privacy applies as in :meth:`learn`.
+
+        Args:
+            x: inputs ``(B, ...)``, as for :meth:`learn`.
+            y: integer labels ``(B,)``.
+            stream: a tag kept with the stored records.
+            logits: the logits ``(B, C)`` the training loop's forward gave this batch, kept with the
+                records; ``None`` computes them in eval mode (when the store keeps logits).
+
+        Returns:
+            How many of the batch's records the store kept.
+
+        Raises:
+            InputError: bad inputs, labels or logits; nothing is stored.
+            StoreError: the batch could not be written; the store is unchanged.
+        """
+        x = self.check_input(x)
+        if self.privacy.epsilon is not None and not x.is_floating_point() and self.store_config.latent_layer is None:
+            raise InputError(f"remember got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
+                             "expected float latents to noise. Fix: store a float hidden state with "
+                             "StoreConfig(latent_layer=...), or set epsilon=None (label privacy still applies).")
+        if self.num_classes is None:
+            self._probe(x)
+        y = self._check_labels(y, x.shape[0])
+        if self.privacy.design == "stats":
+            self._check_stats_batch(x.shape[0])
+        if logits is not None:
+            want = (x.shape[0], self.num_classes)
+            if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want or not logits.is_floating_point():
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise InputError(f"logits is {got}; expected a float tensor of shape {want}, one row of class "
+                                 "scores per example. Fix: pass the model's output logits for this batch, or None.")
+            if not torch.isfinite(logits).all():
+                raise InputError("logits hold NaN or inf; expected finite values. Nothing was stored. Fix: skip "
+                                 "this batch (its training step diverged) or pass logits=None.")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                latent = self._encoder(x)
+                if logits is None and self.store_config.store_logits is not False:
+                    logits = self._replay_forward(latent)
+        finally:
+            self.model.train(was_training)
+        logits = None if logits is None else logits.detach().to(self.device)
+        generators = (self.store.rng.bit_generator.state,
+                      None if self._privacy_generator is None else self._privacy_generator.get_state())
+        steps = self.wake_steps_since_sleep
+        try:
+            where = self._keep(latent, y, logits, stream, stepped=False)
+        except BaseException:  # a retry draws what a clean run draws
+            self.wake_steps_since_sleep = steps
+            self.store.rng.bit_generator.state = generators[0]
+            if generators[1] is not None and self._privacy_generator is not None:
+                self._privacy_generator.set_state(generators[1])
+            raise
+        return 0 if where is None else int(np.count_nonzero(where >= 0))
+
+    def anchor_penalty(self, lr: float | None = None) -> torch.Tensor:
+        """The anchor's penalty on the weights as they stand, differentiable in what trains by day.
+
+        ``WakeConfig.anchor_lambda`` x the capped Fisher x the squared move from the last night's
+        weights (adapters folded in); zero before the first night. A training loop other than
+        :meth:`learn` adds it to its loss (or backpropagates it before its optimizer step).
+
+        Args:
+            lr: the learning rate that caps ``lambda * F`` at ``1 / (2 lr)``; ``None`` is ``WakeConfig.lr``.
+        """
+        cfg = self.wake_config
+        if not self.anchor or cfg.anchor_lambda <= 0:
+            return torch.zeros((), device=self.device)
+        return self.anchor.penalty(effective_weights(self.model, list(self.anchor.fisher)), cfg.anchor_lambda,
+                                   cfg.lr if lr is None else lr)
 
     def _check_stats_batch(self, n: int) -> None:
         """Refuse a batch that would make the night's release fail its delta (before anything moves)."""
@@ -620,6 +729,21 @@ class EdgeSleep:
                 f"there before (if any) is unchanged. Fix: free space on the disk of {str(directory.parent)!r} "
                 "and check that it is writable, then save again.") from e
         return directory
+
+    @_serialized
+    def save_adapters(self, directory: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+        """Write the adapters as a folder PEFT loads (``PeftModel.from_pretrained(base, directory)``).
+
+        The adapters are what was learned since the last night, on the base as it stands: write
+        that base with :meth:`save_base`. See :func:`edge_sleep.integrations.peft.save_adapters`.
+        """
+        return save_adapters(self.model, directory, base_model_name_or_path=base_model_name_or_path)
+
+    @_serialized
+    def save_base(self, directory: str | Path) -> Path:
+        """Write the base weights without adapters (a Hugging Face model folder for a Hugging Face
+        model). See :func:`edge_sleep.integrations.peft.save_base`."""
+        return save_base(self.model, directory)
 
     @classmethod
     def load(cls, directory: str | Path, model: nn.Module, *, store: ReplayStore | str | Path | None = None,
