@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -310,9 +311,17 @@ class EdgeSleep:
             StoreError: the batch could not be written (a closed or busy store, a full disk...);
                 the step is undone, so the weights and the store stay in step.
         """
+        x, y = self._checked_batch(x, y, "learn")
+        self._engine.check_batch(self, x)  # before the store's generator moves
+        with self._generators_kept_on_error():
+            return self._learn_checked(x, y, stream)
+
+    def _checked_batch(self, x: Any, y: Any, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` and ``y`` checked for :meth:`learn` or :meth:`remember`: the inputs, what privacy
+        needs of them, the labels and tonight's statistics (the first batch also sets the spec)."""
         x = self.check_input(x)
         if self.privacy.epsilon is not None and not x.is_floating_point() and self.store_config.latent_layer is None:
-            raise InputError(f"learn got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
+            raise InputError(f"{who} got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
                              "expected float latents to noise. Fix: store a float hidden state with "
                              "StoreConfig(latent_layer=...), or set epsilon=None (label privacy still applies).")
         if self.num_classes is None:
@@ -320,12 +329,16 @@ class EdgeSleep:
         y = self._check_labels(y, x.shape[0])
         if self.privacy.design == "stats":
             self._check_stats_batch(x.shape[0])
-        self._engine.check_batch(self, x)  # before the store's generator moves
-        # a step that raises leaves both generators where they were: a retry draws what a clean run draws
+        return x, y
+
+    @contextlib.contextmanager
+    def _generators_kept_on_error(self) -> Iterator[None]:
+        """A call that raises leaves the store's and the privacy generators where they were, so a
+        retry draws what a clean run draws."""
         generators = (self.store.rng.bit_generator.state,
                       None if self._privacy_generator is None else self._privacy_generator.get_state())
         try:
-            return self._learn_checked(x, y, stream)
+            yield
         except BaseException:
             self.store.rng.bit_generator.state = generators[0]
             if generators[1] is not None and self._privacy_generator is not None:
@@ -421,16 +434,7 @@ class EdgeSleep:
             InputError: bad inputs, labels or logits; nothing is stored.
             StoreError: the batch could not be written; the store is unchanged.
         """
-        x = self.check_input(x)
-        if self.privacy.epsilon is not None and not x.is_floating_point() and self.store_config.latent_layer is None:
-            raise InputError(f"remember got integer inputs ({x.dtype}) with PrivacyConfig(epsilon={self.privacy.epsilon}); "
-                             "expected float latents to noise. Fix: store a float hidden state with "
-                             "StoreConfig(latent_layer=...), or set epsilon=None (label privacy still applies).")
-        if self.num_classes is None:
-            self._probe(x)
-        y = self._check_labels(y, x.shape[0])
-        if self.privacy.design == "stats":
-            self._check_stats_batch(x.shape[0])
+        x, y = self._checked_batch(x, y, "remember")
         if logits is not None:
             want = (x.shape[0], self.num_classes)
             if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want or not logits.is_floating_point():
@@ -450,17 +454,8 @@ class EdgeSleep:
         finally:
             self.model.train(was_training)
         logits = None if logits is None else logits.detach().to(self.device)
-        generators = (self.store.rng.bit_generator.state,
-                      None if self._privacy_generator is None else self._privacy_generator.get_state())
-        steps = self.wake_steps_since_sleep
-        try:
+        with self._generators_kept_on_error():
             where = self._keep(latent, y, logits, stream, stepped=False)
-        except BaseException:  # a retry draws what a clean run draws
-            self.wake_steps_since_sleep = steps
-            self.store.rng.bit_generator.state = generators[0]
-            if generators[1] is not None and self._privacy_generator is not None:
-                self._privacy_generator.set_state(generators[1])
-            raise
         return 0 if where is None else int(np.count_nonzero(where >= 0))
 
     def anchor_penalty(self, lr: float | None = None) -> torch.Tensor:
