@@ -215,3 +215,20 @@ def test_the_integrations_page_example_runs(tmp_path: Path, monkeypatch: pytest.
     assert "PEFT reproduces the runtime: True" in out
     es = namespace["es"]
     assert len(es.store.stream_slots("tweets")) > 0 and len(es.store.stream_slots("reviews")) > 0  # type: ignore[attr-defined]
+
+
+def test_a_runtime_around_a_peft_model_saves_and_loads(tmp_path: Path) -> None:
+    def fresh() -> torch.nn.Module:
+        return peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                            modules_to_save=["classifier"]))
+
+    es = EdgeSleep(fresh(), wake=WakeConfig(train="adapters", lr=0.05), sleep=SleepConfig(min_steps=4),
+                   store=tmp_path / "replay.db")
+    _day(es)
+    es.sleep()
+    _day(es, 2)
+    es.save(tmp_path / "ckpt")
+    x, _ = _batch(seed=7)
+    before, records = es.logits(x), len(es.store)
+    again = EdgeSleep.load(tmp_path / "ckpt", fresh())  # the store moves to the new runtime
+    assert torch.equal(again.logits(x), before) and len(again.store) == records
