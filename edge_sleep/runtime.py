@@ -184,6 +184,12 @@ class EdgeSleep:
         self.wake_steps_since_sleep = 0
         self.num_classes: int | None = None
         self.input_spec: tuple[tuple[int, ...], bool] | None = None  # (shape[1:], is_float)
+        # token ids must index the model's first embedding table (its vocabulary); None: no embedding
+        self.vocab_size: int | None = next((m.num_embeddings for m in model.modules()
+                                            if isinstance(m, nn.Embedding)), None)
+        # and a row of them must fit the positions a Hugging Face model has (None: no such limit)
+        positions = (getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in model.modules())
+        self.max_length: int | None = next((n for n in positions if isinstance(n, int)), None)
         self.sleep_state: SleepState | None = None
         # design="stats": the day's clipped latents per (stream, class), released at the next night
         self.class_stats: StatsAccumulator | None = None
@@ -225,8 +231,10 @@ class EdgeSleep:
 
         Raises:
             InputError: not a tensor, an empty batch, a complex or bool dtype, a float dtype other
-                than the model's, NaN/inf, or a per-example shape or dtype kind other than the
-                batches learned from so far.
+                than the model's, NaN/inf, token ids outside the vocabulary of the model's first
+                ``nn.Embedding``, rows of token ids longer than a Hugging Face model's
+                ``max_position_embeddings``, or a per-example shape or dtype kind other than the batches
+                learned from so far.
         """
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} is a {type(x).__name__}; expected a torch.Tensor batch. "
@@ -243,6 +251,17 @@ class EdgeSleep:
             bad = int((~torch.isfinite(x)).any(dim=tuple(range(1, x.ndim))).sum()) if x.ndim > 1 else 1
             raise InputError(f"{name} holds NaN or inf in {bad} of {x.shape[0]} rows; expected finite "
                              "values. Fix: drop or clean those rows (nothing was learned or stored).")
+        if not x.is_floating_point() and self.vocab_size is not None:
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise InputError(f"{name} holds token id {bad}; this model's vocabulary has {self.vocab_size} ids, "
+                                 f"so ids must be in [0, {self.vocab_size - 1}]. Fix: tokenize with this model's "
+                                 "tokenizer (nothing was learned or stored).")
+            if self.max_length is not None and x.ndim >= 2 and x.shape[1] > self.max_length:
+                raise InputError(f"{name} has rows of {x.shape[1]} tokens; this model has {self.max_length} positions. "
+                                 f"Fix: tokenize with truncation=True, max_length={self.max_length} (nothing was "
+                                 "learned or stored).")
         spec = (tuple(x.shape[1:]), x.is_floating_point())
         if self.input_spec is not None and spec != self.input_spec:
             want, was_float = self.input_spec

@@ -232,3 +232,16 @@ def test_a_runtime_around_a_peft_model_saves_and_loads(tmp_path: Path) -> None:
     before, records = es.logits(x), len(es.store)
     again = EdgeSleep.load(tmp_path / "ckpt", fresh())  # the store moves to the new runtime
     assert torch.equal(again.logits(x), before) and len(again.store) == records
+
+
+def test_token_ids_outside_the_vocabulary_or_rows_past_the_positions_are_refused() -> None:
+    es = EdgeSleep(_bert(), wake=WakeConfig(train="adapters"))
+    assert (es.vocab_size, es.max_length) == (40, 16)
+    x, y = _batch()
+    with pytest.raises(InputError, match=r"token id 40; .* must be in \[0, 39\]"):
+        es.learn(torch.cat([x[:, :-1], torch.full((8, 1), 40)], dim=1), y)
+    with pytest.raises(InputError, match="rows of 17 tokens; this model has 16 positions.*max_length=16"):
+        es.learn(torch.randint(1, 40, (8, 17)), y)
+    assert len(es.store) == 0 and es.num_classes is None  # nothing learned, stored or probed
+    es.learn(x, y)  # the same runtime learns a good batch
+    assert len(es.store) == 8
