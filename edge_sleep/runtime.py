@@ -119,6 +119,10 @@ class EdgeSleep:
                 problems.append("engine='executorch' stores inputs; expected StoreConfig(latent_layer=None)")
             if problems:
                 raise ConfigError("EdgeSleep", problems)
+        if (sleep or SleepConfig()).consolidate == "adapted" and (wake or WakeConfig()).train != "adapters":
+            raise ConfigError("EdgeSleep", ["SleepConfig(consolidate='adapted') consolidates the layers that carry "
+                                            "adapters, and WakeConfig(train='all') attaches none; expected "
+                                            "WakeConfig(train='adapters'). Fix: that, or consolidate='all'"])
         if not isinstance(model, nn.Module):
             raise ConfigError("EdgeSleep", [f"model is a {type(model).__name__}; expected an nn.Module"])
         if next(model.parameters(), None) is None:
@@ -174,6 +178,11 @@ class EdgeSleep:
         self.skipped_steps = 0
         self.prunable = [f"{n}.weight" if n else "weight" for n, m in model.named_modules()
                          if (isinstance(m, _PRUNABLE) or is_conv1d(m)) and ".original_module" not in f".{n}"]
+        if self.sleep_config.consolidate == "adapted":  # only what a day can change
+            days = {f"{n}.{k}" if n else k for n in lora_modules(model) for k in ("weight", "bias")}
+            days |= {n for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in f".{n}"}
+            self._sleep_params = {n: p for n, p in self._sleep_params.items() if n in days}
+            self.prunable = [n for n in self.prunable if n in self._sleep_params]
         # anchor the weight matrices and biases the model computes with
         self._anchored = [n for n in self._sleep_params if n.endswith(("weight", "bias"))]
         names = self.sleep_config.noise_layers

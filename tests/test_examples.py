@@ -42,6 +42,6 @@ def test_simulate_week(tmp_path: Path) -> None:
 
 def test_trainer_two_domains(tmp_path: Path) -> None:
     out = run_example("trainer_two_domains.py", tmp_path)
-    assert "tweets " in out and "movies " in out and "records stored; nights: 8 steps" in out
+    assert "tweets " in out and "movies " in out and "records stored; nights: 8 steps in " in out
     assert "PEFT computes the runtime's logits: True" in out
     assert (tmp_path / "out" / "adapters" / "adapter_model.safetensors").exists()

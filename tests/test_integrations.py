@@ -245,3 +245,28 @@ def test_token_ids_outside_the_vocabulary_or_rows_past_the_positions_are_refused
     assert len(es.store) == 0 and es.num_classes is None  # nothing learned, stored or probed
     es.learn(x, y)  # the same runtime learns a good batch
     assert len(es.store) == 8
+
+
+def test_a_night_that_consolidates_the_adapted_layers_leaves_the_rest_as_handed_over() -> None:
+    es = EdgeSleep(_bert(), wake=WakeConfig(train="adapters", lr=0.05),
+                   sleep=SleepConfig(min_steps=4, consolidate="adapted"))
+    base = es.base_parameters
+    assert "bert.encoder.layer.0.attention.self.query.weight" in base and "classifier.bias" in base
+    assert not any("embeddings" in n or "LayerNorm" in n for n in base)  # the day never changes them
+    embeddings = es.model.bert.embeddings.word_embeddings.weight.detach().clone()
+    query = es.model.bert.encoder.layer[0].attention.self.query.weight.detach().clone()
+    _day(es)
+    assert es.sleep().completed
+    assert torch.equal(es.model.bert.embeddings.word_embeddings.weight, embeddings)
+    assert not torch.equal(es.model.bert.encoder.layer[0].attention.self.query.weight, query)
+    assert set(es.anchor.fisher) <= set(base) and es.anchor.fisher
+    # PEFT's targets and its trained head, nothing else
+    pm = peft.get_peft_model(_bert(), peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"]))
+    es = EdgeSleep(pm, wake=WakeConfig(train="adapters"), sleep=SleepConfig(consolidate="adapted"))
+    assert {n.rsplit(".", 2)[-2] if "modules_to_save" not in n else "head" for n in es.base_parameters} == {
+        "query", "value", "head"}
+    with pytest.raises(ConfigError, match="consolidate='adapted'.*WakeConfig\\(train='adapters'\\)"):
+        EdgeSleep(_bert(), wake=WakeConfig(train="all"), sleep=SleepConfig(consolidate="adapted"))
+    with pytest.raises(ConfigError, match="consolidate='some'"):
+        SleepConfig(consolidate="some")  # type: ignore[arg-type]

@@ -208,8 +208,6 @@ def save_adapters(model: nn.Module, directory: str | Path, *, base_model_name_or
         "rank_pattern": {k: r for k, r in ranks.items() if r != rank},
         "alpha_pattern": {k: a for k, a in alphas.items() if a != alpha},
         "fan_in_fan_out": any(m.fan_in_fan_out for m in layers.values()), "init_lora_weights": True, "use_rslora": False, "use_dora": False,
-        "edge_sleep": "written by edge_sleep.integrations.peft.save_adapters: the adapters apply to the base "
-                      "as it stood when they were written (see save_base)",
     }
     return _write(directory, "save_adapters", {ADAPTER_WEIGHTS: tensors}, {ADAPTER_CONFIG: config})
 
