@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PermutedTask", "RotatedDomain", "VALIDATION_SIZE", "load_mnist", "permuted_mnist",
-           "rotate_images", "rotated_mnist"]
+__all__ = ["DigitTask", "PermutedTask", "RotatedDomain", "STREAMS", "SplitTask", "VALIDATION_SIZE", "digit_stream", "load_mnist",
+           "permuted_mnist", "rotate_images", "rotated_mnist", "split_mnist"]
 
 
 def _mnist_path() -> Path:
@@ -157,6 +157,12 @@ class RotatedDomain:
             idx = self.order[i:i + batch_size]
             yield rotate_images(xtr[idx], self.degrees), ytr[idx]
 
+    def train_sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` examples of the training stream."""
+        xtr, ytr, _, _ = load_mnist()
+        idx = self.order[:n]
+        return rotate_images(xtr[idx], self.degrees), ytr[idx]
+
     def evaluation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotated test images ``(x (n_eval, 784), y (n_eval,))``."""
         _, _, xte, yte = load_mnist()
@@ -177,3 +183,81 @@ def rotated_mnist(n_domains: int, seed: int, *, train_per_domain: int = 4000,
     order = torch.from_numpy(rng.permutation(60000))
     return [RotatedDomain(f"rot{int(a)}", a, order[d * train_per_domain:(d + 1) * train_per_domain],
                           test_per_domain) for d, a in enumerate(angles)]
+
+
+@dataclass(frozen=True)
+class SplitTask:
+    """One task of Split MNIST: the images of a few digits (class-incremental, one shared head)."""
+
+    name: str
+    classes: tuple[int, ...]
+    order: torch.Tensor  # training indices of these classes, in the stream's order
+    eval_index: torch.Tensor  # test indices of these classes
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The task's training stream ``(x (B, 784), y (B,))``."""
+        xtr, ytr, _, _ = load_mnist()
+        for i in range(0, self.order.numel(), batch_size):
+            idx = self.order[i:i + batch_size]
+            yield xtr[idx].float() / 255.0, ytr[idx]
+
+    def train_sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` examples of the training stream."""
+        xtr, ytr, _, _ = load_mnist()
+        idx = self.order[:n]
+        return xtr[idx].float() / 255.0, ytr[idx]
+
+    def evaluation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The test images of this task's digits ``(x (n, 784), y (n,))``."""
+        _, _, xte, yte = load_mnist()
+        return xte[self.eval_index].float() / 255.0, yte[self.eval_index]
+
+
+def split_mnist(n_tasks: int, seed: int, *, train_per_task: int = 10000,
+                test_per_task: int = 2000) -> list[SplitTask]:
+    """Split MNIST, class-incremental: task ``t`` holds digits ``2t`` and ``2t + 1``.
+
+    There is no task label at test time: one 10-way head answers for every digit seen. ``seed``
+    fixes the order of each task's training images (the first ``train_per_task`` of them);
+    evaluation takes the first ``test_per_task`` test images of the task's digits.
+    """
+    if not 1 <= n_tasks <= 5 or train_per_task < 1 or test_per_task < 1:
+        raise ValueError(f"n_tasks={n_tasks}, train_per_task={train_per_task}, test_per_task={test_per_task}; "
+                         "expected 1 to 5 tasks of two digits and positive image counts")
+    _, ytr, _, yte = load_mnist()
+    rng = np.random.default_rng(seed)
+    tasks = []
+    for t in range(n_tasks):
+        classes = (2 * t, 2 * t + 1)
+        train = torch.nonzero((ytr == classes[0]) | (ytr == classes[1])).flatten().numpy()
+        test = torch.nonzero((yte == classes[0]) | (yte == classes[1])).flatten()
+        order = torch.from_numpy(rng.permutation(train)[:train_per_task])
+        tasks.append(SplitTask(f"digits{classes[0]}{classes[1]}", classes, order, test[:test_per_task]))
+    return tasks
+
+
+STREAMS = ("pmnist", "rotated", "split")
+DigitTask = PermutedTask | RotatedDomain | SplitTask
+
+
+def digit_stream(name: str, n_tasks: int, seed: int, *, split: Literal["test", "validation"] = "test",
+                 train_per_task: int | None = None,
+                 test_per_task: int = 10000) -> Sequence[DigitTask]:
+    """A stream of digit tasks by name: ``"pmnist"`` (:func:`permuted_mnist`, domain-incremental),
+    ``"rotated"`` (:func:`rotated_mnist`, domain-incremental, 5,000 images a domain by default) or
+    ``"split"`` (:func:`split_mnist`, class-incremental, 10,000 images a task by default).
+
+    Only P-MNIST has a validation split: the other two streams are for runs that tune nothing.
+    """
+    if name == "pmnist":
+        n = train_per_task or (60000 - VALIDATION_SIZE if split == "validation" else 60000)
+        return permuted_mnist(n_tasks, seed, split=split, train_per_task=n, test_per_task=test_per_task)
+    if name not in STREAMS:
+        raise ValueError(f"stream={name!r}; expected one of {STREAMS}")
+    if split != "test":
+        raise ValueError(f"stream={name!r} with split={split!r}: only 'pmnist' has a validation split; "
+                         "the other streams are scored on the test set by runs that tune nothing")
+    if name == "rotated":
+        return rotated_mnist(n_tasks, seed, train_per_domain=train_per_task or 5000,
+                             test_per_domain=min(test_per_task, 10000))
+    return split_mnist(n_tasks, seed, train_per_task=train_per_task or 10000, test_per_task=min(test_per_task, 2000))

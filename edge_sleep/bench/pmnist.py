@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_sleep.bench.datasets import PermutedTask, permuted_mnist
+from edge_sleep.bench.datasets import DigitTask, digit_stream
 from edge_sleep.bench.metrics import (average_accuracy, backward_transfer, forgetting, paired_differences,
                                      plasticity, sample_std)
 from edge_sleep.bench.provenance import provenance
@@ -72,14 +72,14 @@ def mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
 
 
-def evaluate(es: EdgeSleep, task: PermutedTask) -> float:
+def evaluate(es: EdgeSleep, task: DigitTask) -> float:
     """Accuracy of ``es`` on ``task``'s evaluation images (test or validation split)."""
     x, y = task.evaluation()
     pred = es.predict(x)
     return float((pred == y.to(pred.device)).float().mean())
 
 
-def pretrain(model: nn.Module, task: PermutedTask, lr: float, batch: int = 128) -> None:
+def pretrain(model: nn.Module, task: DigitTask, lr: float, batch: int = 128) -> None:
     """One pass of plain SGD over ``task``: the base a phone would ship with."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
@@ -101,15 +101,19 @@ def run_method(
     train_per_task: int | None = None,
     test_per_task: int = 10000,
     on_task: Callable[[int], None] | None = None,
+    stream: str = "pmnist",
 ) -> dict[str, Any]:
     """Train ``method`` through the task stream of ``seed``; return its accuracy matrix and costs.
+
+    ``stream`` names the digits' stream (:func:`edge_sleep.bench.datasets.digit_stream`): P-MNIST,
+    the protocol's, by default; ``"rotated"`` and ``"split"`` for ``benchmarks/defaults.py``.
 
     Costs: ``day_s`` is the time inside ``learn`` (the wake steps), ``night_s`` the time of the
     work at each task end (a night, or online EWC's Fisher), ``replayed`` the stored records
     replayed while awake, ``replay_steps`` the gradient steps whose loss includes stored records.
     """
-    n_train = train_per_task or (50000 if split == "validation" else 60000)
-    tasks = permuted_mnist(n_tasks, seed, split=split, train_per_task=n_train, test_per_task=test_per_task)
+    tasks = digit_stream(stream, n_tasks, seed, split=split, train_per_task=train_per_task,
+                         test_per_task=test_per_task)
     model = mlp(seed)
     if method.pretrain_lr > 0:
         pretrain(model, tasks[0], method.pretrain_lr, batch)
