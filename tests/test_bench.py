@@ -142,23 +142,33 @@ def test_a_result_is_dirty_for_changed_sources_but_not_for_what_benchmarks_write
 
 @pytest.mark.slow
 def test_the_committed_smoke_result_is_reproduced_exactly() -> None:
-    """Issue 22, item 6: a change to the numerics fails here until `python benchmarks/pmnist.py --smoke` is rerun."""
+    """Issue 22, item 6: a change to the numerics fails here until `python benchmarks/pmnist.py --smoke` is rerun.
+
+    Exactly on a CPU like the one that wrote the file; on another (other vector kernels, other
+    rounding) every accuracy within ``SMOKE_TOLERANCE``."""
     import torch
 
-    from edge_sleep.bench.pmnist import SMOKE, run_method, smoke_kwargs
+    from edge_sleep.bench.pmnist import SMOKE, SMOKE_TOLERANCE, run_method, smoke_kwargs
+    from edge_sleep.bench.provenance import machine
 
     committed = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/pmnist_smoke.json").read_text())
     assert committed["smoke"] and committed["commit"] and len(committed["sources_sha256"]) == 64
     assert {(r["method"], r["seed"]) for r in committed["runs"]} == {(m, s) for m in SMOKE["methods"] for s in SMOKE["seeds"]}
+    exact = committed["machine"] == machine()
     methods = {m.name: m for m in default_methods(TUNED)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the benchmark's worker runs it
     try:
         for run in committed["runs"]:
-            again = run_method(methods[run["method"]], run["seed"], **smoke_kwargs())
-            assert np.array_equal(np.array(again["acc"]), np.array(run["acc"]), equal_nan=True), (
-                f"{run['method']} seed {run['seed']}: the numerics changed since {committed['commit'][:8]}; if on "
-                "purpose, rerun python benchmarks/pmnist.py --smoke (and the full benchmark) and commit the results")
+            again = np.array(run_method(methods[run["method"]], run["seed"], **smoke_kwargs())["acc"])
+            want = np.array(run["acc"])
+            same = (np.array_equal(again, want, equal_nan=True) if exact
+                    else np.allclose(again, want, rtol=0.0, atol=SMOKE_TOLERANCE, equal_nan=True))
+            assert same, (
+                f"{run['method']} seed {run['seed']}: the numerics changed since {committed['commit'][:8]} "
+                f"({'exactly, on the same CPU' if exact else f'by more than {SMOKE_TOLERANCE}, on another CPU'}: "
+                f"largest difference {np.nanmax(np.abs(again - want)):.4f}); if on purpose, rerun "
+                "python benchmarks/pmnist.py --smoke (and the full benchmark) and commit the results")
     finally:
         torch.set_num_threads(threads)
 

@@ -30,13 +30,13 @@ from torch import nn
 from edge_sleep.bench.datasets import DigitTask, digit_stream
 from edge_sleep.bench.metrics import (average_accuracy, backward_transfer, forgetting, paired_differences,
                                      plasticity, sample_std)
-from edge_sleep.bench.provenance import provenance
+from edge_sleep.bench.provenance import machine, provenance
 from edge_sleep.bench.strategies import Method, default_methods, ewc_consolidate, store_fisher_consolidate
 from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.sleep import mask_sparsity
 
-__all__ = ["SMOKE", "TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "smoke_kwargs", "main"]
+__all__ = ["SMOKE", "SMOKE_TOLERANCE", "TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "smoke_kwargs", "main"]
 
 # The winners of `python benchmarks/tune.py` (every method's budget, grid and validation scores
 # are in benchmarks/results/tune.json; a test checks that these agree with it). Tuning seed 100,
@@ -54,10 +54,13 @@ TUNED: dict[str, dict[str, float]] = {
 }
 
 
-# `--smoke`: a minute of the benchmark that a test reruns and must match exactly (any change to the
-# numerics fails it until benchmarks/results/pmnist_smoke.json is regenerated on purpose).
+# `--smoke`: a minute of the benchmark that a test reruns and must match exactly on a machine like
+# the one that wrote benchmarks/results/pmnist_smoke.json (any change to the numerics fails it until
+# the file is regenerated on purpose); on another CPU, whose kernels round differently, within
+# SMOKE_TOLERANCE of every accuracy.
 SMOKE: dict[str, Any] = {"tasks": 3, "seeds": [0], "train_per_task": 8192, "test_per_task": 1000,
                          "methods": ["naive", "derpp", "ssr", "ssr_adapters"]}
+SMOKE_TOLERANCE = 0.03  # measured: up to 0.006 between an AVX-512 host and the one before it
 
 
 def smoke_kwargs() -> dict[str, Any]:
@@ -383,7 +386,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "hyperparameters": TUNED, "total_wall_s": time.perf_counter() - t0, "methods": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload.update(provenance())  # the commit the numbers describe
-    if args.smoke:  # every run's accuracy matrix, what the test compares
+    if args.smoke:  # every run's accuracy matrix, what the test compares, and the CPU it ran on
+        payload["machine"] = machine()
         payload["runs"] = [{"method": r["method"], "seed": r["seed"], "acc": r["acc"]} for r in results]
     args.out.write_text(json.dumps(payload, indent=1))
     if not args.smoke:

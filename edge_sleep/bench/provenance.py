@@ -14,7 +14,7 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-__all__ = ["provenance", "sources_sha256"]
+__all__ = ["machine", "provenance", "sources_sha256"]
 
 _SOURCE_SUFFIXES = (".py", ".c", ".h", ".cpp", ".hpp", ".txt", ".cmake")
 
@@ -31,6 +31,28 @@ def sources_sha256(package: str | Path | None = None) -> str:
         name = path.relative_to(root).as_posix().encode()
         digest.update(len(name).to_bytes(8, "little") + name + len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
+
+
+def machine() -> dict[str, str]:
+    """What a float result depends on beyond the code: the CPU's model name, a hash of its feature
+    flags (AVX2, AVX-512, ...) and the kernels PyTorch picked for them. The same code on another
+    CPU runs other vectorised kernels (and MKL paths), whose rounding differs in the last bits,
+    and SGD carries such bits into accuracies that differ in the third decimal."""
+    import platform
+
+    import torch
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())  # the first CPU's
+    except OSError:  # not Linux: the name platform gives, no flags
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
+    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
 
 
 def provenance(root: str | Path | None = None) -> dict[str, str | bool | None]:
