@@ -49,8 +49,10 @@ def test_pmnist_writes_the_documented_json(tmp_path: Path) -> None:
     assert derpp["replay_steps"] == 2 * steps_per_task - 1  # the store is empty at step 1
     stored_before = [128, 256, 256]  # records in the store before steps 2..4 (capacity 500)
     assert derpp["day_replay_per_step"] == pytest.approx(sum(2 * min(128, n) for n in stored_before) / 4)
-    # night: SSR and its replay control run the same steps; methods without a night run none
-    assert methods["derpp_eq"]["night_steps"] == methods["ssr"]["night_steps"] == 2 * steps_per_task
+    # night: the replay control one step per wake step, as it was tuned; SSR at most its tuned 2
+    # (its probe may stop a night early); methods without a night run none
+    assert methods["derpp_eq"]["night_steps"] == 2 * steps_per_task
+    assert 0 < methods["ssr"]["night_steps"] <= TUNED["ssr"]["ratio"] * 2 * steps_per_task
     assert methods["derpp"]["night_steps"] == 0 and methods["derpp"]["night_ms"] == 0
     assert methods["derpp_ewc"]["night_ms"] > 0  # its task-end Fisher is night-time work
     assert methods["ssr_no_replay"]["night_ms"] > 0 and methods["ssr_no_replay"]["night_steps"] == 0
@@ -75,8 +77,8 @@ def test_tuning_never_sees_the_test_set_or_its_own_validation_images() -> None:
 def test_tuned_hyperparameters_are_the_winners_of_the_committed_tuning_run() -> None:
     tune = json.loads((RESULTS / "tune.json").read_text())
     assert tune["protocol"]["seed"] not in (0, 1, 2)  # not an evaluation seed
-    budgets = {name: b["grid"] for name, b in tune["budget"].items()}
-    assert set(budgets) == set(TUNED) and len(set(budgets.values())) == 1  # the same budget for all
+    budgets = {name: b["total"] for name, b in tune["budget"].items()}  # follow-ups counted inside
+    assert set(budgets) == set(TUNED) and set(budgets.values()) == {16}  # the same total budget for all
     for name, hp in TUNED.items():
         assert tune["best"][name]["hp"] == hp, name
         runs = [r["val_avg_acc"] for r in tune["runs"] if r["method"] == name]
@@ -86,8 +88,8 @@ def test_tuned_hyperparameters_are_the_winners_of_the_committed_tuning_run() -> 
 def test_every_row_of_the_benchmark_is_built_from_tuned_values() -> None:
     methods = {m.name: m for m in default_methods(TUNED)}
     names = list(methods)
-    assert names[:10] == ["naive", "ewc", "er", "derpp", "derpp_mammoth", "derpp_ewc", "derpp_eq", "ssr",
-                          "ssr_sleep_only", "ssr_adapters"]
+    assert names[:11] == ["naive", "ewc", "er", "derpp", "derpp_mammoth", "derpp_ewc", "derpp_storefisher",
+                          "derpp_eq", "ssr", "ssr_sleep_only", "ssr_adapters"]
     assert len(names) == len(set(names))
     peer = methods["derpp_mammoth"].wake  # the peer's published arguments, not ours
     assert (peer.lr, peer.replay_alpha, peer.replay_beta, peer.replay_batch) == (0.2, 1.0, 0.5, 128)
@@ -96,6 +98,14 @@ def test_every_row_of_the_benchmark_is_built_from_tuned_values() -> None:
     ssr, no_replay = methods["ssr"], methods["ssr_no_replay"]
     assert no_replay.sleep is None and no_replay.store_fisher and no_replay.wake == ssr.wake
     assert ssr.sleep is not None and no_replay.ewc_decay == ssr.sleep.anchor_decay
+    # the tuned night holds out a probe; its ablations take it away, one change each
+    assert ssr.sleep.probe_records > 0 and ssr.sleep.steps_per_wake_step == TUNED["ssr"]["ratio"]
+    assert methods["ssr_no_probe"].sleep == dataclasses.replace(ssr.sleep, probe_records=0)
+    assert methods["ssr_1to10"].sleep == dataclasses.replace(ssr.sleep, steps_per_wake_step=10.0)
+    assert methods["ssr_1to10_no_probe"].sleep == dataclasses.replace(ssr.sleep, steps_per_wake_step=10.0,
+                                                                      probe_records=0)
+    storefisher = methods["derpp_storefisher"]
+    assert storefisher.store_fisher and storefisher.sleep is None and storefisher.wake.anchor_lambda == 3.0
 
 
 def test_sources_sha256_names_the_sources_a_result_ran(tmp_path: Path) -> None:

@@ -340,3 +340,12 @@ def _flat_acc(m: dict[str, Any]) -> str:
     from edge_sleep.bench.metrics import sample_std
 
     return f"{m['avg_acc']:.3f} ± {sample_std(m['per_seed_avg_acc']):.3f}"
+
+
+def test_the_tuning_table_is_what_the_tuning_run_wrote() -> None:
+    tune = _result("tune")
+    text = _page("benchmarks.md")
+    for name, best in tune["best"].items():
+        hp = ", ".join(f"{k} {v:g}" for k, v in best["hp"].items())
+        assert f"| `{name}` | {best['val_avg_acc']:.4f} | {hp} |" in text, name
+    assert f"at {tune['commit'][:7]}, {len(tune['runs'])} runs" in _flat("benchmarks.md")

@@ -17,18 +17,19 @@ evaluation, so differences come from the method alone.
 - ``derpp_storefisher`` (control): tuned DER++ plus the anchor's Fisher measured on the replay
   store at each task end (the night's clean replay loss, CE + distillation) and no replay steps:
   what SSR's night adds to the anchor, without its replay.
-- ``derpp_eq`` (control): tuned DER++ plus buffer-only replay at each task end, as many steps as
-  SSR's night (no noise, no Fisher, no pruning), its learning rate and distillation weight tuned
-  like SSR's night: SSR's replay compute without its mechanisms.
+- ``derpp_eq`` (control): tuned DER++ plus buffer-only replay at each task end, one step per wake
+  step (no noise, no Fisher, no pruning), its learning rate and distillation weight tuned like
+  SSR's night: replay compute without SSR's mechanisms (SSR's tuned night may run up to two steps
+  per wake step, and its probe stops it early).
 - ``ssr``: Synaptic Sleep Replay on top of DER++'s tuned wake: the Fisher anchor, and a night of
   noisy replay (and the Fisher it measures) after each task.
 - ``ssr_sleep_only``: SSR with no replay while awake: the day costs what naive fine-tuning costs.
 - ``ssr_adapters``: the on-device default path: a base first trained on task 0, then LoRA
   adapters (rank 8) by day, merged and consolidated by night.
 - ``ssr_1to10``, ``ssr_no_noise``, ``ssr_no_anchor``, ``ssr_prune``, ``ssr_no_replay``, ``ssr_dreams``,
-  ``ssr_probe``: one change each to ``ssr`` (``ssr_no_replay``: the night's replay steps removed, its Fisher measured
-  on the store at each task end);
-  ``ssr_1to10_probe``: the 1:10 ratio with the probe (a night that knows when to stop).
+  ``ssr_no_probe``: one change each to ``ssr`` (``ssr_no_replay``: the night's replay steps removed, its Fisher measured
+  on the store at each task end; ``ssr_no_probe``: no probe records held out, so no early stop);
+  ``ssr_1to10_no_probe``: the 1:10 ratio without the probe (what a night that knows when to stop saves).
 
 Hyperparameters come as ``hp[method]``; the controls and SSR add their own to DER++'s tuned
 wake (``hp["derpp"]``), so each spends the same tuning budget on what it adds.
@@ -140,7 +141,7 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
 
     ``hp`` keys: ``naive {lr}``, ``ewc {lr, lam, decay}``, ``er {lr, beta}``, ``derpp {lr, alpha,
     beta}``, ``derpp_ewc {lam, decay}``, ``derpp_storefisher {lam, decay}``, ``derpp_eq {sleep_lr, sleep_distill}``, ``ssr {lam,
-    sleep_lr, sleep_distill}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
+    sleep_lr, sleep_distill, decay, ratio, probe}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
     ``ssr_adapters {lr, lam, sleep_lr, sleep_distill}``. A missing key leaves its rows out; the
     rows after ``derpp`` need it; ``derpp_mammoth`` comes with it and takes no hyperparameter.
     """
@@ -182,8 +183,8 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     if "derpp_eq" in hp:
         c = hp["derpp_eq"]
         methods.append(Method("derpp_eq", derpp_w, buffer_only_sleep(c["sleep_lr"], c["sleep_distill"]),
-                              notes="DER++ + buffer-only replay at each task end, as many steps as "
-                                    "SSR's night, its lr and distillation weight tuned"))
+                              notes="DER++ + buffer-only replay at each task end, one step per wake "
+                                    "step, its lr and distillation weight tuned"))
     if "ssr_sleep_only" in hp:
         c = hp["ssr_sleep_only"]
         methods.append(Method("ssr_sleep_only", wake(c["lr"], replay_batch=0, anchor_lambda=c["lam"]),
@@ -206,7 +207,7 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
                    Method("ssr", ssr_w, ssr_s, notes="DER++'s wake + Fisher anchor + a night after each task"))
     methods += [
         Method("ssr_1to10", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0),
-               notes="the seed paper's 1:10 wake:sleep ratio"),
+               notes="the seed paper's 1:10 wake:sleep ratio (with SSR's probe, which stops a night that stops helping)"),
         Method("ssr_no_noise", ssr_w, dataclasses.replace(ssr_s, noise_std=0.0),
                notes="no consolidation noise"),
         Method("ssr_no_anchor", dataclasses.replace(ssr_w, anchor_lambda=0.0), ssr_s,
@@ -218,9 +219,9 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
                      "with SSR's strength and decay"),
         Method("ssr_dreams", ssr_w, dataclasses.replace(ssr_s, dream_fraction=0.5),
                notes="half of each night's batch replaced by dreams: pairs of records blended (mixup)"),
-        Method("ssr_probe", ssr_w, dataclasses.replace(ssr_s, probe_records=50),
-               notes="50 records held out as a probe; replay stops when their loss stops improving"),
-        Method("ssr_1to10_probe", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0, probe_records=50),
-               notes="the 1:10 ratio with the probe: the night should stop before it hurts"),
+        Method("ssr_no_probe", ssr_w, dataclasses.replace(ssr_s, probe_records=0),
+               notes="no probe: the night replays its whole length, whatever the held-out loss does"),
+        Method("ssr_1to10_no_probe", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0, probe_records=0),
+               notes="the 1:10 ratio without the probe: what the probe saves a long night"),
     ]
     return methods
