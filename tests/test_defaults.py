@@ -56,7 +56,7 @@ def test_the_defaults_rows_are_untouched_and_the_benchmark_writes_its_json(tmp_p
     assert list(rows) == ["naive", "ssr", "defaults_full", "defaults"]
     assert rows["defaults"].wake == WakeConfig() and rows["defaults"].sleep == SleepConfig()
     assert rows["defaults_full"].wake == WakeConfig(train="all") and rows["defaults_full"].sleep == SleepConfig()
-    assert len({m.pretrain_lr for m in rows.values()}) == 1  # one base for every row
+    assert {(m.pretrain_lr, m.pretrain_passes) for m in rows.values()} == {(0.1, 3)}  # one base for every row
 
     out = tmp_path / "defaults.json"
     payload = defaults.main(["--tasks", "2", "--train-per-task", "256", "--seeds", "0", "1", "--workers", "1",

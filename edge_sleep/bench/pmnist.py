@@ -120,7 +120,7 @@ def run_method(
     tasks = digit_stream(stream, n_tasks, seed, split=split, train_per_task=train_per_task,
                          test_per_task=test_per_task)
     model = mlp(seed)
-    if method.pretrain_lr > 0:
+    for _ in range(method.pretrain_passes if method.pretrain_lr > 0 else 0):
         pretrain(model, tasks[0], method.pretrain_lr, batch)
     acc = np.full((n_tasks, n_tasks), np.nan)
     replay_steps = wake_steps = replayed = night_steps = skipped = 0

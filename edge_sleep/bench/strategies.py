@@ -70,8 +70,9 @@ class Method:
         ewc_decay: online EWC's ``gamma`` (also the store Fisher's, with ``store_fisher``).
         store_fisher: at each task end, fold the Fisher measured on the replay store into the
             anchor (decay ``ewc_decay``) with no replay step (:func:`store_fisher_consolidate`).
-        pretrain_lr: ``> 0``: first train the base on task 0 (one pass, plain SGD at this rate),
-            as a model shipped pretrained to a phone; then run the whole stream.
+        pretrain_lr: ``> 0``: first train the base on task 0 (plain SGD at this rate), as a
+            model shipped pretrained to a phone; then run the whole stream.
+        pretrain_passes: passes over task 0 for that base.
         notes: what the row isolates.
     """
 
@@ -82,6 +83,7 @@ class Method:
     ewc_decay: float = 1.0
     store_fisher: bool = False
     pretrain_lr: float = 0.0
+    pretrain_passes: int = 1
     notes: str = ""
 
 
