@@ -54,7 +54,9 @@ def test_pruned_weights_stay_zero_in_the_effective_weights(tmp_path: Path, train
 def trained(tmp_path: Path, name: str, train: str = "all", **sleep_kw: object) -> EdgeSleep:
     torch.manual_seed(1)
     cfg = SleepConfig(**{"min_steps": 0, "check_every": 10, "fisher_steps": 40, **sleep_kw})  # type: ignore[arg-type]
-    es = EdgeSleep(small_mlp(), store=tmp_path / f"{name}.db", wake=WakeConfig(train=train), sleep=cfg, seed=3)
+    # the day these fixtures were built on (lr 0.1, anchor 10), not whatever the defaults become
+    es = EdgeSleep(small_mlp(), store=tmp_path / f"{name}.db",
+                   wake=WakeConfig(train=train, lr=0.1, anchor_lambda=10.0), sleep=cfg, seed=3)
     feed(es, 100, seed=2)
     return es
 

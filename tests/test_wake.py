@@ -84,8 +84,11 @@ def test_a_step_whose_weights_overflow_is_undone() -> None:
 
 
 def test_learn_undoes_a_diverging_step_stores_nothing_and_warns(tmp_path: Path) -> None:
-    es = EdgeSleep(small_mlp(), store=tmp_path / "r.db", wake=WakeConfig(train="all"))
-    es.learn(torch.randn(8, 8), torch.randint(0, 3, (8,)))
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)  # so a finite input of 1e38 overflows the first layer, whatever the rest
+    es = EdgeSleep(model, store=tmp_path / "r.db", wake=WakeConfig(train="all"))
+    es.learn(torch.rand(8, 8), torch.randint(0, 3, (8,)))
     before = {k: v.clone() for k, v in es.model.state_dict().items()}
     n, steps = len(es.store), es.wake_steps_since_sleep
     with pytest.warns(RuntimeWarning, match="undid a wake step: non-finite"):

@@ -255,7 +255,8 @@ def simulate(
 
     work = Path(tempfile.mkdtemp(prefix="work-", dir=out))
     ckpt = work / "ckpt"
-    wake_cfg = WakeConfig(train="adapters", lora_rank=8, lr=0.1, replay_batch=0)
+    # the day simulate.json was made with (anchor 10.0; WakeConfig's default is now the tuned 3.0)
+    wake_cfg = WakeConfig(train="adapters", lora_rank=8, lr=0.1, replay_batch=0, anchor_lambda=10.0)
     sleep_cfg = SleepConfig(memory_budget_mb=profile.memory_budget_mb, check_every=5)  # wake promptly
     es = EdgeSleep(model, store=work / "replay.db", store_config=StoreConfig(capacity_records=config.buffer_records),
                    wake=wake_cfg, sleep=sleep_cfg, seed=config.seed)
