@@ -18,7 +18,9 @@ learning rate of 0.1 (a model shipped pretrained to a phone, as in
 - ``defaults_full``: ``WakeConfig(train="all")`` and ``SleepConfig()``, nothing else set (item 4:
   the untouched defaults should be within 1 point of ``ssr``);
 - ``defaults``: ``WakeConfig()`` and ``SleepConfig()`` untouched: LoRA adapters by day, merged
-  and consolidated by night, the on-device default path (item 5: within 3 points of ``ssr``).
+  and consolidated by night, the on-device default path (item 5: within 3 points of ``ssr``);
+- ``defaults_full_before``, ``defaults_before``: the same two with the wake defaults edge-sleep
+  shipped before they became the tuned values (lr 0.1, anchor 10.0; now 0.4 and 3.0).
 
 Writes benchmarks/results/defaults.json (and .png): per stream and row the mean average
 accuracy over seeds with its sample standard deviation, forgetting, backward transfer and the
@@ -43,11 +45,12 @@ from edge_sleep.bench.strategies import Method, default_methods
 
 STREAM_TASKS = {"rotated": 10, "split": 5}
 BASE_LR, BASE_PASSES = 0.1, 3  # the base: three passes of plain SGD over the first task
+BEFORE = {"lr": 0.1, "anchor_lambda": 10.0}  # WakeConfig's defaults until the retune set them to its winners
 TARGETS = {"defaults_full": 0.01, "defaults": 0.03}  # largest shortfall against ssr, in accuracy
 
 
 def methods() -> list[Method]:
-    """The four rows, each on the same base (``pretrain_lr``, ``pretrain_passes``)."""
+    """The rows, each on the same base (``pretrain_lr``, ``pretrain_passes``)."""
     tuned = {m.name: m for m in default_methods(TUNED)}
 
     def on_base(m: Method) -> Method:
@@ -57,7 +60,11 @@ def methods() -> list[Method]:
             on_base(Method("defaults_full", WakeConfig(train="all"), SleepConfig(),
                            notes='WakeConfig(train="all") and SleepConfig(), nothing else set')),
             on_base(Method("defaults", WakeConfig(), SleepConfig(),
-                           notes="WakeConfig() and SleepConfig() untouched: adapters by day, nights that merge"))]
+                           notes="WakeConfig() and SleepConfig() untouched: adapters by day, nights that merge")),
+            on_base(Method("defaults_full_before", WakeConfig(train="all", **BEFORE), SleepConfig(),
+                           notes="defaults_full with the wake defaults shipped before the retune")),
+            on_base(Method("defaults_before", WakeConfig(**BEFORE), SleepConfig(),
+                           notes="defaults with the wake defaults shipped before the retune"))]
 
 
 def compare(rows: dict[str, Any]) -> dict[str, Any]:
@@ -79,13 +86,13 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     streams = payload["streams"]
-    fig, axes = plt.subplots(1, len(streams), figsize=(6 * len(streams), 4), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(1, len(streams), figsize=(8 * len(streams), 4.5), layout="constrained", squeeze=False)
     for ax, (name, s) in zip(axes[0], streams.items()):
         rows = s["rows"]
         labels = list(rows)
         means = [rows[r]["avg_acc"] for r in labels]
         ax.bar(labels, means, yerr=[rows[r]["avg_acc_std"] for r in labels], capsize=4,
-               color=["tab:gray", "tab:blue", "tab:orange", "tab:green"][: len(labels)])
+               color=["tab:gray", "tab:blue", "tab:orange", "tab:green", "navajowhite", "palegreen"][: len(labels)])
         if "ssr" in rows:
             for allowed, style in ((0.01, "--"), (0.03, ":")):
                 ax.axhline(rows["ssr"]["avg_acc"] - allowed, ls=style, color="k", lw=0.8,
@@ -94,6 +101,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         ax.set_ylim(max(0.0, min(means) - 0.1), 1.0)
         ax.set_title(f"{name}: {s['description']}", fontsize=9)
         ax.set_ylabel("final average accuracy")
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)

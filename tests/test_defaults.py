@@ -53,7 +53,8 @@ def test_digit_stream_names_each_stream_and_refuses_a_validation_split_it_lacks(
 def test_the_defaults_rows_are_untouched_and_the_benchmark_writes_its_json(tmp_path: Path) -> None:
     defaults = _defaults_module()
     rows = {m.name: m for m in defaults.methods()}
-    assert list(rows) == ["naive", "ssr", "defaults_full", "defaults"]
+    assert list(rows) == ["naive", "ssr", "defaults_full", "defaults", "defaults_full_before", "defaults_before"]
+    assert rows["defaults_before"].wake == WakeConfig(lr=0.1, anchor_lambda=10.0)
     assert rows["defaults"].wake == WakeConfig() and rows["defaults"].sleep == SleepConfig()
     assert rows["defaults_full"].wake == WakeConfig(train="all") and rows["defaults_full"].sleep == SleepConfig()
     assert {(m.pretrain_lr, m.pretrain_passes) for m in rows.values()} == {(0.1, 3)}  # one base for every row
