@@ -67,6 +67,8 @@ def test_the_defaults_rows_are_untouched_and_the_benchmark_writes_its_json(tmp_p
     assert set(data["streams"]) == {"rotated", "split"} and data["seeds"] == [0, 1] and "commit" in data
     for stream in data["streams"].values():
         assert list(stream["rows"]) == list(rows) and stream["tasks"] == 2
+        assert set(stream["vs_ssr"]) == set(rows) - {"ssr"}
+        assert "within_target" not in stream["vs_ssr"]["naive"]
         for name, target in (("defaults_full", 0.01), ("defaults", 0.03)):
             c = stream["vs_ssr"][name]
             per_seed = [a - b for a, b in zip(stream["rows"][name]["per_seed_avg_acc"],

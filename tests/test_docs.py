@@ -265,12 +265,14 @@ def test_pmnist_sentences_are_what_the_benchmark_wrote() -> None:
 
 def test_adapters_stability_figures_are_what_the_benchmark_wrote() -> None:
     summary = _result("adapters_stability")["summary"]
-    before, now = summary["before: lr 0.1, no clipping"], summary["default: lr 0.1, clipping at 1.0"]
+    before, clipped = summary["before: lr 0.1, no clipping"], summary["clipping: lr 0.1, clipping at 1.0"]
+    now = summary["default: lr 0.4, anchor 3.0, clipping at 1.0"]
     text = _flat("benchmarks.md")
     assert (f"{before['collapsed_runs']} of {before['runs']} runs collapsed to chance, final average accuracy "
             f"{before['final_avg_acc_mean']:.3f} ± {before['final_avg_acc_std']:.3f}") in text
-    assert now["collapsed_runs"] == 0
-    assert f"none collapsed: {now['final_avg_acc_mean']:.3f} ± {now['final_avg_acc_std']:.3f}" in text
+    assert clipped["collapsed_runs"] == now["collapsed_runs"] == 0
+    assert f"none collapsed: {clipped['final_avg_acc_mean']:.3f} ± {clipped['final_avg_acc_std']:.3f}" in text
+    assert f"none collapsed either: {now['final_avg_acc_mean']:.3f} ± {now['final_avg_acc_std']:.3f}" in text
 
 
 def test_every_results_file_records_the_commit_it_was_made_at() -> None:
