@@ -45,7 +45,7 @@ from edge_sleep.bench.strategies import Method, default_methods
 
 STREAM_TASKS = {"rotated": 10, "split": 5}
 BASE_LR, BASE_PASSES = 0.1, 3  # the base: three passes of plain SGD over the first task
-BEFORE = {"lr": 0.1, "anchor_lambda": 10.0}  # WakeConfig's defaults until the retune set them to its winners
+BEFORE_LR, BEFORE_ANCHOR = 0.1, 10.0  # WakeConfig's defaults until the retune set them to its winners
 TARGETS = {"defaults_full": 0.01, "defaults": 0.03}  # largest shortfall against ssr, in accuracy
 
 
@@ -61,9 +61,9 @@ def methods() -> list[Method]:
                            notes='WakeConfig(train="all") and SleepConfig(), nothing else set')),
             on_base(Method("defaults", WakeConfig(), SleepConfig(),
                            notes="WakeConfig() and SleepConfig() untouched: adapters by day, nights that merge")),
-            on_base(Method("defaults_full_before", WakeConfig(train="all", **BEFORE), SleepConfig(),
+            on_base(Method("defaults_full_before", WakeConfig(train="all", lr=BEFORE_LR, anchor_lambda=BEFORE_ANCHOR), SleepConfig(),
                            notes="defaults_full with the wake defaults shipped before the retune")),
-            on_base(Method("defaults_before", WakeConfig(**BEFORE), SleepConfig(),
+            on_base(Method("defaults_before", WakeConfig(lr=BEFORE_LR, anchor_lambda=BEFORE_ANCHOR), SleepConfig(),
                            notes="defaults with the wake defaults shipped before the retune"))]
 
 
