@@ -351,3 +351,19 @@ def test_the_tuning_table_is_what_the_tuning_run_wrote() -> None:
         hp = ", ".join(f"{k} {v:g}" for k, v in best["hp"].items())
         assert f"| `{name}` | {best['val_avg_acc']:.4f} | {hp} |" in text, name
     assert f"at {tune['commit'][:7]}, {len(tune['runs'])} runs" in _flat("benchmarks.md")
+
+
+def test_the_defaults_table_is_what_the_benchmark_wrote() -> None:
+    result = _result("defaults")
+    text = _page("benchmarks.md")
+    assert f"`benchmarks/results/defaults.json`, written at {result['commit'][:7]}" in _flat("benchmarks.md")
+    for stream, s in result["streams"].items():
+        for name, r in s["rows"].items():
+            c = s["vs_ssr"].get(name)
+            vs = "" if c is None else f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f}"
+            assert (f"(`{name}`) | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {r['forgetting']:.3f} | "
+                    f"{r['diag']:.3f} | {vs} |") in text, (stream, name)
+    rotated, split = result["streams"]["rotated"]["vs_ssr"], result["streams"]["split"]["vs_ssr"]
+    assert rotated["defaults_full"]["within_target"] and split["defaults_full"]["within_target"]
+    assert rotated["defaults"]["within_target"] and not split["defaults"]["within_target"]
+    assert "within 1 point of the tuned SSR row on both streams: met" in _flat("benchmarks.md")

@@ -151,3 +151,15 @@ def _pretty(profile: str) -> str:
 
 def _count(n: int) -> str:
     return ["no", "one", "two", "three", "four", "five"][n]
+
+
+def test_the_defaults_headline_is_what_the_benchmark_wrote() -> None:
+    streams = _result("defaults")["streams"]
+
+    def pts(stream: str, row: str) -> str:
+        c = streams[stream]["vs_ssr"][row]
+        return f"{100 * c['mean']:+.1f} ± {100 * c['std']:.1f}"
+
+    assert (f"`WakeConfig(train=\"all\")`: {pts('rotated', 'defaults_full')} and {pts('split', 'defaults_full')} "
+            f"points (target: within 1; met); the adapters path, `WakeConfig()`: {pts('rotated', 'defaults')} on "
+            f"rotated (target: within 3; met) and {pts('split', 'defaults')} on split") in _text()
