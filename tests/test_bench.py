@@ -14,6 +14,7 @@ import pytest
 from edge_sleep.bench.datasets import VALIDATION_SIZE, load_mnist, permuted_mnist
 from edge_sleep.bench.pmnist import TUNED, main
 from edge_sleep.bench.strategies import Method, default_methods
+from tests.conftest import benchmark_module
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
@@ -183,18 +184,8 @@ def test_the_committed_smoke_result_is_reproduced_exactly() -> None:
         torch.set_num_threads(threads)
 
 
-def _tune_module():  # type: ignore[no-untyped-def]
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tune", Path(__file__).resolve().parents[1] / "benchmarks/tune.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_follow_ups_go_beyond_edges_first_then_step_then_halve_the_gaps() -> None:
-    tune = _tune_module()
+    tune = benchmark_module("tune")
     grid = {"lr": [0.1, 0.2, 0.4], "decay": [0.7, 0.9], "ratio": [1.0]}
     tried = tune.configs(grid)
     winner = {"lr": 0.2, "decay": 0.9, "ratio": 1.0}
@@ -213,7 +204,7 @@ def test_follow_ups_go_beyond_edges_first_then_step_then_halve_the_gaps() -> Non
 
 @pytest.mark.slow
 def test_tuning_gives_every_row_the_same_total_budget(tmp_path: Path) -> None:
-    tune = _tune_module()
+    tune = benchmark_module("tune")
     out = tmp_path / "tune.json"
     payload = tune.main(["--tasks", "2", "--train-per-task", "256", "--budget", "3", "--workers", "1",
                          "--out", str(out)])

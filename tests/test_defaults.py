@@ -3,24 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from edge_sleep import SleepConfig, WakeConfig
 from edge_sleep.bench.datasets import digit_stream, load_mnist, split_mnist
-
-
-def _defaults_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("defaults", Path(__file__).resolve().parents[1] / "benchmarks/defaults.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import benchmark_module
 
 
 def test_split_mnist_is_class_incremental_with_disjoint_digits() -> None:
@@ -51,7 +42,7 @@ def test_digit_stream_names_each_stream_and_refuses_a_validation_split_it_lacks(
 
 
 def test_the_defaults_rows_are_untouched_and_the_benchmark_writes_its_json(tmp_path: Path) -> None:
-    defaults = _defaults_module()
+    defaults = benchmark_module("defaults")
     rows = {m.name: m for m in defaults.methods()}
     assert list(rows) == ["naive", "ssr", "defaults_full", "defaults", "defaults_full_before", "defaults_before"]
     assert rows["defaults_before"].wake == WakeConfig(lr=0.1, anchor_lambda=10.0)

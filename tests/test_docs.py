@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import run_first_python_block
+from tests.conftest import benchmark_module, run_first_python_block
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -30,11 +29,7 @@ def _flat(name: str) -> str:
 
 def _benchmark(name: str) -> tuple[Any, dict[str, Any]]:
     """``benchmarks/<name>.py`` as a module, and what it wrote to ``benchmarks/results/<name>.json``."""
-    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench, _result(name)
+    return benchmark_module(name), _result(name)
 
 
 def _result(name: str) -> dict[str, Any]:
