@@ -108,18 +108,19 @@ class EdgeSleep:
             raise ConfigError("EdgeSleep", [f"privacy is a {type(privacy).__name__}; expected a PrivacyConfig or None"])
         if engine not in ("torch", "executorch"):
             raise ConfigError("EdgeSleep", [f"engine={engine!r}; expected 'torch' or 'executorch'"])
+        wake, sleep = wake or WakeConfig(), sleep or SleepConfig()
         cap = None if store_config is None else store_config.capacity_records
         if privacy is not None and privacy.epsilon is not None and cap is not None and privacy.delta * cap >= 1:
             raise ConfigError("EdgeSleep", [delta_problem(privacy.delta, cap)])
         if engine == "executorch":
             problems = []
-            if (wake or WakeConfig()).train != "adapters":
+            if wake.train != "adapters":
                 problems.append("engine='executorch' trains LoRA adapters only; expected WakeConfig(train='adapters')")
             if store_config is not None and store_config.latent_layer is not None:
                 problems.append("engine='executorch' stores inputs; expected StoreConfig(latent_layer=None)")
             if problems:
                 raise ConfigError("EdgeSleep", problems)
-        if (sleep or SleepConfig()).consolidate == "adapted" and (wake or WakeConfig()).train != "adapters":
+        if sleep.consolidate == "adapted" and wake.train != "adapters":
             raise ConfigError("EdgeSleep", ["SleepConfig(consolidate='adapted') consolidates the layers that carry "
                                             "adapters, and WakeConfig(train='all') attaches none; expected "
                                             "WakeConfig(train='adapters'). Fix: that, or consolidate='all'"])
@@ -131,7 +132,7 @@ class EdgeSleep:
         from_peft = bool(peft_lora_layers(model))
         if from_peft:  # a model with PEFT's LoRA keeps its adapters (checked before anything changes)
             problems = peft_problems(model)
-            if (wake or WakeConfig()).train != "adapters":
+            if wake.train != "adapters":
                 problems.append("the model has PEFT LoRA adapters and WakeConfig(train='all') would train its base "
                                 "too; expected WakeConfig(train='adapters'). Fix: that, or hand over "
                                 "model.merge_and_unload()")
@@ -142,8 +143,7 @@ class EdgeSleep:
         # noise from os.urandom, unless a seed asks for repeatable (not private) noise in tests
         self._privacy_generator = (None if self.privacy.noise_seed is None
                                    else torch.Generator().manual_seed(self.privacy.noise_seed))
-        self.wake_config = wake or WakeConfig()
-        self.sleep_config = sleep or SleepConfig()
+        self.wake_config, self.sleep_config = wake, sleep
         self.seed = seed
         store_config = store_config or (store.config if isinstance(store, ReplayStore) else StoreConfig())
         self.store_config = store_config
@@ -408,15 +408,10 @@ class EdgeSleep:
         stay in step: both or neither. Returns the store's slots, or ``None`` when nothing was offered.
         """
         where = None
-        if self.privacy.design == "stats":  # nothing of this batch is stored; its statistics wait for the night
-            try:
+        try:
+            if self.privacy.design == "stats":  # nothing of this batch is stored; its statistics wait for the night
                 self._stats_for(latent).add(latent, y, stream)
-            except BaseException:
-                if stepped:
-                    self._engine.undo_step(self)
-                raise
-        elif self.wake_steps_since_sleep % self.wake_config.store_every == 0:
-            try:
+            elif self.wake_steps_since_sleep % self.wake_config.store_every == 0:
                 record = None
                 if self.privacy.enabled:  # what is stored is private; its logits are post-processing
                     noised, y, record = privatize(latent, y, self.privacy, int(self.num_classes or 2),
@@ -424,17 +419,14 @@ class EdgeSleep:
                     if logits is not None and noised is not latent:
                         # of the noised latent, by the weights before this step: weights that had
                         # trained on the raw batch would carry it into the record (issue 20)
-                        if stepped:
-                            with self._engine.weights_before_step(self):
-                                logits = self.record_logits(noised)
-                        else:
+                        with self._engine.weights_before_step(self) if stepped else contextlib.nullcontext():
                             logits = self.record_logits(noised)
                     latent = noised
                 where = self.store.offer(latent, y, logits, stream=stream, privacy=record)
-            except BaseException:  # the store and the weights stay in step: both or neither
-                if stepped:
-                    self._engine.undo_step(self)
-                raise
+        except BaseException:  # the store and the weights stay in step: both or neither
+            if stepped:
+                self._engine.undo_step(self)
+            raise
         self.wake_steps_since_sleep += 1
         return where
 
