@@ -72,6 +72,10 @@ class Learner(Protocol):
         """``x`` checked against the inputs the runtime learned from (raises ``InputError``)."""
         ...
 
+    def anchor_penalty(self, lr: float | None = None) -> torch.Tensor:
+        """The anchor's penalty on the weights as they are (0 before the first night)."""
+        ...
+
 
 @runtime_checkable
 class Engine(Protocol):

@@ -12,7 +12,7 @@ from torch import nn
 
 from edge_sleep.engines.protocol import Learner, StepResult
 from edge_sleep.store import ReplayBatch
-from edge_sleep.wake import effective_weights, wake_step
+from edge_sleep.wake import wake_step
 
 __all__ = ["TorchEngine", "eval_logits"]
 
@@ -59,11 +59,7 @@ class TorchEngine:
     def step(self, learner: Learner, x: torch.Tensor, y: torch.Tensor, replay_logits: ReplayBatch | None,
              replay_labels: ReplayBatch | None) -> StepResult:
         cfg = learner.wake_config
-        anchor = learner.anchor
-        penalty_fn = None
-        if anchor and cfg.anchor_lambda > 0:
-            def penalty_fn() -> torch.Tensor:
-                return anchor.penalty(effective_weights(learner.model, list(anchor.fisher)), cfg.anchor_lambda, cfg.lr)
+        penalty_fn = learner.anchor_penalty if learner.anchor and cfg.anchor_lambda > 0 else None
         self._before = ([p.detach().clone() for p in self.params],
                         copy.deepcopy(self.optimizer.state_dict()) if self.optimizer.state else None)
         return wake_step(self.forward, self.replay_forward, self.optimizer, x, y,
