@@ -111,9 +111,14 @@ def ewc_consolidate(es: EdgeSleep, x: torch.Tensor, y: torch.Tensor, decay: floa
         return torch.nn.functional.cross_entropy(logits, yi)
 
     sums = fisher_sums(es.model, names, x.to(es.device), y.to(es.device), None, ce, chunk=256)
-    fisher = {n: s / x.shape[0] for n, s in sums.items()}
+    _fold_fisher(es, {n: s / x.shape[0] for n, s in sums.items()}, decay)
+
+
+def _fold_fisher(es: EdgeSleep, fisher: dict[str, torch.Tensor], decay: float) -> None:
+    """Fold a mean Fisher ``{base weight name: tensor}`` into the anchor with ``decay``; the
+    anchor's reference becomes the weights as they are."""
     es.anchor.decay = decay
-    es.anchor.update_(fisher, effective_weights(es.model, names))
+    es.anchor.update_(fisher, effective_weights(es.model, list(fisher)))
 
 
 def store_fisher_consolidate(es: EdgeSleep, decay: float, label_weight: float = 1.0,
@@ -133,9 +138,8 @@ def store_fisher_consolidate(es: EdgeSleep, decay: float, label_weight: float = 
         return replay_loss(logits_of(logits), yi, t, label_weight, distill_weight)
 
     sums = fisher_sums(head, names, batch.x, batch.y, batch.logits, loss, chunk=256)
-    fisher = {by_id[id(p)]: sums[n] / batch.y.shape[0] for n, p in head.named_parameters() if n in sums}
-    es.anchor.decay = decay
-    es.anchor.update_(fisher, effective_weights(es.model, list(fisher)))
+    _fold_fisher(es, {by_id[id(p)]: sums[n] / batch.y.shape[0] for n, p in head.named_parameters() if n in sums},
+                 decay)
 
 
 def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
