@@ -61,7 +61,8 @@ def methods() -> list[Method]:
                            notes='WakeConfig(train="all") and SleepConfig(), nothing else set')),
             on_base(Method("defaults", WakeConfig(), SleepConfig(),
                            notes="WakeConfig() and SleepConfig() untouched: adapters by day, nights that merge")),
-            on_base(Method("defaults_full_before", WakeConfig(train="all", lr=BEFORE_LR, anchor_lambda=BEFORE_ANCHOR), SleepConfig(),
+            on_base(Method("defaults_full_before",
+                           WakeConfig(train="all", lr=BEFORE_LR, anchor_lambda=BEFORE_ANCHOR), SleepConfig(),
                            notes="defaults_full with the wake defaults shipped before the retune")),
             on_base(Method("defaults_before", WakeConfig(lr=BEFORE_LR, anchor_lambda=BEFORE_ANCHOR), SleepConfig(),
                            notes="defaults with the wake defaults shipped before the retune"))]
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{stream:8s} {name:14s} {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f}  forgetting "
                   f"{r['forgetting']:.3f}  diag {r['diag']:.3f}")
         for name, c in ((n, c) for n, c in streams[stream]["vs_ssr"].items() if n in TARGETS):
-            print(f"{stream:8s} {name} - ssr: {c['mean']:+.3f} ± {c['std']:.3f} (allowed -{c['allowed_shortfall']:.2f}): "
+            print(f"{stream:8s} {name} - ssr: {c['mean']:+.3f} ± {c['std']:.3f} "
+                  f"(allowed -{c['allowed_shortfall']:.2f}): "
                   f"{'within' if c['within_target'] else 'MISSED'}")
     payload: dict[str, Any] = {"seeds": args.seeds, "buffer": 500, "batch": 128, "base_lr": BASE_LR,
                                "base_passes": BASE_PASSES,

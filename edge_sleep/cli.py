@@ -130,12 +130,10 @@ def run_demo(tasks: int = 5, train_per_task: int = 20000, test_per_task: int = 2
     stream = permuted_mnist(tasks, seed, train_per_task=train_per_task, test_per_task=test_per_task)
     sleep = SleepConfig(steps_per_wake_step=2.0)
     runs: dict[str, tuple[WakeConfig, SleepConfig | None, bool]] = {
-        # the day the demo's committed figures were made with (lr 0.1, anchor 10.0); WakeConfig's
-        # defaults are now the tuned 0.4 and 3.0 (benchmarks/defaults.py measures those)
-        "wake only (no sleep)": (WakeConfig(train="all", lr=0.1, replay_batch=0, anchor_lambda=10.0), None, False),
-        "wake + nightly sleep": (WakeConfig(train="all", lr=0.1, replay_batch=0, anchor_lambda=10.0), sleep, False),
+        "wake only (no sleep)": (WakeConfig(train="all", lr=0.1, replay_batch=0), None, False),
+        "wake + nightly sleep": (WakeConfig(train="all", lr=0.1, replay_batch=0), sleep, False),
         "adapters + nightly sleep (pretrained base)": (
-            WakeConfig(train="adapters", lora_rank=8, lr=0.1, replay_batch=0, anchor_lambda=10.0), sleep, True),
+            WakeConfig(train="adapters", lora_rank=8, lr=0.1, replay_batch=0), sleep, True),
     }
     steps_per_task = -(-train_per_task // 128)
     total = sum(steps_per_task * (int(p) + tasks * (1 + (0 if s is None else s.steps_per_wake_step)))

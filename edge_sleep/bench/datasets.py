@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DigitTask", "PermutedTask", "RotatedDomain", "STREAMS", "SplitTask", "VALIDATION_SIZE", "digit_stream", "load_mnist",
-           "permuted_mnist", "rotate_images", "rotated_mnist", "split_mnist"]
+__all__ = ["DigitTask", "PermutedTask", "RotatedDomain", "STREAMS", "SplitTask", "VALIDATION_SIZE", "digit_stream",
+           "load_mnist", "permuted_mnist", "rotate_images", "rotated_mnist", "split_mnist"]
 
 
 def _mnist_path() -> Path:

@@ -36,7 +36,8 @@ from edge_sleep.config import SleepConfig, StoreConfig
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.sleep import mask_sparsity
 
-__all__ = ["SMOKE", "SMOKE_TOLERANCE", "TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize", "smoke_kwargs", "main"]
+__all__ = ["SMOKE", "SMOKE_TOLERANCE", "TUNED", "mlp", "pretrain", "run_method", "evaluate", "summarize",
+           "smoke_kwargs", "main"]
 
 # The winners of `python benchmarks/tune.py` (every method's budget, grid and validation scores
 # are in benchmarks/results/tune.json; a test checks that these agree with it). Tuning seed 100,

@@ -146,8 +146,8 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
     """The benchmark's rows, from tuned hyperparameters ``hp[method]``.
 
     ``hp`` keys: ``naive {lr}``, ``ewc {lr, lam, decay}``, ``er {lr, beta}``, ``derpp {lr, alpha,
-    beta}``, ``derpp_ewc {lam, decay}``, ``derpp_storefisher {lam, decay}``, ``derpp_eq {sleep_lr, sleep_distill}``, ``ssr {lam,
-    sleep_lr, sleep_distill, decay, ratio, probe}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
+    beta}``, ``derpp_ewc {lam, decay}``, ``derpp_storefisher {lam, decay}``, ``derpp_eq {sleep_lr,
+    sleep_distill}``, ``ssr {lam, sleep_lr, sleep_distill, decay, ratio, probe}``, ``ssr_sleep_only {lr, lam, ratio, sleep_lr, sleep_distill}``,
     ``ssr_adapters {lr, lam, sleep_lr, sleep_distill}``. A missing key leaves its rows out; the
     rows after ``derpp`` need it; ``derpp_mammoth`` comes with it and takes no hyperparameter.
     """
@@ -213,7 +213,8 @@ def default_methods(hp: dict[str, dict[str, float]]) -> list[Method]:
                    Method("ssr", ssr_w, ssr_s, notes="DER++'s wake + Fisher anchor + a night after each task"))
     methods += [
         Method("ssr_1to10", ssr_w, dataclasses.replace(ssr_s, steps_per_wake_step=10.0),
-               notes="the seed paper's 1:10 wake:sleep ratio (with SSR's probe, which stops a night that stops helping)"),
+               notes="the seed paper's 1:10 wake:sleep ratio (with SSR's probe, which stops a night that "
+                     "stops helping)"),
         Method("ssr_no_noise", ssr_w, dataclasses.replace(ssr_s, noise_std=0.0),
                notes="no consolidation noise"),
         Method("ssr_no_anchor", dataclasses.replace(ssr_w, anchor_lambda=0.0), ssr_s,
