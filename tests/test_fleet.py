@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +78,90 @@ def test_a_fisher_that_is_negative_or_misshapen_is_refused() -> None:
         fisher_weighted_mean([a, b], [{"w": torch.ones(2)}, {"w": torch.ones(3)}], [1, 1])
     with pytest.raises(ValueError, match="1 Fishers for 2 updates"):
         fisher_weighted_mean([a, b], [{"w": torch.ones(3)}], [1, 1])
+
+
+# ----------------------------------------------------------------- the Flower apps, simulated
+def _fleet_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+
+_RULE = torch.Generator().manual_seed(123)
+_W = torch.randn(8, 3, generator=_RULE)  # one task the whole fleet shares; each node sees its own slice
+
+
+def _data(seed: int, n: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g) + shift
+    return x, (x @ _W).argmax(dim=1)
+
+
+def _day(es, node: int, server_round: int) -> int:  # type: ignore[no-untyped-def]
+    x, y = _data(1000 * node + server_round, 96, shift=0.5 * node)  # non-identical: each node's inputs shifted
+    for i in range(0, 96, 32):
+        es.learn(x[i:i + 32], y[i:i + 32], stream=f"node{node}")
+    return 96
+
+
+def _bad_day(es, node: int, server_round: int) -> int:  # type: ignore[no-untyped-def]
+    examples = _day(es, node, server_round)
+    if node == 3:  # a broken phone: its update will carry NaN
+        with torch.no_grad():
+            next(iter(es.base_parameters.values())).fill_(float("nan"))
+    return examples
+
+
+def _simulate(tmp_path, monkeypatch, day) -> tuple[dict[int, float], list]:  # type: ignore[no-untyped-def]
+    import os
+
+    from flwr.app import ArrayRecord, Context, MetricRecord
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from edge_sleep import EdgeSleep, SleepConfig, StoreConfig, WakeConfig
+    from edge_sleep.fleet.apps import CheckedFedAvg, ClientSetup, client_app, fleet_weights
+
+    root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))  # Ray's workers import tests.*
+    setup = ClientSetup(folder=tmp_path / "fleet", make_model=_fleet_model, day=day,
+                        wake=WakeConfig(train="all", lr=0.1), sleep=SleepConfig(min_steps=10, fisher_steps=10),
+                        store=StoreConfig(capacity_records=128))
+    start = EdgeSleep(_fleet_model(), store=tmp_path / "init.db", wake=setup.wake)
+    initial = ArrayRecord(fleet_weights(start))
+    start.store.close()
+    x_test, y_test = _data(99, 512, shift=0.75)
+    accuracy: dict[int, float] = {}
+    strategy = CheckedFedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=4, min_train_nodes=4)
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model = _fleet_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        with torch.no_grad():
+            accuracy[server_round] = float((model(x_test).argmax(1) == y_test).float().mean())
+        return MetricRecord({"accuracy": accuracy[server_round]})
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy.start(grid=grid, initial_arrays=initial, num_rounds=3, evaluate_fn=evaluate)
+
+    run_simulation(server_app=server, client_app=client_app(setup), num_supernodes=4,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
+    return accuracy, strategy.refused
+
+
+def test_a_fleet_of_four_learns_together_for_three_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accuracy, refused = _simulate(tmp_path, monkeypatch, _day)
+    assert refused == [] and sorted(accuracy) == [0, 1, 2, 3]  # round 0: the initial model
+    assert accuracy[3] > accuracy[0] + 0.2  # the fleet's model learned the shared task
+    for node in range(4):  # each node kept its own store and saved its runtime between rounds
+        assert (tmp_path / "fleet" / f"node-{node}" / "ckpt" / "state.pt").exists()
+        assert (tmp_path / "fleet" / f"node-{node}" / "replay.db").exists()
+
+
+def test_a_client_that_sends_nan_is_refused_and_the_round_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    accuracy, refused = _simulate(tmp_path, monkeypatch, _bad_day)
+    assert [r for r, _, _ in refused] == [1, 2, 3]  # node 3's update, every round
+    assert all("non-finite" in "; ".join(reasons) for _, _, reasons in refused)
+    assert all(math.isfinite(a) for a in accuracy.values()) and accuracy[3] > accuracy[0] + 0.2
