@@ -85,14 +85,15 @@ def adopt_fleet_weights_(es: EdgeSleep, weights: dict[str, torch.Tensor]) -> Non
         es.anchor.reference.update(effective_weights(es.model, list(es.anchor.reference)))
 
 
-def _open(setup: ClientSetup, node: int) -> EdgeSleep:
+def _open(setup: ClientSetup, node: int) -> tuple[EdgeSleep, Path]:
+    """Node ``node``'s runtime (its last save, or a fresh one) and the folder it saves to."""
     folder = setup.folder / f"node-{node}"
     ckpt = folder / "ckpt"
     if (ckpt / "state.pt").exists():
-        return EdgeSleep.load(ckpt, setup.make_model(), store=folder / "replay.db")
+        return EdgeSleep.load(ckpt, setup.make_model(), store=folder / "replay.db"), ckpt
     folder.mkdir(parents=True, exist_ok=True)
     return EdgeSleep(setup.make_model(), store=folder / "replay.db", store_config=setup.store, wake=setup.wake,
-                     sleep=setup.sleep, seed=setup.seed + node)
+                     sleep=setup.sleep, seed=setup.seed + node), ckpt
 
 
 def client_app(setup: ClientSetup) -> ClientApp:
@@ -105,12 +106,12 @@ def client_app(setup: ClientSetup) -> ClientApp:
         server_round = msg.content.config_records["config"]["server-round"]
         if not isinstance(server_round, int):
             raise ValueError(f"the round's config holds server-round={server_round!r}; expected an int")
-        es = _open(setup, node)
+        es, ckpt = _open(setup, node)
         try:
             adopt_fleet_weights_(es, msg.content.array_records["arrays"].to_torch_state_dict())
             examples = setup.day(es, node, server_round)
             report = es.sleep()
-            es.save(setup.folder / f"node-{node}" / "ckpt")
+            es.save(ckpt)
             content = RecordDict({"arrays": ArrayRecord(fleet_weights(es)),
                                   "metrics": MetricRecord({"num-examples": examples,
                                                            "night-steps": report.steps})})
