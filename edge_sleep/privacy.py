@@ -155,15 +155,18 @@ _RDP_ORDERS = [1.0 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + \
     [64.0 * 1.25 ** k for k in range(30)]  # Opacus' default orders, extended upward for large epsilons
 
 
-def rdp_noise_multiplier(epsilon: float, delta: float, *, tol: float = 1e-6) -> float:
+def rdp_noise_multiplier(epsilon: float, delta: float, *, releases: int = 1, tol: float = 1e-6) -> float:
     """The smallest noise multiplier ``z`` (noise over sensitivity) for which Opacus' RDP accountant
-    says one Gaussian release is ``(epsilon, delta)``-DP (bisection, relative precision ``tol``)."""
+    says ``releases`` Gaussian releases of one person's data (one by default) are together
+    ``(epsilon, delta)``-DP (bisection, relative precision ``tol``)."""
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
     _check(epsilon, delta, 1.0)
+    if isinstance(releases, bool) or not isinstance(releases, int) or releases < 1:
+        raise ValueError(f"releases={releases!r}; expected an int >= 1")
 
     def eps_of(z: float) -> float:
-        rdp = compute_rdp(q=1.0, noise_multiplier=z, steps=1, orders=_RDP_ORDERS)
+        rdp = compute_rdp(q=1.0, noise_multiplier=z, steps=releases, orders=_RDP_ORDERS)
         return float(get_privacy_spent(orders=_RDP_ORDERS, rdp=rdp, delta=delta)[0])
 
     lo, hi = 1e-3, 1.0

@@ -1,35 +1,53 @@
 """Flower's apps around an :class:`edge_sleep.EdgeSleep` runtime: each phone a ``ClientApp``,
-the fleet a ``ServerApp`` whose strategy refuses a malformed update and averages the rest.
+the fleet a ``ServerApp`` whose strategy (:class:`FleetStrategy`) refuses a malformed update and
+averages the rest.
 
 A round, on each client: open the node's runtime (its replay store and anchor stay on the node,
-between rounds), take the fleet's weights into it, learn a day from the node's own data, sleep,
-save, and send the base weights the night left (what a night trains and the anchor protects:
-:attr:`EdgeSleep.base_parameters`) with the number of examples learned. On the server,
-:class:`CheckedFedAvg` checks each update against the fleet's model
-(:func:`edge_sleep.fleet.aggregate.check_update`), logs and leaves out a bad one, and averages the
-rest by examples (Flower's FedAvg). No data leaves a node; only weights do.
+between rounds), take the fleet's weights into it, learn a day from the node's own data, sleep
+(unless ``ClientSetup.nights`` is off), save, and send what the round changed in the form the
+server's config asks for (:mod:`edge_sleep.fleet.payload`: full weights, their change, or the
+change at the adapters' size; int8 or not; clipped under differential privacy), with the number of
+examples learned. On the server, :class:`FleetStrategy` checks each reply (the model's fingerprint,
+the format version, the round, the payload, shapes and finite values), logs and leaves out a bad
+one, and averages the rest (Flower's FedAvg, or the Fisher-weighted mean). No data leaves a node;
+only weights do.
+
+:func:`fleet_strategy` builds the strategy, wrapped in Flower's
+``DifferentialPrivacyClientSideFixedClipping`` when a :class:`~edge_sleep.fleet.privacy.FleetPrivacy`
+is given.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
 from torch import nn
 
+from edge_sleep.adapters import lora_modules
 from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
-from edge_sleep.fleet.aggregate import check_update
+from edge_sleep.fleet.aggregate import check_update, fisher_weighted_mean
+from edge_sleep.fleet.payload import PAYLOADS, clip_, decode, encode, payload_bytes
+from edge_sleep.fleet.privacy import FleetPrivacy, spent
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.wake import effective_weights
 
-__all__ = ["CheckedFedAvg", "ClientSetup", "adopt_fleet_weights_", "client_app", "fleet_weights"]
+__all__ = ["FLEET_FORMAT_VERSION", "ClientSetup", "FleetStrategy", "adopt_fleet_weights_", "client_app",
+           "fleet_of", "fleet_strategy", "fleet_weights", "privacy_spent"]
+
+FLEET_FORMAT_VERSION = 1  # what a node's reply holds and how (bumped when that changes)
+_FISHER = "fisher/"  # the prefix of a node's anchor Fisher in its reply (merge="fisher")
+_CLIP_KEY = "clipping_norm"  # Flower's key for the clip its DP wrappers send the nodes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +65,7 @@ class ClientSetup:
             that round (``es.learn`` calls); return how many examples it learned.
         wake, sleep, store: the runtime's settings on every node.
         seed: the runtime's seed on node ``k`` is ``seed + k``.
+        nights: sleep after each day (``False``: the fleet without nights, the control).
     """
 
     folder: Path
@@ -56,21 +75,22 @@ class ClientSetup:
     sleep: SleepConfig = field(default_factory=SleepConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     seed: int = 0
+    nights: bool = True
 
 
 def fleet_weights(es: EdgeSleep) -> dict[str, torch.Tensor]:
-    """The weights a node sends: its base weights as they stand (after a night, the adapters are
-    merged into them)."""
-    return {n: p.detach().clone() for n, p in es.base_parameters.items()}
+    """The weights a node computes with, by the names of its base weights (adapters not yet
+    merged by a night are folded in): what the fleet averages."""
+    return {n: w.detach().clone() for n, w in effective_weights(es.model, list(es.base_parameters)).items()}
 
 
 @torch.no_grad()
 def adopt_fleet_weights_(es: EdgeSleep, weights: dict[str, torch.Tensor]) -> None:
     """Take the fleet's base weights into ``es``, keeping its store and its anchor's Fisher.
 
-    The anchor's reference moves to the new weights: the node then protects the fleet's model,
-    where its own data says it matters. Checked first (:func:`check_update`); nothing changes on
-    a refused update.
+    The node then computes the fleet's function: its adapters are emptied (``B = 0``). The
+    anchor's reference moves to the new weights: the node protects the fleet's model where its own
+    data says it matters. Checked first (:func:`check_update`); nothing changes on a refused update.
 
     Raises:
         ValueError: ``weights`` does not fit the runtime's base weights (the reasons named).
@@ -81,6 +101,8 @@ def adopt_fleet_weights_(es: EdgeSleep, weights: dict[str, torch.Tensor]) -> Non
         raise ValueError(f"the fleet's weights do not fit this runtime: {'; '.join(problems)}")
     for n, p in base.items():
         p.copy_(weights[n].to(device=p.device, dtype=p.dtype))
+    for module in lora_modules(es.model).values():
+        module.lora_b.zero_()
     if es.anchor:
         es.anchor.reference.update(effective_weights(es.model, list(es.anchor.reference)))
 
@@ -96,63 +118,254 @@ def _open(setup: ClientSetup, node: int) -> tuple[EdgeSleep, Path]:
                      sleep=setup.sleep, seed=setup.seed + node), ckpt
 
 
+def _round_config(config: ConfigRecord) -> dict[str, Any]:
+    """The round's orders from the server, checked (a node refuses orders it cannot follow)."""
+    want = {"server-round": int, "fingerprint": str, "format-version": int, "payload": str, "int8": bool,
+            "rank": int, "merge": str}
+    problems = [f"{k}={config.get(k)!r}; expected a {t.__name__}" for k, t in want.items()
+                if not isinstance(config.get(k), t)]
+    if problems:
+        raise ValueError(f"the round's config: {'; '.join(problems)}. Fix: serve the fleet with fleet_strategy()")
+    out: dict[str, Any] = {k: config[k] for k in want}
+    out["clip"] = config.get(_CLIP_KEY)
+    if config["format-version"] != FLEET_FORMAT_VERSION:
+        raise ValueError(f"the server speaks fleet format {config['format-version']!r}; this node speaks "
+                         f"{FLEET_FORMAT_VERSION}. Fix: the same edge-sleep version on server and nodes")
+    return out
+
+
 def client_app(setup: ClientSetup) -> ClientApp:
-    """A ``ClientApp`` whose train step is one day and one night of the node's runtime."""
+    """A ``ClientApp`` whose train step is one day (and one night) of the node's runtime."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         node = int(context.node_config["partition-id"])
-        server_round = msg.content.config_records["config"]["server-round"]
-        if not isinstance(server_round, int):
-            raise ValueError(f"the round's config holds server-round={server_round!r}; expected an int")
+        orders = _round_config(msg.content.config_records["config"])
         es, ckpt = _open(setup, node)
         try:
-            adopt_fleet_weights_(es, msg.content.array_records["arrays"].to_torch_state_dict())
-            examples = setup.day(es, node, server_round)
-            report = es.sleep()
+            if es.fingerprint != orders["fingerprint"]:
+                raise ValueError(f"the fleet's model has fingerprint {orders['fingerprint']}; this node's "
+                                 f"{es.fingerprint}. Fix: make_model must build the fleet's architecture")
+            fleet = msg.content.array_records["arrays"].to_torch_state_dict()
+            adopt_fleet_weights_(es, fleet)
+            examples = setup.day(es, node, orders["server-round"])
+            cpu = time.process_time()
+            night_steps = es.sleep().steps if setup.nights and es.wake_steps_since_sleep else 0
+            night_cpu = time.process_time() - cpu
             es.save(ckpt)
-            content = RecordDict({"arrays": ArrayRecord(fleet_weights(es)),
-                                  "metrics": MetricRecord({"num-examples": examples,
-                                                           "night-steps": report.steps})})
+            sent, norm = encode(fleet_weights(es), fleet, payload=orders["payload"], rank=orders["rank"],
+                                int8=orders["int8"], clip=orders["clip"])
+            if orders["merge"] == "fisher":
+                sent.update({_FISHER + n: f.detach().float().clone() for n, f in es.anchor.fisher.items()})
         finally:
             es.store.close()
-        return Message(content=content, reply_to=msg)
+        meta = ConfigRecord({"fingerprint": es.fingerprint, "format-version": FLEET_FORMAT_VERSION,
+                             "server-round": orders["server-round"], "payload": orders["payload"],
+                             "int8": orders["int8"]})
+        row = {"round": orders["server-round"], "num-examples": examples, "night-steps": night_steps,
+               "night_cpu_s": night_cpu, "update-norm": norm, "bytes": payload_bytes(sent)}
+        with (ckpt.parent / "usage.jsonl").open("a") as f:  # the node's own log of its rounds
+            f.write(json.dumps(row) + "\n")
+        metrics = MetricRecord({"num-examples": examples, "node": 1, "night-steps": night_steps,
+                                "update-norm": norm, "bytes": row["bytes"]})
+        return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics, "fleet": meta}),
+                       reply_to=msg)
 
     return app
 
 
-class CheckedFedAvg(FedAvg):
-    """Flower's FedAvg that first checks every update against the fleet's model of the round:
-    one with other tensors, other shapes or a non-finite value is logged (with its node and
-    reasons) and left out, and the round goes on with the rest. ``refused`` keeps
-    ``(round, node id, reasons)`` of every update left out."""
+class FleetStrategy(FedAvg):
+    """Flower's FedAvg for an edge-sleep fleet: it tells the nodes what to send, reads every reply
+    back into weights, refuses a malformed one and merges the rest.
 
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    A reply is refused (logged with its node and reasons, kept in ``refused`` as
+    ``(round, node id, reasons)``) when its model fingerprint, format version, round or payload
+    differ from the round's, or its tensors do not decode to the fleet's shapes, or a value is not
+    finite; the round goes on with the rest. Under differential privacy (``clip`` set) every
+    decoded change is clipped again on the server, so no node moves the mean by more than ``clip``
+    whatever it sends.
+
+    Args:
+        fingerprint: the fleet's model (:attr:`EdgeSleep.fingerprint` of its architecture).
+        payload: what a node sends (:mod:`edge_sleep.fleet.payload`): ``"weights"``, ``"delta"``
+            or ``"adapters"``.
+        rank: the factors' rank of ``payload="adapters"``.
+        int8: quantize what is sent to int8.
+        merge: ``"fedavg"`` (by examples, or equally per node under privacy) or ``"fisher"`` (each
+            weight by the nodes' anchor Fisher: :func:`~edge_sleep.fleet.aggregate.fisher_weighted_mean`;
+            the nodes then also send their Fisher, counted in the bytes).
+        clip: the norm each node's change is clipped to (set by :func:`fleet_strategy` under privacy).
+        min_merged: a round with fewer good updates releases nothing (the fleet's model stays).
+        **kwargs: Flower's FedAvg arguments (``fraction_train``, ``min_train_nodes``...).
+
+    Attributes:
+        refused: every reply left out.
+        merged: ``{round: [node id of each update merged]}``, for the rounds that released a model.
+        bytes_sent: ``{round: [bytes of each merged reply]}``.
+    """
+
+    def __init__(self, *, fingerprint: str, payload: str = "weights", rank: int = 8, int8: bool = False,
+                 merge: str = "fedavg", clip: float | None = None, min_merged: int = 1, **kwargs: Any) -> None:
+        problems = []
+        if isinstance(min_merged, bool) or not isinstance(min_merged, int) or min_merged < 1:
+            problems.append(f"min_merged={min_merged!r}; expected an int >= 1")
+        if payload not in PAYLOADS:
+            problems.append(f"payload={payload!r}; expected one of {list(PAYLOADS)}")
+        if merge not in ("fedavg", "fisher"):
+            problems.append(f"merge={merge!r}; expected 'fedavg' or 'fisher'")
+        if merge == "fisher" and clip is not None:
+            problems.append("merge='fisher' weighs each node by its own Fisher, so one node's share is not bounded "
+                            "by clip; expected merge='fedavg' under differential privacy")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            problems.append(f"rank={rank!r}; expected an int >= 1")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            problems.append(f"fingerprint={fingerprint!r}; expected the model's fingerprint (EdgeSleep.fingerprint)")
+        if problems:
+            raise ValueError("FleetStrategy: " + "; ".join(problems))
+        kwargs.setdefault("weighted_by_key", "node" if clip is not None else "num-examples")
+        super().__init__(**kwargs)
+        self.fingerprint, self.payload, self.rank, self.int8, self.merge, self.clip = (
+            fingerprint, payload, rank, int8, merge, clip)
+        self.min_merged = min_merged
         self._global: dict[str, torch.Tensor] = {}
         self.refused: list[tuple[int, int, list[str]]] = []
+        self.merged: dict[int, list[int]] = {}
+        self.bytes_sent: dict[int, list[int]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = arrays.to_torch_state_dict()
+        self._global = {n: t.float() for n, t in arrays.to_torch_state_dict().items()}
+        config.update({"fingerprint": self.fingerprint, "format-version": FLEET_FORMAT_VERSION,
+                       "payload": self.payload, "int8": self.int8, "rank": self.rank, "merge": self.merge})
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _read(self, server_round: int, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """A reply's weights and Fisher; ValueError with the reasons for a malformed one."""
+        content = reply.content
+        meta = content.config_records.get("fleet")
+        if meta is None:
+            raise ValueError("no 'fleet' record (model fingerprint, format version); expected edge-sleep's client_app")
+        want = {"fingerprint": self.fingerprint, "format-version": FLEET_FORMAT_VERSION, "server-round": server_round,
+                "payload": self.payload, "int8": self.int8}
+        wrong = [f"{k} {meta.get(k)!r}, expected {v!r}" for k, v in want.items() if meta.get(k) != v]
+        metrics = content.metric_records.get("metrics")
+        examples = None if metrics is None else metrics.get("num-examples")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+            wrong.append(f"num-examples {examples!r}, expected an int >= 0")
+        if metrics is None or metrics.get("node") != 1:
+            wrong.append(f"node {None if metrics is None else metrics.get('node')!r}, expected 1")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        sent = content.array_records["arrays"].to_torch_state_dict()
+        fisher = {k[len(_FISHER):]: sent.pop(k) for k in [k for k in sent if k.startswith(_FISHER)]}
+        weights = decode(sent, self._global, payload=self.payload, rank=self.rank, int8=self.int8)
+        problems = check_update(weights, self._global)
+        if self.merge == "fisher":
+            full = {n: fisher.get(n, torch.zeros_like(w)) for n, w in weights.items()}
+            extra = sorted(set(fisher) - set(weights))
+            problems += [f"Fisher of tensors the model does not have {extra}"] if extra else []
+            problems += [f"Fisher {p}" for p in check_update(full, self._global)]
+            problems += [f"Fisher of {n}: negative values" for n, f in full.items()
+                         if f.shape == self._global[n].shape and bool((f < 0).any())]
+            fisher = full
+        if problems:
+            raise ValueError("; ".join(problems))
+        return weights, fisher
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept = []
+        kept, nodes, updates, fishers, counts, sizes = [], [], [], [], [], []
         for reply in replies:
             if reply.has_error():
                 kept.append(reply)  # FedAvg logs and drops it
                 continue
             try:
-                problems = check_update(reply.content.array_records["arrays"].to_torch_state_dict(), self._global)
-            except Exception as exc:  # a reply without arrays, or arrays that do not convert
-                problems = [f"unreadable arrays: {exc}"]
-            if problems:
+                weights, fisher = self._read(server_round, reply)
+            except Exception as exc:  # a malformed reply: left out, never raised into the round
                 node = reply.metadata.src_node_id
-                log.warning("round %d: refused the update of node %d: %s", server_round, node, "; ".join(problems))
-                self.refused.append((server_round, node, problems))
+                reasons = [str(exc)]
+                log.warning("round %d: refused the update of node %d: %s", server_round, node, reasons[0])
+                self.refused.append((server_round, node, reasons))
+                continue
+            if self.clip is not None:
+                change = {n: weights[n] - self._global[n] for n in weights}
+                clip_(change, self.clip)
+                weights = {n: self._global[n] + change[n] for n in weights}
+            sizes.append(payload_bytes(reply.content.array_records["arrays"].to_torch_state_dict()))
+            reported = reply.content.metric_records["metrics"]
+            counts.append(float(reported["node" if self.clip is not None else "num-examples"]))  # type: ignore[arg-type]
+            reply.content = RecordDict({"arrays": ArrayRecord(weights), "metrics": reported})
+            kept.append(reply)
+            nodes.append(reply.metadata.src_node_id)
+            updates.append(weights)
+            fishers.append(fisher)
+        if len(updates) < self.min_merged:
+            log.warning("round %d: %d good updates, fewer than min_merged=%d; the fleet's model stays", server_round,
+                        len(updates), self.min_merged)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, kept)
+        if arrays is not None:
+            self.merged[server_round] = nodes
+            self.bytes_sent[server_round] = sizes
+            if self.merge == "fisher":
+                arrays = ArrayRecord(fisher_weighted_mean(updates, fishers, counts))
+        return arrays, metrics
+
+
+def fleet_strategy(*, fingerprint: str, privacy: FleetPrivacy | None = None, num_nodes: int | None = None,
+                   **kwargs: Any) -> Strategy:
+    """The fleet's strategy: a :class:`FleetStrategy`, and under ``privacy`` Flower's
+    ``DifferentialPrivacyClientSideFixedClipping`` around it (the nodes clip their change to
+    ``privacy.clip``, the server adds Gaussian noise of ``privacy.noise_multiplier * clip / n`` to
+    the mean of ``n = num_nodes`` changes). :func:`privacy_spent` reads what it has spent.
+
+    Raises:
+        ValueError: ``privacy`` without ``num_nodes`` (the nodes sampled each round), and what
+            :class:`FleetStrategy` refuses.
+    """
+    if privacy is None:
+        return FleetStrategy(fingerprint=fingerprint, **kwargs)
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ValueError(f"num_nodes={num_nodes!r} with privacy; expected the number of nodes each round samples "
+                         "(the noise is sized for their mean)")
+    inner = FleetStrategy(fingerprint=fingerprint, clip=float(privacy.clip), **kwargs)
+    return _FleetPrivacyWrapper(inner, privacy.noise_multiplier, float(privacy.clip), num_nodes)
+
+
+class _FleetPrivacyWrapper(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's wrapper, but a node that did not answer leaves the round going (Flower's skips the
+    whole round): the mean is then over fewer nodes, and :func:`privacy_spent` counts the round
+    with the noise multiplier that fewer nodes give."""
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        answered = []
+        for reply in replies:
+            if reply.has_error():
+                log.info("round %d: node %d did not answer: %s", server_round, reply.metadata.src_node_id,
+                         reply.error.reason)
             else:
-                kept.append(reply)
-        return super().aggregate_train(server_round, kept)
+                answered.append(reply)
+        return super().aggregate_train(server_round, answered)
+
+
+def privacy_spent(strategy: Strategy, delta: float) -> float | None:
+    """The epsilon at ``delta`` a node's data has spent in the rounds ``strategy`` released
+    (None for a strategy without privacy). A round merged from ``m`` of its ``n`` nodes counts
+    with noise multiplier ``z * m / n`` (:mod:`edge_sleep.fleet.privacy`)."""
+    if not isinstance(strategy, DifferentialPrivacyClientSideFixedClipping):
+        return None
+    inner = fleet_of(strategy)
+    z, n = strategy.noise_multiplier, strategy.num_sampled_clients
+    return spent([z * len(m) / n for m in inner.merged.values()], delta)
+
+
+def fleet_of(strategy: Strategy) -> FleetStrategy:
+    """The :class:`FleetStrategy` of a strategy :func:`fleet_strategy` made (itself, or the one
+    inside the privacy wrapper): its ``merged``, ``bytes_sent`` and ``refused``."""
+    inner = getattr(strategy, "strategy", strategy)
+    if not isinstance(inner, FleetStrategy):
+        raise ValueError(f"{type(strategy).__name__} around {type(inner).__name__}; expected a strategy made by "
+                         "fleet_strategy()")
+    return inner
