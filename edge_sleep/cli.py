@@ -315,6 +315,35 @@ def run_simulate(profile: str, days: int, out: Path, policy: str, seed: int, cal
     return 0
 
 
+def run_fleet_simulate(out: Path, **settings: Any) -> int:
+    """``edge-sleep fleet simulate``: a simulated fleet; prints the report, writes report.json and fleet.png."""
+    import json
+
+    from edge_sleep.errors import EdgeSleepError
+    from edge_sleep.simulate.profiles import load_profile
+
+    try:
+        from edge_sleep.fleet.simulate import FleetSimulation, format_report, plot_report, simulate_fleet
+
+        config = FleetSimulation(**settings)
+        load_profile(config.profile)
+        _check_out_folder(out, "--out")
+        if (out / "clients").exists():
+            raise ValueError(f"--out {str(out)!r} holds a fleet's clients/ already; expected a new folder. "
+                             "Fix: pass another --out, or remove that one")
+    except ImportError as e:
+        return _fail("fleet simulate", f"{_one_line(e)}; the fleet needs Flower. Fix: pip install "
+                                       "'edge-sleep[fleet]' 'flwr[simulation]'")
+    except (EdgeSleepError, ValueError) as e:
+        return _fail("fleet simulate", e)
+    report = simulate_fleet(config, out / "clients")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot_report(report, out / "fleet.png")
+    print(format_report(report))
+    print(f"wrote {out / 'report.json'}, {out / 'fleet.png'}")
+    return 0
+
+
 def run_watch(checkpoint: Path, model_spec: str, policy: str, poll_s: float, min_idle_s: float,
               polls: int | None, *, mains: bool = False, activity_file: Path | None = None,
               use_terminals: bool = False, max_cpu_load: float = 0.5) -> int:
@@ -489,6 +518,27 @@ def main(argv: list[str] | None = None) -> int:
                        help="also count terminal input as activity (a laptop someone types on)")
     watch.add_argument("--max-cpu-load", type=float, default=0.5,
                        help="wait while other processes keep more than this share of the cores busy (default 0.5)")
+    fleet = sub.add_parser("fleet", help="a fleet of phones learning together on Flower")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    fsim = fleet_sub.add_parser("simulate", help="simulate a fleet on Flower's simulation engine: each client its own "
+                                                 "Permuted-MNIST tasks, nights and rounds when its phone charges; "
+                                                 "writes report.json and fleet.png")
+    fsim.add_argument("--clients", type=int, default=4)
+    fsim.add_argument("--rounds", type=int, default=3)
+    fsim.add_argument("--profile", default="galaxy-s24", help="the device profile of every client")
+    fsim.add_argument("--tasks", type=int, default=20, help="Permuted-MNIST tasks in the pool")
+    fsim.add_argument("--tasks-per-client", type=int, default=3)
+    fsim.add_argument("--examples-per-day", type=int, default=1024)
+    fsim.add_argument("--mode", choices=["fleet", "alone"], default="fleet",
+                      help="alone: the same days and nights on each client, no rounds (the control)")
+    fsim.add_argument("--no-nights", action="store_true", help="the fleet without nights")
+    fsim.add_argument("--payload", choices=["weights", "delta", "adapters"], default="adapters")
+    fsim.add_argument("--no-int8", action="store_true", help="send float32")
+    fsim.add_argument("--merge", choices=["fedavg", "fisher"], default="fedavg")
+    fsim.add_argument("--epsilon", type=float, default=None, help="differential privacy of each client over the rounds")
+    fsim.add_argument("--clip", type=float, default=1.0, help="with --epsilon: the norm each update is clipped to")
+    fsim.add_argument("--seed", type=int, default=0)
+    fsim.add_argument("--out", type=Path, default=Path("fleet-simulation"))
     aud = sub.add_parser("audit", help="membership inference against a saved runtime: can the model tell the "
                                        "store's examples from held-out ones? (ROC AUC, TPR at 1%% FPR)")
     aud.add_argument("checkpoint", type=Path, help="a folder written by EdgeSleep.save()")
@@ -510,6 +560,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return run_audit(args.checkpoint, args.model, args.heldout, args.members, args.reference, args.json,
                          args.store_key_file)
+    if args.command == "fleet":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_fleet_simulate(args.out, clients=args.clients, rounds=args.rounds, profile=args.profile,
+                                  tasks=args.tasks, tasks_per_client=args.tasks_per_client,
+                                  examples_per_day=args.examples_per_day, mode=args.mode, nights=not args.no_nights,
+                                  payload=args.payload, int8=not args.no_int8, merge=args.merge,
+                                  epsilon=args.epsilon, clip=args.clip, seed=args.seed)
     if args.command in ("simulate", "watch") and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "simulate":

@@ -42,7 +42,7 @@ from edge_sleep.fleet.privacy import FleetPrivacy, spent
 from edge_sleep.runtime import EdgeSleep
 from edge_sleep.wake import effective_weights
 
-__all__ = ["FLEET_FORMAT_VERSION", "ClientSetup", "FleetStrategy", "adopt_fleet_weights_", "client_app",
+__all__ = ["FLEET_FORMAT_VERSION", "ClientSetup", "FleetStrategy", "NodeUnavailable", "adopt_fleet_weights_", "client_app",
            "fleet_of", "fleet_strategy", "fleet_weights", "privacy_spent"]
 
 FLEET_FORMAT_VERSION = 1  # what a node's reply holds and how (bumped when that changes)
@@ -50,6 +50,12 @@ _FISHER = "fisher/"  # the prefix of a node's anchor Fisher in its reply (merge=
 _CLIP_KEY = "clipping_norm"  # Flower's key for the clip its DP wrappers send the nodes
 
 log = logging.getLogger(__name__)
+
+
+class NodeUnavailable(Exception):
+    """Raised by a :attr:`ClientSetup.day` when its node will not take part in this round (its phone
+    is off the charger, on a metered network...): the node keeps what it learned (it saves), tells
+    the server it is absent, and the round goes on without it."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ class ClientSetup:
         make_model: a fresh model of the fleet's architecture (a module-level function: Flower's
             simulation sends it to worker processes).
         day: ``day(es, node, server_round) -> examples``: teach the node's runtime its own data of
-            that round (``es.learn`` calls); return how many examples it learned.
+            that round (``es.learn`` calls); return how many examples it learned, or raise
+            :class:`NodeUnavailable` to sit the round out.
         wake, sleep, store: the runtime's settings on every node.
         seed: the runtime's seed on node ``k`` is ``seed + k``.
         nights: sleep after each day (``False``: the fleet without nights, the control).
@@ -134,6 +141,12 @@ def _round_config(config: ConfigRecord) -> dict[str, Any]:
     return out
 
 
+def _meta(es: EdgeSleep, orders: dict[str, Any]) -> ConfigRecord:
+    """What a reply says of itself: the model, the format, the round and the payload."""
+    return ConfigRecord({"fingerprint": es.fingerprint, "format-version": FLEET_FORMAT_VERSION,
+                         "server-round": orders["server-round"], "payload": orders["payload"], "int8": orders["int8"]})
+
+
 def client_app(setup: ClientSetup) -> ClientApp:
     """A ``ClientApp`` whose train step is one day (and one night) of the node's runtime."""
     app = ClientApp()
@@ -149,7 +162,14 @@ def client_app(setup: ClientSetup) -> ClientApp:
                                  f"{es.fingerprint}. Fix: make_model must build the fleet's architecture")
             fleet = msg.content.array_records["arrays"].to_torch_state_dict()
             adopt_fleet_weights_(es, fleet)
-            examples = setup.day(es, node, orders["server-round"])
+            try:
+                examples = setup.day(es, node, orders["server-round"])
+            except NodeUnavailable as exc:
+                es.save(ckpt)
+                log.info("node %d sits round %d out: %s", node, orders["server-round"], exc)
+                absent = MetricRecord({"num-examples": 0, "node": 1, "available": 0})
+                return Message(content=RecordDict({"arrays": ArrayRecord(), "metrics": absent,
+                                                   "fleet": _meta(es, orders)}), reply_to=msg)
             cpu = time.process_time()
             night_steps = es.sleep().steps if setup.nights and es.wake_steps_since_sleep else 0
             night_cpu = time.process_time() - cpu
@@ -160,16 +180,14 @@ def client_app(setup: ClientSetup) -> ClientApp:
                 sent.update({_FISHER + n: f.detach().float().clone() for n, f in es.anchor.fisher.items()})
         finally:
             es.store.close()
-        meta = ConfigRecord({"fingerprint": es.fingerprint, "format-version": FLEET_FORMAT_VERSION,
-                             "server-round": orders["server-round"], "payload": orders["payload"],
-                             "int8": orders["int8"]})
         row = {"round": orders["server-round"], "num-examples": examples, "night-steps": night_steps,
                "night_cpu_s": night_cpu, "update-norm": norm, "bytes": payload_bytes(sent)}
         with (ckpt.parent / "usage.jsonl").open("a") as f:  # the node's own log of its rounds
             f.write(json.dumps(row) + "\n")
-        metrics = MetricRecord({"num-examples": examples, "node": 1, "night-steps": night_steps,
+        metrics = MetricRecord({"num-examples": examples, "node": 1, "available": 1, "night-steps": night_steps,
                                 "update-norm": norm, "bytes": row["bytes"]})
-        return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics, "fleet": meta}),
+        return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics,
+                                           "fleet": _meta(es, orders)}),
                        reply_to=msg)
 
     return app
@@ -202,6 +220,7 @@ class FleetStrategy(FedAvg):
     Attributes:
         refused: every reply left out.
         merged: ``{round: [node id of each update merged]}``, for the rounds that released a model.
+        absent: ``(round, node id)`` of each node that sat a round out (:class:`NodeUnavailable`).
         bytes_sent: ``{round: [bytes of each merged reply]}``.
     """
 
@@ -231,6 +250,7 @@ class FleetStrategy(FedAvg):
         self._global: dict[str, torch.Tensor] = {}
         self.refused: list[tuple[int, int, list[str]]] = []
         self.merged: dict[int, list[int]] = {}
+        self.absent: list[tuple[int, int]] = []
         self.bytes_sent: dict[int, list[int]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -279,6 +299,10 @@ class FleetStrategy(FedAvg):
         for reply in replies:
             if reply.has_error():
                 kept.append(reply)  # FedAvg logs and drops it
+                continue
+            said = reply.content.metric_records.get("metrics")
+            if said is not None and said.get("available") == 0:
+                self.absent.append((server_round, reply.metadata.src_node_id))
                 continue
             try:
                 weights, fisher = self._read(server_round, reply)
