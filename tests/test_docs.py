@@ -362,3 +362,22 @@ def test_the_defaults_table_is_what_the_benchmark_wrote() -> None:
     assert rotated["defaults_full"]["within_target"] and split["defaults_full"]["within_target"]
     assert rotated["defaults"]["within_target"] and not split["defaults"]["within_target"]
     assert "within 1 point of the tuned SSR row on both streams: met" in _flat("benchmarks.md")
+
+
+def test_the_fleet_table_is_what_the_benchmark_wrote() -> None:
+    result = _result("fleet")
+    text, flat = _page("benchmarks.md"), _flat("benchmarks.md")
+    assert f"`benchmarks/results/fleet.json`, written at {result['commit'][:7]}" in flat
+    for name, r in result["rows"].items():
+        spent = [e for e in r["epsilon"] if e is not None]
+        eps = f"{min(spent):.1f} to {max(spent):.1f}" if spent else ""
+        assert (f"(`{name}`) | {r['avg_acc']:.3f} ± {r['avg_acc_std']:.3f} | {r['unseen_acc']:.3f} ± "
+                f"{r['unseen_acc_std']:.3f} | {r['bytes_per_round']:,.0f} | {eps} |") in text, name
+    for key, d in result["paired"].items():
+        assert f"| {key} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} |" in text, key
+    t = result["targets"]
+    assert t["fleet_nights_above_every_client_alone_unseen"] and t["adapters_bytes_at_most_a_fifth"]
+    assert t["sim_100_clients_within_15_min"] and not t["fleet_nights_above_no_nights_by_more_than_seed_spread"]
+    assert f"100 clients for 5 rounds took {result['sim_100_clients_s']:.0f} s" in flat
+    assert f"{result['rows']['fleet_nights']['bytes_per_round']:,.0f} of {result['full_weights_bytes']:,} bytes" in flat
+    assert "above the fleet without nights by more than the seed spread: missed" in flat

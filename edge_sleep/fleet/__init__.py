@@ -11,8 +11,10 @@
   the adapters' size; int8; clipped) and how the server reads it back.
 - :mod:`edge_sleep.fleet.privacy`: the budget a fleet promises (:class:`FleetPrivacy`) and what
   its rounds spent (Opacus' RDP accountant).
+- :mod:`edge_sleep.fleet.simulate`: a simulated fleet of phones of a device profile, nights and
+  rounds when they charge (``edge-sleep fleet simulate``; ``benchmarks/fleet.py``).
 
-Not yet: rounds gated on charging, ``edge-sleep fleet simulate`` and its benchmark.
+Not offered: secure aggregation (Flower has it only for its legacy workflow).
 """
 
 from edge_sleep.fleet.aggregate import check_update, fisher_weighted_mean, weighted_mean
