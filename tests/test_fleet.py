@@ -236,7 +236,9 @@ def _round(strategy, app, weights: dict[str, torch.Tensor], server_round: int, n
         node = msg.metadata.dst_node_id - 10
         reply = app(msg, Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": node},
                                  state=RecordDict(), run_config={}))
-        replies.append(tamper(node, reply) if tamper else reply)
+        reply = tamper(node, reply) if tamper else reply
+        if reply is not None:  # None: the node never answered
+            replies.append(reply)
     arrays, _ = strategy.aggregate_train(server_round, replies)
     return None if arrays is None else arrays.to_torch_state_dict()
 
@@ -326,3 +328,16 @@ def test_the_fisher_weighted_merge_gets_each_nodes_fisher(tmp_path: Path, task_i
     assert other is not None
     assert any(not torch.allclose(first[n], other[n]) for n in initial)
     assert _accuracy(first) > _accuracy(initial)
+
+
+def test_a_node_that_never_answers_is_logged_and_the_round_goes_on(tmp_path: Path, task_identity: None,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from edge_sleep.fleet.apps import client_app, fleet_of, fleet_strategy
+
+    setup, initial, fingerprint = _setup(tmp_path, _day, nights=False)
+    strategy = fleet_strategy(fingerprint=fingerprint, min_available_nodes=4)
+    with caplog.at_level("WARNING", logger="edge_sleep.fleet.apps"):
+        merged = _round(strategy, client_app(setup), initial, 1, tamper=lambda node, reply: None if node == 2 else reply)
+    assert merged is not None and fleet_of(strategy).silent == [(1, 12)]
+    assert len(fleet_of(strategy).merged[1]) == 3
+    assert "round 1: node 12 did not answer in time" in caplog.text

@@ -221,6 +221,8 @@ class FleetStrategy(FedAvg):
         refused: every reply left out.
         merged: ``{round: [node id of each update merged]}``, for the rounds that released a model.
         absent: ``(round, node id)`` of each node that sat a round out (:class:`NodeUnavailable`).
+        silent: ``(round, node id)`` of each node sent the round that did not answer in time
+            (``strategy.start(..., timeout=...)``), logged.
         bytes_sent: ``{round: [bytes of each merged reply]}``.
     """
 
@@ -251,6 +253,8 @@ class FleetStrategy(FedAvg):
         self.refused: list[tuple[int, int, list[str]]] = []
         self.merged: dict[int, list[int]] = {}
         self.absent: list[tuple[int, int]] = []
+        self.silent: list[tuple[int, int]] = []
+        self._sampled: dict[int, list[int]] = {}
         self.bytes_sent: dict[int, list[int]] = {}
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -258,7 +262,9 @@ class FleetStrategy(FedAvg):
         self._global = {n: t.float() for n, t in arrays.to_torch_state_dict().items()}
         config.update({"fingerprint": self.fingerprint, "format-version": FLEET_FORMAT_VERSION,
                        "payload": self.payload, "int8": self.int8, "rank": self.rank, "merge": self.merge})
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._sampled[server_round] = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def _read(self, server_round: int, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """A reply's weights and Fisher; ValueError with the reasons for a malformed one."""
@@ -296,6 +302,12 @@ class FleetStrategy(FedAvg):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         kept, nodes, updates, fishers, counts, sizes = [], [], [], [], [], []
+        replies = list(replies)
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in self._sampled.pop(server_round, []):
+            if node not in answered:
+                log.warning("round %d: node %d did not answer in time; the round goes on without it", server_round, node)
+                self.silent.append((server_round, node))
         for reply in replies:
             if reply.has_error():
                 kept.append(reply)  # FedAvg logs and drops it
