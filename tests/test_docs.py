@@ -176,22 +176,28 @@ def test_privacy_table_is_what_the_benchmark_wrote() -> None:
 
 # The P-MNIST tables' rows, by the results key each one shows (benchmarks/results/pmnist.json's "methods").
 PMNIST_ROWS = {
-    "**SSR, sleep only** (`ssr_sleep_only`: no replay while awake)": "ssr_sleep_only",
-    "naive fine-tuning": "naive",
-    "online EWC (per-sample Fisher)": "ewc",
-    "ER": "er",
-    "DER++": "derpp",
-    "control: DER++ + Fisher anchor, no night (`derpp_ewc`)": "derpp_ewc",
-    "control: DER++ + replay of SSR's night length (`derpp_eq`)": "derpp_eq",
-    "**SSR** (DER++'s day + anchor + night)": "ssr",
+    "naive fine-tuning (`naive`)": "naive",
+    "online EWC, per-sample Fisher (`ewc`)": "ewc",
+    "ER (`er`)": "er",
+    "DER++ as tuned (`derpp`)": "derpp",
+    "DER++ at Mammoth's published arguments (`derpp_mammoth`)": "derpp_mammoth",
+    "control: DER++ + anchor from each task's data, no night (`derpp_ewc`)": "derpp_ewc",
+    "control: DER++ + anchor measured on the store, no replay steps (`derpp_storefisher`)": "derpp_storefisher",
+    "control: DER++ + replay of a night's length, no anchor (`derpp_eq`)": "derpp_eq",
+    "**SSR** (DER++'s day + anchor + night, `ssr`)": "ssr",
+    "SSR, sleep only: no replay while awake (`ssr_sleep_only`)": "ssr_sleep_only",
     "SSR on LoRA adapters, pretrained base (`ssr_adapters`)": "ssr_adapters",
 }
 PMNIST_ABLATIONS = {
-    "SSR as tuned": "ssr",
-    "the seed paper's 1:10 wake:sleep ratio (`ssr_1to10`)": "ssr_1to10",
+    "SSR as tuned (`ssr`)": "ssr",
+    "without the night's replay steps: only the anchor measured on the store (`ssr_no_replay`)": "ssr_no_replay",
     "without consolidation noise (`ssr_no_noise`)": "ssr_no_noise",
     "without the Fisher anchor (`ssr_no_anchor`)": "ssr_no_anchor",
-    "with prune/strengthen, {sparsity} sparse (`ssr_prune`)": "ssr_prune",
+    "with prune/strengthen (`ssr_prune`)": "ssr_prune",
+    "with dreams, half of each night's batch (`ssr_dreams`)": "ssr_dreams",
+    "without the probe (`ssr_no_probe`)": "ssr_no_probe",
+    "the seed paper's 1:10, with the probe (`ssr_1to10`)": "ssr_1to10",
+    "1:10 without the probe (`ssr_1to10_no_probe`)": "ssr_1to10_no_probe",
 }
 
 
@@ -211,51 +217,74 @@ def _unbold(cell: str) -> str:
     return cell[2:-2] if cell.startswith("**") and cell.endswith("**") else cell
 
 
+def _paired_points(a: list[float], b: list[float]) -> str:
+    from edge_sleep.bench.metrics import paired_differences
+
+    d = paired_differences(a, b)
+    return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"  # type: ignore[operator]
+
+
 def test_pmnist_tables_are_what_the_benchmark_wrote() -> None:
     result = _result("pmnist")
     methods = result["methods"]
+    assert result["seeds"] == [0, 1, 2, 3, 4] and not result["commit_dirty"]
     text = _page("benchmarks.md")
-    rows = _rows(text, "| method | avg acc | ± std | BWT |")
+    rows = _rows(text, "| method | avg acc | ± std | forgetting | BWT | diag |")
     assert set(rows) == set(PMNIST_ROWS), set(rows) ^ set(PMNIST_ROWS)
     for label, key in PMNIST_ROWS.items():
         m = methods[key]
-        acc, std, bwt, day_ms, day_replay, night_steps, night_s = rows[label]
-        assert (_unbold(acc), std, bwt) == (f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", f"{m['bwt']:.3f}"), label
-        assert (day_ms, day_replay) == (f"{m['day_ms_per_step']:.1f}", f"{m['day_replay_per_step']:.0f}"), label
-        assert (night_steps, night_s) == (str(m["night_steps"]), f"{m['night_ms'] / 1000:.0f}"), label
-    ablations = {k.format(sparsity=f"{methods['ssr_prune']['sparsity']:.1%}"): v for k, v in PMNIST_ABLATIONS.items()}
-    rows = _rows(text, "| SSR variant | avg acc | ± std | night steps |")
-    assert set(rows) == set(ablations), set(rows) ^ set(ablations)
-    for label, key in ablations.items():
+        assert rows[label] == [f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", f"{m['forgetting']:.3f}",
+                               f"{m['bwt']:.3f}", f"{m['diag']:.3f}", f"{m['day_ms_per_step']:.1f}",
+                               f"{m['day_replay_per_step']:.0f}", str(m["night_steps"]),
+                               f"{m['night_ms'] / 1000:.0f}"], label
+    rows = _rows(text, "| SSR variant | avg acc | ± std | vs SSR, paired points |")
+    assert set(rows) == set(PMNIST_ABLATIONS), set(rows) ^ set(PMNIST_ABLATIONS)
+    ssr = methods["ssr"]["per_seed_avg_acc"]
+    for label, key in PMNIST_ABLATIONS.items():
         m = methods[key]
-        assert rows[label] == [f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", str(m["night_steps"])], label
+        vs = "—" if key == "ssr" else _paired_points(m["per_seed_avg_acc"], ssr)
+        assert rows[label] == [f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", vs, f"{m['forgetting']:.3f}",
+                               f"{m['diag']:.3f}", str(m["night_steps"])], label
     assert set(PMNIST_ROWS.values()) | set(PMNIST_ABLATIONS.values()) == set(methods)
-    assert f"written by `python benchmarks/pmnist.py` ({result['total_wall_s']:.0f} s)" in text
+    assert (f"written by `python benchmarks/pmnist.py` at {result['commit'][:7]} ({result['total_wall_s']:.0f} s;"
+            in _flat("benchmarks.md"))
 
 
 def test_pmnist_sentences_are_what_the_benchmark_wrote() -> None:
     methods = _result("pmnist")["methods"]
 
     def acc(key: str) -> str:
-        return f"{methods[key]['avg_acc']:.3f}"
+        return f"{methods[key]['avg_acc']:.3f} ± {methods[key]['avg_acc_std']:.3f}"
 
-    def acc_std(key: str) -> str:
-        return f"{acc(key)} ± {methods[key]['avg_acc_std']:.3f}"
+    def pp(a: str, b: str) -> str:
+        return _paired_points(methods[a]["per_seed_avg_acc"], methods[b]["per_seed_avg_acc"])
 
-    def points(a: str, b: str) -> str:
-        return f"{100 * (methods[a]['avg_acc'] - methods[b]['avg_acc']):.1f}"
+    def cut(key: str) -> float:
+        return 100 * (1 - methods[key]["forgetting"] / methods["naive"]["forgetting"])
 
     text = _flat("benchmarks.md")
-    assert f"SSR reaches {acc_std('ssr_sleep_only')} against DER++'s {acc_std('derpp')}" in text
-    assert f"{acc_std('ssr')} against `derpp_ewc` {acc_std('derpp_ewc')}: {points('ssr', 'derpp_ewc')} points" in text
-    assert f"does nothing ({acc('derpp_eq')} against DER++'s {acc('derpp')})" in text
-    assert f"Without the anchor SSR drops to {acc('ssr_no_anchor')}" in text
-    assert f"lifts DER++ by {points('derpp_ewc', 'derpp')} points (`derpp_ewc`)" in text
-    assert f"on the store, by {points('ssr', 'derpp')}." in text
-    assert f"({acc('ssr_no_noise')} without" in text
-    assert f"1:10 costs {points('ssr', 'ssr_1to10')} points" in text
-    assert f"{methods['ssr_prune']['sparsity']:.1%} sparsity for {points('ssr', 'ssr_prune')} points" in text
-    assert f"consolidates: {acc_std('ssr_adapters')}, below DER++" in text
+    assert (f"SSR scores {acc('ssr')} and its strongest control, DER++ with an anchor taken from each task's data and "
+            f"no night (`derpp_ewc`), {acc('derpp_ewc')}: SSR is {pp('ssr', 'derpp_ewc')} points paired, below it") in text
+    assert methods["ssr"]["avg_acc"] < methods["derpp_ewc"]["avg_acc"]
+    assert f"(`ssr_no_replay`) changes nothing ({pp('ssr_no_replay', 'ssr')} points)" in text
+    assert f"(`derpp_storefisher`, {acc('derpp_storefisher')}) SSR is {pp('ssr', 'derpp_storefisher')} points" in text
+    assert f"without it SSR drops to {acc('ssr_no_anchor')} ({pp('ssr_no_anchor', 'ssr')} points)" in text
+    sleep_rows = [k for k in methods if k.startswith("ssr")]
+    best = max(methods[k]["avg_acc"] for k in sleep_rows)
+    assert best < 0.92 and f"The best sleep row is {best:.3f}, below 0.92" in text
+    assert (f"Forgetting is {cut('ssr'):.1f}% below naive fine-tuning's (target 95%; `ssr_no_replay` "
+            f"{cut('ssr_no_replay'):.1f}%, `derpp_ewc` {cut('derpp_ewc'):.1f}%)") in text
+    assert f"({acc('derpp_mammoth')} against {acc('derpp')}, {pp('derpp_mammoth', 'derpp')} points paired)" in text
+    assert (f"consolidation noise {pp('ssr', 'ssr_no_noise')} points, pruning and strengthening {pp('ssr_prune', 'ssr')}, "
+            f"dreams (half of each night's batch blended from two records) {pp('ssr_dreams', 'ssr')}, the probe at "
+            f"SSR's length {pp('ssr', 'ssr_no_probe')}. None beats its absence by more than the paired spread") in text
+    assert (f"({methods['ssr_1to10']['night_steps']} steps over the 20 nights instead of "
+            f"{methods['ssr_1to10_no_probe']['night_steps']}), and the probe is worth "
+            f"{pp('ssr_1to10', 'ssr_1to10_no_probe')} points at that length") in text
+    below = sum(a < b for a, b in zip(methods["ssr_1to10"]["per_seed_avg_acc"], methods["ssr"]["per_seed_avg_acc"]))
+    assert below == 4 and f"1:10 is still {pp('ssr_1to10', 'ssr')} points, below it on four of five seeds" in text
+    assert f"SSR reaches {acc('ssr_sleep_only')} against DER++'s {acc('derpp')}" in text
+    assert f"consolidates: {acc('ssr_adapters')}, below DER++" in text
 
 
 def test_adapters_stability_figures_are_what_the_benchmark_wrote() -> None:
@@ -276,67 +305,6 @@ def test_every_results_file_records_the_commit_it_was_made_at() -> None:
     for path in results:
         data = json.loads(path.read_text())
         assert re.fullmatch(r"[0-9a-f]{40}", str(data.get("commit"))), f"{path.name} has no commit"
-
-
-# The night's decomposition (issue 22): benchmarks/results/pmnist_night.json's rows, by label.
-DECOMPOSITION_ROWS = {
-    "DER++ as tuned (`derpp`)": "derpp",
-    "DER++ at Mammoth's published arguments (`derpp_mammoth`)": "derpp_mammoth",
-    "DER++ + anchor from each task's data (`derpp_ewc`)": "derpp_ewc",
-    "SSR without the night's replay: the anchor measured on the store (`ssr_no_replay`)": "ssr_no_replay",
-    "**SSR** as tuned (`ssr`)": "ssr",
-    "SSR without consolidation noise (`ssr_no_noise`)": "ssr_no_noise",
-    "SSR with dreams, half of each night's batch (`ssr_dreams`)": "ssr_dreams",
-    "SSR at 1:10 with the probe (`ssr_1to10_probe`)": "ssr_1to10_probe",
-}
-
-
-def _paired_points(a: list[float], b: list[float]) -> str:
-    from edge_sleep.bench.metrics import paired_differences
-
-    d = paired_differences(a, b)
-    return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"  # type: ignore[operator]
-
-
-def test_the_nights_decomposition_is_what_the_benchmark_wrote() -> None:
-    night = _result("pmnist_night")
-    methods = night["methods"]
-    assert night["seeds"] == [0, 1, 2] and not night["commit_dirty"]
-    text = _page("benchmarks.md")
-    rows = _rows(text, "| row | avg acc | ± sd | vs SSR, paired points |")
-    assert set(rows) == set(DECOMPOSITION_ROWS), set(rows) ^ set(DECOMPOSITION_ROWS)
-    ssr = methods["ssr"]["per_seed_avg_acc"]
-    for label, key in DECOMPOSITION_ROWS.items():
-        m = methods[key]
-        vs = "—" if key == "ssr" else _paired_points(m["per_seed_avg_acc"], ssr)
-        assert [_unbold(c) for c in rows[label]] == [
-            f"{m['avg_acc']:.3f}", f"{m['avg_acc_std']:.3f}", vs, f"{m['forgetting']:.3f}", f"{m['bwt']:.3f}",
-            f"{m['diag']:.3f}", str(m["night_steps"])], label
-    assert f"`benchmarks/results/pmnist_night.json`, written at {night['commit'][:7]}" in text
-    # the seed paper's 1:10 without the probe: pmnist.json's row, the same runs (SSR's per-seed scores agree)
-    old = _result("pmnist")["methods"]
-    assert old["ssr"]["per_seed_avg_acc"] == ssr
-    flat = _flat("benchmarks.md")
-    long_nights = old["ssr_1to10"]["per_seed_avg_acc"]
-    assert (f"Without the probe the same 1:10 scores {_flat_acc(old['ssr_1to10'])} "
-            f"({_paired_points(long_nights, ssr)} points against SSR;") in flat
-    probe = methods["ssr_1to10_probe"]["per_seed_avg_acc"]
-    assert f"the probe is worth {_paired_points(probe, long_nights)} points at that length" in flat
-    no_replay, ewc = methods["ssr_no_replay"], methods["derpp_ewc"]
-    assert f"It is {_paired_points(no_replay['per_seed_avg_acc'], ewc['per_seed_avg_acc']).lstrip('+')} points above `derpp_ewc`" in flat
-    assert all(a > b for a, b in zip(no_replay["per_seed_avg_acc"], ssr))  # "on every seed"
-    peer = _paired_points(methods["derpp_mammoth"]["per_seed_avg_acc"], methods["derpp"]["per_seed_avg_acc"])
-    assert f"(0.881 against 0.874, {peer} points paired)" in flat
-    naive = old["naive"]["forgetting"]
-    assert f"its forgetting is {100 * (1 - no_replay['forgetting'] / naive):.1f}% below naive" in flat
-    gaps = [round(100 * (a - b), 2) for a, b in zip(probe, ssr)]
-    assert sum(g >= 0 for g in gaps) == 2 and f"on seed 0 it is {-gaps[0]:.2f} points below" in flat
-
-
-def _flat_acc(m: dict[str, Any]) -> str:
-    from edge_sleep.bench.metrics import sample_std
-
-    return f"{m['avg_acc']:.3f} ± {sample_std(m['per_seed_avg_acc']):.3f}"
 
 
 def test_the_tuning_table_is_what_the_tuning_run_wrote() -> None:
