@@ -266,8 +266,9 @@ class FleetStrategy(FedAvg):
         self._sampled[server_round] = [m.metadata.dst_node_id for m in messages]
         return messages
 
-    def _read(self, server_round: int, reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """A reply's weights and Fisher; ValueError with the reasons for a malformed one."""
+    def _read(self, server_round: int,
+              reply: Message) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """A reply's weights, Fisher and bytes sent; ValueError with the reasons for a malformed one."""
         content = reply.content
         meta = content.config_records.get("fleet")
         if meta is None:
@@ -284,6 +285,7 @@ class FleetStrategy(FedAvg):
         if wrong:
             raise ValueError("; ".join(wrong))
         sent = content.array_records["arrays"].to_torch_state_dict()
+        size = payload_bytes(sent)
         fisher = {k[len(_FISHER):]: sent.pop(k) for k in [k for k in sent if k.startswith(_FISHER)]}
         weights = decode(sent, self._global, payload=self.payload, rank=self.rank, int8=self.int8)
         problems = check_update(weights, self._global)
@@ -297,7 +299,7 @@ class FleetStrategy(FedAvg):
             fisher = full
         if problems:
             raise ValueError("; ".join(problems))
-        return weights, fisher
+        return weights, fisher, size
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -317,7 +319,7 @@ class FleetStrategy(FedAvg):
                 self.absent.append((server_round, reply.metadata.src_node_id))
                 continue
             try:
-                weights, fisher = self._read(server_round, reply)
+                weights, fisher, size = self._read(server_round, reply)
             except Exception as exc:  # a malformed reply: left out, never raised into the round
                 node = reply.metadata.src_node_id
                 reasons = [str(exc)]
@@ -328,7 +330,7 @@ class FleetStrategy(FedAvg):
                 change = {n: weights[n] - self._global[n] for n in weights}
                 clip_(change, self.clip)
                 weights = {n: self._global[n] + change[n] for n in weights}
-            sizes.append(payload_bytes(reply.content.array_records["arrays"].to_torch_state_dict()))
+            sizes.append(size)
             reported = reply.content.metric_records["metrics"]
             counts.append(float(reported["node" if self.clip is not None else "num-examples"]))  # type: ignore[arg-type]
             reply.content = RecordDict({"arrays": ArrayRecord(weights), "metrics": reported})
