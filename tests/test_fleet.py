@@ -146,11 +146,10 @@ def _accuracy(weights: dict[str, torch.Tensor]) -> float:
 def _simulate(tmp_path, monkeypatch, day) -> tuple[dict[int, float], object]:  # type: ignore[no-untyped-def]
     import os
 
-    from flwr.app import ArrayRecord, Context, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
+    from flwr.app import ArrayRecord, MetricRecord
     from flwr.simulation import run_simulation
 
-    from edge_sleep.fleet.apps import client_app, fleet_strategy
+    from edge_sleep.fleet.apps import client_app, fleet_strategy, server_app
 
     root = str(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", root + os.pathsep + os.environ.get("PYTHONPATH", ""))  # Ray's workers import tests.*
@@ -163,13 +162,7 @@ def _simulate(tmp_path, monkeypatch, day) -> tuple[dict[int, float], object]:  #
         accuracy[server_round] = _accuracy(arrays.to_torch_state_dict())
         return MetricRecord({"accuracy": accuracy[server_round]})
 
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=3, evaluate_fn=evaluate)
-
-    run_simulation(server_app=server, client_app=client_app(setup), num_supernodes=4,
+    run_simulation(server_app=server_app(strategy, initial, rounds=3, evaluate=evaluate), client_app=client_app(setup), num_supernodes=4,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}})
     return accuracy, strategy
 
@@ -341,3 +334,14 @@ def test_a_node_that_never_answers_is_logged_and_the_round_goes_on(tmp_path: Pat
     assert merged is not None and fleet_of(strategy).silent == [(1, 12)]
     assert len(fleet_of(strategy).merged[1]) == 3
     assert "round 1: node 12 did not answer in time" in caplog.text
+
+
+def test_the_server_app_refuses_a_bad_round_count_or_timeout(tmp_path: Path) -> None:
+    from edge_sleep.fleet.apps import fleet_strategy, server_app
+
+    _, initial, fingerprint = _setup(tmp_path, _day)
+    strategy = fleet_strategy(fingerprint=fingerprint)
+    with pytest.raises(ValueError, match="rounds=0"):
+        server_app(strategy, initial, rounds=0)
+    with pytest.raises(ValueError, match="timeout=-1"):
+        server_app(strategy, initial, rounds=1, timeout=-1)

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, Result, Strategy
 from torch import nn
 
 from edge_sleep.adapters import lora_modules
@@ -43,7 +43,7 @@ from edge_sleep.runtime import EdgeSleep
 from edge_sleep.wake import effective_weights
 
 __all__ = ["FLEET_FORMAT_VERSION", "ClientSetup", "FleetStrategy", "NodeUnavailable", "adopt_fleet_weights_", "client_app",
-           "fleet_of", "fleet_strategy", "fleet_weights", "privacy_spent"]
+           "fleet_of", "fleet_strategy", "fleet_weights", "privacy_spent", "server_app"]
 
 FLEET_FORMAT_VERSION = 1  # what a node's reply holds and how (bumped when that changes)
 _FISHER = "fisher/"  # the prefix of a node's anchor Fisher in its reply (merge="fisher")
@@ -407,3 +407,31 @@ def fleet_of(strategy: Strategy) -> FleetStrategy:
         raise ValueError(f"{type(strategy).__name__} around {type(inner).__name__}; expected a strategy made by "
                          "fleet_strategy()")
     return inner
+
+
+def server_app(strategy: Strategy, initial: dict[str, torch.Tensor], *, rounds: int, timeout: float = 3600.0,
+               evaluate: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+               on_result: Callable[[Result], None] | None = None) -> ServerApp:
+    """The fleet's ``ServerApp``: ``rounds`` rounds of ``strategy`` (from :func:`fleet_strategy`)
+    from the ``initial`` weights (:func:`fleet_weights` of a fresh runtime). A node that does not
+    answer within ``timeout`` seconds is left out of its round. ``evaluate(round, arrays)`` scores
+    the fleet's model after each round (and the initial one, round 0); ``on_result`` receives
+    Flower's ``Result`` (the last model in ``result.arrays``) when the rounds are done.
+
+    Raises:
+        ValueError: ``rounds`` below 1 or ``timeout`` not a positive number.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds={rounds!r}; expected an int >= 1")
+    if not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"timeout={timeout!r}; expected seconds > 0")
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=rounds,
+                                timeout=float(timeout), evaluate_fn=evaluate)
+        if on_result is not None:
+            on_result(result)
+
+    return app

@@ -243,11 +243,10 @@ def _alone(config: FleetSimulation, folder: Path) -> dict[str, Any]:
 
 
 def _fleet(config: FleetSimulation, folder: Path) -> dict[str, Any]:
-    from flwr.app import ArrayRecord, Context
-    from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from edge_sleep.fleet.apps import ClientSetup, client_app, fleet_of, fleet_strategy, fleet_weights, privacy_spent
+    from edge_sleep.fleet.apps import (ClientSetup, client_app, fleet_of, fleet_strategy, fleet_weights,
+                                       privacy_spent, server_app)
     from edge_sleep.fleet.privacy import FleetPrivacy
 
     wake, sleep, store = _settings(config)
@@ -266,15 +265,12 @@ def _fleet(config: FleetSimulation, folder: Path) -> dict[str, Any]:
     strategy = fleet_strategy(fingerprint=fingerprint, privacy=privacy, num_nodes=fewest if privacy else None,
                               payload=config.payload, int8=config.int8, rank=config.rank, merge=config.merge,
                               min_merged=config.min_merged, fraction_train=1.0, fraction_evaluate=0.0,
-                              min_available_nodes=config.clients)
+                              # every client each round: Flower sizes its sample from the nodes connected
+                              # when it asks, which at the first round may be a few (min_train_nodes floors it)
+                              min_available_nodes=config.clients, min_train_nodes=config.clients)
     final: dict[str, Any] = {}
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=config.rounds)
-        final["arrays"] = result.arrays.to_torch_state_dict()
-
+    server = server_app(strategy, initial, rounds=config.rounds,
+                        on_result=lambda result: final.update(arrays=result.arrays.to_torch_state_dict()))
     run_simulation(server_app=server, client_app=client_app(setup), num_supernodes=config.clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                                    "init_args": {"num_cpus": min(2, os.cpu_count() or 1)}})
