@@ -72,10 +72,10 @@ def smoke_kwargs() -> dict[str, Any]:
             "test_per_task": SMOKE["test_per_task"], "split": "test"}
 
 
-def mlp(seed: int = 0) -> nn.Module:
-    """The protocol's MLP 784-100-100-10, initialised from ``seed``."""
+def mlp(seed: int = 0, *, hidden: int = 100) -> nn.Module:
+    """The protocol's MLP 784-100-100-10 (``hidden`` wide), initialised from ``seed``."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(784, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 10))
+    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
 
 def evaluate(es: EdgeSleep, task: DigitTask) -> float:

@@ -43,7 +43,8 @@ from edge_sleep.runtime import EdgeSleep
 from edge_sleep.wake import effective_weights
 
 __all__ = ["FLEET_FORMAT_VERSION", "ClientSetup", "FleetStrategy", "NodeUnavailable", "adopt_fleet_weights_", "client_app",
-           "fleet_of", "fleet_strategy", "fleet_weights", "privacy_spent", "server_app"]
+           "fleet_of", "fleet_strategy", "fleet_weights", "log_usage", "privacy_spent",
+           "server_app"]
 
 FLEET_FORMAT_VERSION = 1  # what a node's reply holds and how (bumped when that changes)
 _FISHER = "fisher/"  # the prefix of a node's anchor Fisher in its reply (merge="fisher")
@@ -141,6 +142,13 @@ def _round_config(config: ConfigRecord) -> dict[str, Any]:
     return out
 
 
+def log_usage(path: Path, row: dict[str, Any]) -> None:
+    """Append ``row`` as a JSON line to a node's log of what it did (``node-K/usage.jsonl``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def _meta(es: EdgeSleep, orders: dict[str, Any]) -> ConfigRecord:
     """What a reply says of itself: the model, the format, the round and the payload."""
     return ConfigRecord({"fingerprint": es.fingerprint, "format-version": FLEET_FORMAT_VERSION,
@@ -182,8 +190,7 @@ def client_app(setup: ClientSetup) -> ClientApp:
             es.store.close()
         row = {"round": orders["server-round"], "num-examples": examples, "night-steps": night_steps,
                "night_cpu_s": night_cpu, "update-norm": norm, "bytes": payload_bytes(sent)}
-        with (ckpt.parent / "usage.jsonl").open("a") as f:  # the node's own log of its rounds
-            f.write(json.dumps(row) + "\n")
+        log_usage(ckpt.parent / "usage.jsonl", row)  # the node's own log of its rounds
         metrics = MetricRecord({"num-examples": examples, "node": 1, "available": 1, "night-steps": night_steps,
                                 "update-norm": norm, "bytes": row["bytes"]})
         return Message(content=RecordDict({"arrays": ArrayRecord(sent), "metrics": metrics,

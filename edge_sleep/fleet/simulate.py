@@ -37,7 +37,8 @@ import torch
 
 from edge_sleep.bench.datasets import PermutedTask, permuted_mnist
 from edge_sleep.config import SleepConfig, StoreConfig, WakeConfig
-from edge_sleep.fleet.apps import NodeUnavailable
+from edge_sleep.bench.pmnist import mlp
+from edge_sleep.fleet.apps import NodeUnavailable, log_usage
 from edge_sleep.runtime import EdgeSleep
 
 __all__ = ["FleetSimulation", "charging_nights", "client_tasks", "simulate_fleet"]
@@ -153,12 +154,6 @@ def _pool(tasks: int, seed: int, test_per_task: int) -> list[PermutedTask]:
     return permuted_mnist(tasks, seed, test_per_task=test_per_task)
 
 
-def _make_model(hidden: int, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(784, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden),
-                               torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
-
-
 @dataclass(frozen=True)
 class _Model:
     """The fleet's model factory (a picklable callable: Flower's workers build models with it)."""
@@ -167,7 +162,7 @@ class _Model:
     seed: int
 
     def __call__(self) -> torch.nn.Module:
-        return _make_model(self.hidden, self.seed)
+        return mlp(self.seed, hidden=self.hidden)
 
 
 def _settings(config: FleetSimulation) -> tuple[WakeConfig, SleepConfig, StoreConfig]:
@@ -193,16 +188,10 @@ class _Day:
         cpu = time.process_time()
         for i in range(0, len(y), c.batch):
             es.learn(x[i:i + c.batch], y[i:i + c.batch], stream=task.name)
-        _log_usage(self.folder / f"node-{node}" / "usage.jsonl", {"day": d, "day_cpu_s": time.process_time() - cpu})
+        log_usage(self.folder / f"node-{node}" / "usage.jsonl", {"day": d, "day_cpu_s": time.process_time() - cpu})
         if not self.charging[node, d]:
             raise NodeUnavailable(f"its phone is off the charger the night after day {d}: no night, no round")
         return int(len(y))
-
-
-def _log_usage(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _accuracies(model: torch.nn.Module, config: FleetSimulation) -> list[float]:
@@ -223,7 +212,7 @@ def _alone(config: FleetSimulation, folder: Path) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of Flower's simulated clients: their CPU seconds compare
     for k in range(config.clients):
-        es = EdgeSleep(_make_model(config.hidden, config.seed), store=folder / f"node-{k}" / "replay.db",
+        es = EdgeSleep(mlp(config.seed, hidden=config.hidden), store=folder / f"node-{k}" / "replay.db",
                        store_config=store, wake=wake, sleep=sleep, seed=config.seed * 1000 + k)
         try:
             for r in range(1, config.rounds + 1):
@@ -234,7 +223,7 @@ def _alone(config: FleetSimulation, folder: Path) -> dict[str, Any]:
                 if config.nights:
                     cpu = time.process_time()
                     es.sleep()
-                    _log_usage(folder / f"node-{k}" / "usage.jsonl", {"night_cpu_s": time.process_time() - cpu})
+                    log_usage(folder / f"node-{k}" / "usage.jsonl", {"night_cpu_s": time.process_time() - cpu})
             models.append(es.model)
         finally:
             es.store.close()
@@ -317,7 +306,7 @@ def simulate_fleet(config: FleetSimulation, folder: Path) -> dict[str, Any]:
             "avg_acc": float(np.mean([c["avg_acc"] for c in clients])),
             "unseen_acc": float(np.mean([c["unseen_acc"] for c in clients if c["unseen_acc"] is not None])),
             "bytes_per_round": float(np.mean(bytes_per_round)) if bytes_per_round else 0.0,
-            "full_weights_bytes": 4 * sum(p.numel() for p in _make_model(config.hidden, config.seed).parameters()),
+            "full_weights_bytes": 4 * sum(p.numel() for p in mlp(config.seed, hidden=config.hidden).parameters()),
             "epsilon": run.get("epsilon"), "wall_s": wall}
 
 
